@@ -1,0 +1,212 @@
+//! Run state, one record per run in the `AOB_RUNS` bucket (key `<tenant>.<run_id>`).
+//! Only the engine writes it, by compare-and-set; everyone else reads.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::wire::{StepError, StepRef, Task, TimerKind};
+
+/// Status of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    /// Steps are being scheduled.
+    Running,
+    /// Every step finished and none failed.
+    Completed,
+    /// A step failed, or the run timed out.
+    Failed,
+    /// Cancelled by a signal.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// True once the run can change no more.
+    pub fn is_terminal(self) -> bool {
+        self != RunStatus::Running
+    }
+}
+
+/// Status of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    /// Not started (waiting for its needs, or for a retry backoff).
+    Pending,
+    /// A task is out.
+    Running,
+    /// Parked until a later result (durable timer, approval).
+    Waiting,
+    /// Done.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Not run.
+    Skipped,
+}
+
+impl StepStatus {
+    /// True once the step can change no more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, StepStatus::Completed | StepStatus::Failed | StepStatus::Skipped)
+    }
+}
+
+/// One unit of work of a step: the step itself, one for_each element, or one loop iteration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Status of this slot.
+    pub status: StepStatus,
+    /// Current attempt (0 before the first one).
+    pub attempt: u32,
+    /// Output when completed (large values are references).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+}
+
+impl Slot {
+    /// A slot that has not started.
+    pub fn pending() -> Self {
+        Slot {
+            status: StepStatus::Pending,
+            attempt: 0,
+            output: None,
+            error: None,
+        }
+    }
+}
+
+/// State of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// Status.
+    pub status: StepStatus,
+    /// Current attempt of the step (or of its current loop iteration).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Output when completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Error when failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
+    /// Why it was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// First task published (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// Reached a terminal status (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Current loop iteration (loop steps only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
+    /// for_each elements (for_each steps only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<Value>>,
+    /// One slot per for_each element.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<Slot>,
+}
+
+impl StepState {
+    /// A step that has not started.
+    pub fn pending() -> Self {
+        StepState {
+            status: StepStatus::Pending,
+            attempt: 0,
+            output: None,
+            error: None,
+            reason: None,
+            started_ms: None,
+            finished_ms: None,
+            iteration: None,
+            items: None,
+            slots: Vec::new(),
+        }
+    }
+}
+
+/// Side effects recorded with the state that produced them, so a crash between the
+/// state write and the publishes loses nothing (see ARCHITECTURE.md, "outbox").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Effect {
+    /// Publish a task to `aob.<tenant>.task.<node_type>`.
+    Task {
+        /// The task.
+        task: Box<Task>,
+    },
+    /// Publish a history event.
+    History {
+        /// The event.
+        event: Box<crate::wire::HistoryEvent>,
+    },
+    /// Set a durable timer that signals the run at `due_ms`.
+    Timer {
+        /// What fires.
+        timer: TimerKind,
+        /// When (ms since the Unix epoch).
+        due_ms: u64,
+    },
+}
+
+/// A run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Run id.
+    pub run_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// Pinned workflow version.
+    pub version: u32,
+    /// Status.
+    pub status: RunStatus,
+    /// Input (large values are references).
+    pub input: Value,
+    /// Created (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// Last change (ms since the Unix epoch).
+    pub updated_ms: u64,
+    /// Finished (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Why the run failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Steps by id.
+    pub steps: BTreeMap<String, StepState>,
+    /// Number of history events published so far.
+    pub history_seq: u64,
+    /// Effects of the last change, replayed if their publication may not have happened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Effect>,
+}
+
+impl RunState {
+    /// KV key of a run.
+    pub fn key(tenant: &str, run_id: &str) -> String {
+        format!("{tenant}.{run_id}")
+    }
+
+    /// Outputs of the leaf steps that completed, by step id.
+    pub fn outputs(&self) -> BTreeMap<&str, &Value> {
+        self.steps
+            .iter()
+            .filter_map(|(id, s)| s.output.as_ref().map(|o| (id.as_str(), o)))
+            .collect()
+    }
+}
+
+/// Who answered which attempt: used to match results to slots.
+pub fn slot_of<'a>(step: &'a mut StepState, at: &StepRef) -> Option<&'a mut Slot> {
+    at.item.and_then(|i| step.slots.get_mut(i as usize))
+}

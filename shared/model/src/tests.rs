@@ -1,0 +1,165 @@
+use super::*;
+
+fn problems(yaml: &str) -> Vec<Problem> {
+    match load_str(yaml, "wf.yaml") {
+        Ok(_) => Vec::new(),
+        Err(Error::Invalid { problems }) => problems,
+        Err(other) => panic!("expected validation problems, got {other}"),
+    }
+}
+
+fn has(ps: &[Problem], step: &str, field: &str, needle: &str) -> bool {
+    ps.iter().any(|p| p.file == "wf.yaml" && p.step.as_deref() == Some(step) && p.field == field && p.message.contains(needle))
+}
+
+const OK: &str = r#"
+name: orders
+input: {type: object, required: [n], properties: {n: {type: integer}}}
+steps:
+  - id: a
+    type: transform
+    output: {n: "{{ input.n }}"}
+  - id: b
+    type: http
+    needs: [a]
+    url: "http://localhost/{{ steps.a.output.n }}"
+    retry: {max_attempts: 4, backoff: {initial: 10ms, max: 1s, multiplier: 2}}
+    timeout: 5s
+  - id: c
+    type: validate
+    needs: [b]
+    when: "steps.b.output.status == 200"
+    assert: ["steps.b.output.body.ok == true", {expr: "input.n > 0", message: "n must be positive"}]
+  - id: d
+    type: transform
+    needs: [a]
+    for_each: {items: "[1, 2, 3]", concurrency: 2}
+    output: "{{ item * 2 }}"
+  - id: e
+    type: transform
+    needs: [c, d]
+    trigger: all_done
+    loop: {until: "steps.e.output.i >= 2", max_iterations: 5}
+    output: {i: "{{ iteration }}"}
+"#;
+
+#[test]
+fn a_good_workflow_loads_from_yaml_and_json() {
+    let wf = load_str(OK, "wf.yaml").unwrap();
+    assert_eq!(wf.steps.len(), 5);
+    assert_eq!(wf.steps[1].retry.as_ref().unwrap().max_attempts, 4);
+    let json = serde_json::to_string(&wf).unwrap();
+    let again = load_str(&json, "wf.json").unwrap();
+    assert_eq!(wf, again);
+}
+
+#[test]
+fn backoff_grows_and_caps() {
+    let wf = load_str(OK, "wf.yaml").unwrap();
+    let b = &wf.steps[1].retry.as_ref().unwrap().backoff;
+    assert_eq!(b.delay(1).as_millis(), 10);
+    assert_eq!(b.delay(2).as_millis(), 20);
+    assert_eq!(b.delay(30).as_millis(), 1000);
+}
+
+#[test]
+fn syntax_errors_have_a_location() {
+    let e = load_str("name: x\nsteps:\n  - id: a\n    type: [\n", "bad.yaml").unwrap_err();
+    match e {
+        Error::Parse { file, location, .. } => {
+            assert_eq!(file, "bad.yaml");
+            assert!(location.is_some());
+        }
+        other => panic!("{other}"),
+    }
+    assert!(matches!(load_str("name: x\nsteps: 3\n", "bad.yaml"), Err(Error::Parse { .. })));
+}
+
+#[test]
+fn duplicate_ids_and_unknown_needs() {
+    let ps = problems("name: x\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: a, type: transform, output: 2, needs: [zz]}\n");
+    assert!(has(&ps, "a", "id", "duplicate"), "{ps:?}");
+    assert!(has(&ps, "a", "needs", "no step `zz`"), "{ps:?}");
+}
+
+#[test]
+fn cycles_print_their_path() {
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: 1, needs: [c]}\n  - {id: b, type: transform, output: 1, needs: [a]}\n  - {id: c, type: transform, output: 1, needs: [b]}\n",
+    );
+    let p = ps.iter().find(|p| p.message.contains("cycle")).expect("cycle reported");
+    assert_eq!(p.field, "needs");
+    assert!(p.message.contains("a -> c -> b -> a"), "{}", p.message);
+}
+
+#[test]
+fn unknown_types_and_fields() {
+    let ps = problems("name: x\nsteps:\n  - {id: a, type: teleport}\n  - {id: b, type: http, url: 'http://x', methd: GET}\n  - {id: c, type: http}\n");
+    assert!(has(&ps, "a", "type", "unknown step type `teleport`"), "{ps:?}");
+    assert!(has(&ps, "b", "methd", "unknown field"), "{ps:?}");
+    assert!(has(&ps, "c", "url", "missing field"), "{ps:?}");
+}
+
+#[test]
+fn bad_expressions_and_templates() {
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: '{{ input. }}'}\n  - {id: b, type: transform, output: 1, needs: [a], when: 'input.n >'}\n  - {id: c, type: transform, output: 1, for_each: {items: ')(', concurrency: 0}}\n",
+    );
+    assert!(has(&ps, "a", "output", "does not parse"), "{ps:?}");
+    assert!(has(&ps, "b", "when", "not a valid CEL"), "{ps:?}");
+    assert!(has(&ps, "c", "for_each.items", "not a valid CEL"), "{ps:?}");
+    assert!(has(&ps, "c", "for_each.concurrency", "at least 1"), "{ps:?}");
+}
+
+#[test]
+fn reads_of_steps_that_may_not_have_run() {
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, output: '{{ steps.a.output }}'}\n  - {id: c, type: transform, output: 1, needs: [a], when: 'steps.nope.output'}\n",
+    );
+    assert!(has(&ps, "b", "output", "not among this step's needs"), "{ps:?}");
+    assert!(has(&ps, "c", "when", "no step `nope`"), "{ps:?}");
+}
+
+#[test]
+fn unreachable_steps() {
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: 1, when: 'false'}\n  - {id: b, type: transform, output: 1, needs: [a]}\n  - {id: c, type: transform, output: 1, compensate: {step: undo}}\n  - {id: undo, type: transform, output: 1}\n  - {id: d, type: transform, output: 1, needs: [undo]}\n",
+    );
+    assert!(has(&ps, "a", "when", "never run"), "{ps:?}");
+    assert!(has(&ps, "b", "needs", "never run"), "{ps:?}");
+    assert!(has(&ps, "d", "needs", "only runs as a compensation"), "{ps:?}");
+    assert!(!ps.iter().any(|p| p.step.as_deref() == Some("c")), "{ps:?}");
+}
+
+#[test]
+fn schema_invalid_fields() {
+    let ps = problems(
+        "name: 'bad name'\nsteps:\n  - {id: a-b, type: wait}\n  - {id: c, type: transform, output: 1, retry: {max_attempts: 0}, loop: {until: 'true', max_iterations: 0}}\n",
+    );
+    assert!(ps.iter().any(|p| p.field == "name" && p.step.is_none()), "{ps:?}");
+    assert!(has(&ps, "a-b", "id", "starts with a letter"), "{ps:?}");
+    assert!(has(&ps, "a-b", "duration", "needs `duration` or `until`"), "{ps:?}");
+    assert!(has(&ps, "c", "retry.max_attempts", "at least 1"), "{ps:?}");
+    assert!(has(&ps, "c", "loop.max_iterations", "at least 1"), "{ps:?}");
+    // Wrong types are parse errors with a location.
+    assert!(matches!(load_str("name: x\nsteps:\n  - {id: a, type: wait, duration: 5s, timeout: soon}\n", "wf.yaml"), Err(Error::Parse { .. })));
+}
+
+#[test]
+fn compensate_is_parsed_and_checked() {
+    let ps = problems("name: x\nsteps:\n  - {id: a, type: transform, output: 1, compensate: {step: ghost}}\n  - {id: b, type: transform, output: 1, compensate: {type: http}}\n");
+    assert!(has(&ps, "a", "compensate.step", "no step `ghost`"), "{ps:?}");
+    assert!(has(&ps, "b", "compensate.url", "missing field"), "{ps:?}");
+}
+
+#[test]
+fn the_published_schema_matches_the_generated_one() {
+    let generated = serde_json::to_string_pretty(&definition_schema()).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../schemas/workflow.schema.json");
+    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    if std::env::var_os("AOB_BLESS").is_some() {
+        std::fs::write(path, format!("{generated}\n")).unwrap();
+        return;
+    }
+    assert_eq!(on_disk.trim_end(), generated, "schemas/workflow.schema.json is stale: run `AOB_BLESS=1 cargo test -p aob-model`");
+}

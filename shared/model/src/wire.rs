@@ -1,0 +1,339 @@
+//! Messages on the bus. Every type here has a JSON fixture test (parse → serialize → reparse).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Body of `aob.<tenant>.cmd.start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartCommand {
+    /// Workflow name.
+    pub workflow: String,
+    /// Version to run; the latest published one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Run input (validated against the workflow's input schema).
+    #[serde(default)]
+    pub input: Value,
+    /// Run id to use (`[A-Za-z0-9_-]`, at most 128 characters); derived from the message when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// Body of `aob.<tenant>.cmd.signal.<run>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "signal", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Signal {
+    /// Stop the run: nothing new is scheduled and running steps are told to stop.
+    Cancel {
+        /// Why, shown in the history.
+        #[serde(default)]
+        reason: Option<String>,
+        /// Who asked.
+        #[serde(default)]
+        by: Option<String>,
+    },
+    /// A durable timer of the engine fired.
+    Timer {
+        /// Which one.
+        timer: TimerKind,
+    },
+}
+
+/// Timers the engine sets for itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TimerKind {
+    /// Start the next attempt of a step after its backoff.
+    Retry {
+        /// Which attempt.
+        at: StepRef,
+    },
+    /// An attempt ran past the step's timeout.
+    StepTimeout {
+        /// Which attempt.
+        at: StepRef,
+    },
+    /// The run ran past the workflow's timeout.
+    RunTimeout,
+}
+
+/// One attempt of one step (one item of a for_each, one iteration of a loop).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StepRef {
+    /// Step id.
+    pub step: String,
+    /// for_each element index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
+    /// Loop iteration (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
+    /// Attempt (1-based).
+    pub attempt: u32,
+}
+
+impl StepRef {
+    /// A dot-free token naming this attempt, used in message ids and timer keys.
+    pub fn token(&self) -> String {
+        format!(
+            "{}-i{}-l{}-a{}",
+            self.step,
+            self.item.map_or(-1, i64::from),
+            self.iteration.map_or(-1, i64::from),
+            self.attempt
+        )
+    }
+}
+
+/// Body of `aob.<tenant>.task.<node_type>`: one attempt for a function to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Tenant.
+    pub tenant: String,
+    /// Run id.
+    pub run_id: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// Workflow version the run is pinned to.
+    pub version: u32,
+    /// Node type.
+    pub node_type: String,
+    /// Which attempt.
+    #[serde(flatten)]
+    pub at: StepRef,
+    /// The step's type-specific fields, templates not yet rendered.
+    pub config: Value,
+    /// The run context the templates and expressions read (only what the step references).
+    pub context: Value,
+    /// When the attempt times out (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// Whether a failure is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Transient: the engine retries per the step's policy.
+    Retryable,
+    /// Permanent: the step fails now.
+    Terminal,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepError {
+    /// Retryable or terminal.
+    pub class: ErrorClass,
+    /// What went wrong.
+    pub message: String,
+    /// Structured reasons (validation errors, HTTP status, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+impl StepError {
+    /// A retryable error.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+            details: None,
+        }
+    }
+    /// A terminal error.
+    pub fn terminal(message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Terminal,
+            message: message.into(),
+            details: None,
+        }
+    }
+    /// Adds structured details.
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// What an attempt came to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done, with an output.
+    Completed {
+        /// The step's output.
+        output: Value,
+    },
+    /// Failed.
+    Failed {
+        /// Why.
+        error: StepError,
+    },
+    /// Parked: a later result for the same attempt completes it (durable timers, approvals).
+    Waiting {
+        /// When it is expected to resume (ms since the Unix epoch), if known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until_ms: Option<u64>,
+    },
+}
+
+/// Body of `aob.<tenant>.result.<run>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Tenant.
+    pub tenant: String,
+    /// Run id.
+    pub run_id: String,
+    /// Which attempt this answers.
+    #[serde(flatten)]
+    pub at: StepRef,
+    /// What it came to.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// How long the handler ran (ms).
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+/// What a history event reports (its subject's last token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryKind {
+    /// The run was created.
+    Started,
+    /// A start command was refused (bad body, unknown workflow, invalid input).
+    Rejected,
+    /// A task was published for an attempt.
+    StepScheduled,
+    /// An attempt is parked until a later result.
+    StepWaiting,
+    /// A step completed.
+    StepCompleted,
+    /// An attempt failed and another will follow after a backoff.
+    StepRetrying,
+    /// A step failed for good.
+    StepFailed,
+    /// A step was skipped (its `when` was false, or its trigger rule cannot be met).
+    StepSkipped,
+    /// A loop step finished one iteration and starts another.
+    LoopIteration,
+    /// Running steps of this run must stop (cancel or run failure).
+    Abort,
+    /// The run completed.
+    Completed,
+    /// The run failed.
+    Failed,
+    /// The run was cancelled.
+    Cancelled,
+}
+
+impl HistoryKind {
+    /// The subject token.
+    pub fn token(self) -> &'static str {
+        match self {
+            HistoryKind::Started => "started",
+            HistoryKind::Rejected => "rejected",
+            HistoryKind::StepScheduled => "step_scheduled",
+            HistoryKind::StepWaiting => "step_waiting",
+            HistoryKind::StepCompleted => "step_completed",
+            HistoryKind::StepRetrying => "step_retrying",
+            HistoryKind::StepFailed => "step_failed",
+            HistoryKind::StepSkipped => "step_skipped",
+            HistoryKind::LoopIteration => "loop_iteration",
+            HistoryKind::Abort => "abort",
+            HistoryKind::Completed => "completed",
+            HistoryKind::Failed => "failed",
+            HistoryKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for the events that end a run.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            HistoryKind::Completed | HistoryKind::Failed | HistoryKind::Cancelled | HistoryKind::Rejected
+        )
+    }
+}
+
+/// Body of `aob.<tenant>.run.<run>.<kind>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Run id.
+    pub run_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Position in the run's history (1-based, no gaps).
+    pub seq: u64,
+    /// When (ms since the Unix epoch).
+    pub ts_ms: u64,
+    /// What happened.
+    pub kind: HistoryKind,
+    /// The step, for step events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// for_each element index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
+    /// Loop iteration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
+    /// Attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Human-readable reason or summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Extra data: the output of a completed step, the error of a failed one, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// Body of `aob.<tenant>.dlq.<component>`: a message a component could not use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Component that refused it (`engine`, `fn.http`, ...).
+    pub component: String,
+    /// Subject it arrived on.
+    pub subject: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// Its body as text (lossy UTF-8, cut to 4 KiB).
+    pub body: String,
+    /// Its full length in bytes.
+    pub len: usize,
+    /// When (ms since the Unix epoch).
+    pub ts_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(fixture: &str) {
+        let parsed: T = serde_json::from_str(fixture).unwrap();
+        let text = serde_json::to_string(&parsed).unwrap();
+        let again: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, again);
+    }
+
+    #[test]
+    fn fixtures_roundtrip() {
+        roundtrip::<StartCommand>(include_str!("../fixtures/start.json"));
+        roundtrip::<Signal>(include_str!("../fixtures/signal_cancel.json"));
+        roundtrip::<Signal>(include_str!("../fixtures/signal_timer.json"));
+        roundtrip::<Task>(include_str!("../fixtures/task.json"));
+        roundtrip::<StepResult>(include_str!("../fixtures/result_completed.json"));
+        roundtrip::<StepResult>(include_str!("../fixtures/result_failed.json"));
+        roundtrip::<HistoryEvent>(include_str!("../fixtures/history.json"));
+    }
+
+    #[test]
+    fn start_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<StartCommand>(r#"{"workflow":"a","inputs":{}}"#).is_err());
+    }
+}
