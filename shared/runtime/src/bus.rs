@@ -1,0 +1,51 @@
+//! Publishing on JetStream with deterministic message ids, and dead letters.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use bytes::Bytes;
+
+use aob_model::wire::DeadLetter;
+
+use crate::{Error, Result, now_ms};
+
+/// Publishes with a `Nats-Msg-Id`; await the returned future for the server's ack.
+pub async fn publish(js: &jetstream::Context, subject: String, msg_id: &str, body: Bytes) -> Result<PublishAckFuture> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject.clone(), headers, body)
+        .await
+        .map_err(|e| Error::Nats(format!("publishing to {subject}: {e}")))
+}
+
+/// Publishes and waits for the server's ack.
+pub async fn publish_acked(js: &jetstream::Context, subject: String, msg_id: &str, body: Bytes) -> Result<()> {
+    let subj = subject.clone();
+    publish(js, subject, msg_id, body)
+        .await?
+        .await
+        .map_err(|e| Error::Nats(format!("publishing to {subj}: {e}")))?;
+    Ok(())
+}
+
+/// Records a message a component could not use on `aob.<tenant>.dlq.<component>`.
+/// The tenant is taken from the subject (`unknown` when it has none).
+pub async fn dead_letter(js: &jetstream::Context, component: &str, subject: &str, body: &[u8], reason: &str) {
+    let tenant = aob_streams::subjects::tenant_of(subject)
+        .filter(|t| aob_streams::subjects::is_token(t))
+        .unwrap_or("unknown");
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+    let letter = DeadLetter {
+        component: component.to_string(),
+        subject: subject.to_string(),
+        reason: reason.to_string(),
+        body: text,
+        len: body.len(),
+        ts_ms: now_ms(),
+    };
+    tracing::warn!(component, subject, reason, "dead-lettered a message");
+    let Ok(bytes) = serde_json::to_vec(&letter) else { return };
+    let dlq = aob_streams::subjects::dlq(tenant, component.replace('.', "_").as_str());
+    if let Err(e) = publish_acked(js, dlq, &ulid::Ulid::new().to_string(), bytes.into()).await {
+        tracing::error!("could not dead-letter a message from {subject}: {e}");
+    }
+}

@@ -1,0 +1,243 @@
+//! The NATS transport: a durable pull consumer per function type.
+//!
+//! Per message: parse (garbage is dead-lettered and terminated, never retried), run the
+//! handler under a concurrency limit while sending in-progress heartbeats, publish the
+//! result with a deterministic `Nats-Msg-Id`, and only then ack. A task whose run is
+//! aborted (`aob.<tenant>.run.<run>.abort`) is stopped and acked without a result. On
+//! shutdown the consumer stops pulling and in-flight tasks finish before it returns.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use aob_model::wire::{Outcome, StepResult, Task};
+
+use crate::{Error, Handler, PayloadStore, Result, bus, execute};
+
+/// Settings of the NATS transport.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most tasks handled at once (`AOB_CONCURRENCY`, default 64).
+    pub concurrency: usize,
+    /// Interval of in-progress acks while a task runs (default 10 s; below the consumer's ack wait).
+    pub heartbeat: Duration,
+    /// Largest task body accepted, in bytes (default 1 MiB); larger ones are dead-lettered.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        let concurrency = std::env::var("AOB_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        ServeConfig {
+            concurrency,
+            heartbeat: Duration::from_secs(10),
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Binds to a durable consumer made by `aob streams apply`.
+pub async fn bind(js: &jetstream::Context, stream: &str, consumer: &str) -> Result<PullConsumer> {
+    let s = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| Error::Topology(format!("stream {stream}: {e}")))?;
+    s.get_consumer(consumer)
+        .await
+        .map_err(|e| Error::Topology(format!("consumer {stream}/{consumer}: {e}")))
+}
+
+type Inflight = Arc<Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>>;
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Serves `handler` from its durable consumer until `shutdown`, then drains.
+pub async fn serve<H: Handler>(
+    handler: Arc<H>,
+    client: async_nats::Client,
+    payloads: PayloadStore,
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let js = jetstream::new(client.clone());
+    let node_type = handler.node_type();
+    let component = format!("fn.{node_type}");
+    let consumer = bind(&js, aob_streams::TASKS, &aob_streams::function_consumer(node_type)).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(cfg.concurrency.max(1))
+        .messages()
+        .await
+        .map_err(|e| Error::Nats(format!("consuming tasks of {node_type}: {e}")))?;
+
+    let inflight: Inflight = Arc::default();
+    let mut aborts = client
+        .subscribe(aob_streams::subjects::ABORTS)
+        .await
+        .map_err(|e| Error::Nats(format!("subscribing to aborts: {e}")))?;
+    let abort_map = inflight.clone();
+    let abort_task = tokio::spawn(async move {
+        while let Some(msg) = aborts.next().await {
+            // aob.<tenant>.run.<run>.abort
+            let parts: Vec<&str> = msg.subject.split('.').collect();
+            if parts.len() == 5 {
+                let key = format!("{}.{}", parts[1], parts[3]);
+                if let Ok(map) = abort_map.lock() {
+                    for (_, t) in map.get(&key).into_iter().flatten() {
+                        t.cancel();
+                    }
+                }
+            }
+        }
+    });
+
+    let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    tracing::info!(node_type, "serving tasks");
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(node_type, "consumer error: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            None => break,
+        };
+        let handler = handler.clone();
+        let js = js.clone();
+        let payloads = payloads.clone();
+        let inflight = inflight.clone();
+        let component = component.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            handle_message(&*handler, &js, &payloads, &inflight, &component, &cfg, msg).await;
+            drop(permit);
+        });
+    }
+    // Drain: wait until every permit is back.
+    let _all = permits.acquire_many(cfg.concurrency.max(1) as u32).await;
+    abort_task.abort();
+    tracing::info!(node_type, "drained");
+    Ok(())
+}
+
+async fn handle_message<H: Handler>(
+    handler: &H,
+    js: &jetstream::Context,
+    payloads: &PayloadStore,
+    inflight: &Inflight,
+    component: &str,
+    cfg: &ServeConfig,
+    msg: jetstream::Message,
+) {
+    let subject = msg.subject.to_string();
+    let task = match parse_task(&msg.payload, &subject, cfg.max_message_bytes) {
+        Ok(t) => t,
+        Err(reason) => {
+            bus::dead_letter(js, component, &subject, &msg.payload, &reason).await;
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let key = format!("{}.{}", task.tenant, task.run_id);
+    let cancel = CancellationToken::new();
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut map) = inflight.lock() {
+        map.entry(key.clone()).or_default().push((id, cancel.clone()));
+    }
+    let heartbeat = {
+        let every = cfg.heartbeat;
+        let ack = msg.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = ack.ack_with(AckKind::Progress).await;
+            }
+        })
+    };
+    let result = execute(handler, task, payloads, &cancel).await;
+    heartbeat.abort();
+    if let Ok(mut map) = inflight.lock() {
+        if let Some(list) = map.get_mut(&key) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                map.remove(&key);
+            }
+        }
+    }
+    let Some(result) = result else {
+        // The run was aborted: nobody waits for this result.
+        let _ = msg.ack().await;
+        return;
+    };
+    match publish_result(js, &result).await {
+        Ok(()) => {
+            let _ = msg.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!("result not published, task will be redelivered: {e}");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+/// Parses and checks a task body; the error is the reason for the dead letter.
+pub fn parse_task(body: &[u8], subject: &str, max: usize) -> std::result::Result<Task, String> {
+    if body.len() > max {
+        return Err(format!("task of {} bytes is larger than the limit of {max}", body.len()));
+    }
+    let task: Task = serde_json::from_slice(body).map_err(|e| format!("not a task: {e}"))?;
+    let tenant = aob_streams::subjects::tenant_of(subject).unwrap_or_default();
+    if task.tenant != tenant {
+        return Err(format!("task for tenant `{}` arrived on a subject of tenant `{tenant}`", task.tenant));
+    }
+    if !aob_streams::subjects::is_token(&task.run_id) || !aob_streams::subjects::is_token(&task.tenant) {
+        return Err(format!("run id `{}` or tenant `{}` is not a valid subject token", task.run_id, task.tenant));
+    }
+    Ok(task)
+}
+
+/// Message id of a result: one per attempt and outcome kind.
+pub fn result_msg_id(r: &StepResult) -> String {
+    let kind = match r.outcome {
+        Outcome::Completed { .. } => "done",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Waiting { .. } => "waiting",
+    };
+    format!("res.{}.{}.{kind}", r.run_id, r.at.token())
+}
+
+/// Publishes a step result and waits for the server's ack, retrying briefly.
+pub async fn publish_result(js: &jetstream::Context, r: &StepResult) -> Result<()> {
+    let body = serde_json::to_vec(r).map_err(|e| Error::Payload(e.to_string()))?;
+    let subject = aob_streams::subjects::result(&r.tenant, &r.run_id);
+    let id = result_msg_id(r);
+    let mut delay = Duration::from_millis(50);
+    let mut last = None;
+    for _ in 0..5 {
+        match bus::publish_acked(js, subject.clone(), &id, body.clone().into()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Nats("publishing the result".into())))
+}

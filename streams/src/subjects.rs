@@ -1,0 +1,85 @@
+//! Every subject name AOB uses, in one place. The tenant comes first so that NATS
+//! permissions and accounts can isolate tenants.
+
+/// Start commands: `aob.<tenant>.cmd.start`.
+pub fn start(tenant: &str) -> String {
+    format!("aob.{tenant}.cmd.start")
+}
+
+/// Signals to a run (cancel, timers): `aob.<tenant>.cmd.signal.<run>`.
+pub fn signal(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.cmd.signal.{run}")
+}
+
+/// Tasks for a node type: `aob.<tenant>.task.<type>`.
+pub fn task(tenant: &str, node_type: &str) -> String {
+    format!("aob.{tenant}.task.{node_type}")
+}
+
+/// Tasks for a node type, all tenants.
+pub fn task_all_tenants(node_type: &str) -> String {
+    format!("aob.*.task.{node_type}")
+}
+
+/// Step results of a run: `aob.<tenant>.result.<run>`.
+pub fn result(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.result.{run}")
+}
+
+/// One history event of a run: `aob.<tenant>.run.<run>.<kind>`.
+pub fn history(tenant: &str, run: &str, kind: &str) -> String {
+    format!("aob.{tenant}.run.{run}.{kind}")
+}
+
+/// All history of a run.
+pub fn history_of(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.run.{run}.>")
+}
+
+/// All history of a tenant.
+pub fn history_of_tenant(tenant: &str) -> String {
+    format!("aob.{tenant}.run.>")
+}
+
+/// `abort` events of every run: functions listen to stop in-flight work.
+pub const ABORTS: &str = "aob.*.run.*.abort";
+
+/// Audit records: `aob.<tenant>.audit`.
+pub fn audit(tenant: &str) -> String {
+    format!("aob.{tenant}.audit")
+}
+
+/// Dead letters of a component: `aob.<tenant>.dlq.<component>`.
+pub fn dlq(tenant: &str, component: &str) -> String {
+    format!("aob.{tenant}.dlq.{component}")
+}
+
+/// Dead letters of a tenant.
+pub fn dlq_of_tenant(tenant: &str) -> String {
+    format!("aob.{tenant}.dlq.>")
+}
+
+/// The tenant token of an `aob.<tenant>.…` subject.
+pub fn tenant_of(subject: &str) -> Option<&str> {
+    let mut parts = subject.split('.');
+    (parts.next() == Some("aob")).then_some(())?;
+    parts.next().filter(|t| !t.is_empty())
+}
+
+/// True for a string usable as one subject token and KV key part: `[A-Za-z0-9_-]`, 1 to 128.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_is_the_second_token() {
+        assert_eq!(tenant_of(&start("acme")), Some("acme"));
+        assert_eq!(tenant_of("nats.acme.cmd"), None);
+        assert!(is_token("run-01_AB"));
+        assert!(!is_token("a.b") && !is_token("*") && !is_token(""));
+    }
+}
