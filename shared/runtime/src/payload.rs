@@ -59,8 +59,16 @@ impl PayloadStore {
     /// Returns `value` unchanged when small, or a reference after writing it under `key`
     /// (a `/`-separated relative name such as `default/<run>/fetch-a1.output`).
     pub async fn offload(&self, value: Value, key: &str) -> Result<Value> {
+        self.offload_with_threshold(value, key, self.threshold).await
+    }
+
+    /// Like [`PayloadStore::offload`] with another threshold (0 = always offload).
+    pub async fn offload_with_threshold(&self, value: Value, key: &str, threshold: usize) -> Result<Value> {
+        if reference(&value).is_some() {
+            return Ok(value);
+        }
         let bytes = serde_json::to_vec(&value).map_err(|e| Error::Payload(format!("serializing {key}: {e}")))?;
-        if bytes.len() <= self.threshold {
+        if bytes.len() <= threshold {
             return Ok(value);
         }
         let rel = format!("payloads/{key}.json");

@@ -1,0 +1,731 @@
+//! The scheduling logic as a pure state machine: `(state, event, now) -> (state, effects)`.
+//!
+//! No I/O and no clock here: time comes in as `now`, offloaded values that conditions
+//! read come in through `resolve`. The same event applied twice changes nothing the second
+//! time (results for an attempt that is no longer running are stale), which is what makes
+//! redelivery safe.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::{Map, Value, json};
+
+use aob_model::definition::{Step, Trigger, Workflow};
+use aob_model::expr::Expr;
+use aob_model::state::{Effect, RunState, RunStatus, Slot, StepState, StepStatus};
+use aob_model::validate::{reads, topo_order};
+use aob_model::wire::{
+    ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind,
+};
+
+/// A workflow version ready to schedule: expressions compiled, graph indexed.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The definition.
+    pub wf: Workflow,
+    /// Its version.
+    pub version: u32,
+    whens: HashMap<String, Expr>,
+    items: HashMap<String, Expr>,
+    untils: HashMap<String, Expr>,
+    reads: HashMap<String, BTreeSet<String>>,
+    /// Forward-path steps (compensation-only steps excluded), dependencies first.
+    order: Vec<String>,
+    leaves: Vec<String>,
+    /// Steps whose outputs some condition reads (the I/O wrapper resolves those if offloaded).
+    pub condition_reads: BTreeSet<String>,
+}
+
+impl Compiled {
+    /// Compiles a validated workflow.
+    pub fn new(wf: Workflow, version: u32) -> Result<Self, String> {
+        let mut whens = HashMap::new();
+        let mut items = HashMap::new();
+        let mut untils = HashMap::new();
+        let mut reads_map = HashMap::new();
+        let mut condition_reads = BTreeSet::new();
+        for s in &wf.steps {
+            let e = |src: &str, field: &str| Expr::parse(src).map_err(|e| format!("step `{}` field `{field}`: {e}", s.id));
+            if let Some(w) = &s.when {
+                whens.insert(s.id.clone(), e(w, "when")?);
+                condition_reads.extend(aob_model::expr::referenced_steps(w));
+            }
+            if let Some(fe) = &s.for_each {
+                items.insert(s.id.clone(), e(&fe.items, "for_each.items")?);
+                condition_reads.extend(aob_model::expr::referenced_steps(&fe.items));
+            }
+            if let Some(l) = &s.loop_ {
+                untils.insert(s.id.clone(), e(&l.until, "loop.until")?);
+                condition_reads.extend(aob_model::expr::referenced_steps(&l.until));
+            }
+            reads_map.insert(s.id.clone(), reads(s));
+        }
+        let ids: BTreeMap<&str, &Step> = wf.steps.iter().map(|s| (s.id.as_str(), s)).collect();
+        let comp: BTreeSet<&str> = wf.compensation_steps().into_iter().collect();
+        let order: Vec<String> = topo_order(&wf.steps, &ids)
+            .into_iter()
+            .filter(|s| !comp.contains(s.id.as_str()))
+            .map(|s| s.id.clone())
+            .collect();
+        let needed: BTreeSet<&str> = wf.steps.iter().flat_map(|s| s.needs.iter().map(String::as_str)).collect();
+        let leaves = order.iter().filter(|id| !needed.contains(id.as_str())).cloned().collect();
+        Ok(Compiled {
+            wf,
+            version,
+            whens,
+            items,
+            untils,
+            reads: reads_map,
+            order,
+            leaves,
+            condition_reads,
+        })
+    }
+
+    fn step(&self, id: &str) -> Option<&Step> {
+        self.wf.step(id)
+    }
+}
+
+/// What happened to a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A start command for a new run (already checked: workflow found, input valid).
+    Start {
+        /// Tenant.
+        tenant: String,
+        /// Run id.
+        run_id: String,
+        /// The command.
+        cmd: StartCommand,
+    },
+    /// A function's result.
+    Result(StepResult),
+    /// A signal (cancel, timer).
+    Signal(Signal),
+}
+
+/// Looks up an offloaded value by its reference path (`None` when not loaded).
+pub type Resolve<'a> = &'a dyn Fn(&str) -> Option<Value>;
+
+/// Applies one event. `None` means nothing changed (unknown run, stale or duplicate event).
+pub fn apply(def: &Compiled, state: Option<RunState>, event: Event, now: u64, resolve: Resolve<'_>) -> Option<(RunState, Vec<Effect>)> {
+    match (state, event) {
+        (None, Event::Start { tenant, run_id, cmd }) => {
+            let state = RunState {
+                run_id,
+                tenant,
+                workflow: def.wf.name.clone(),
+                version: def.version,
+                status: RunStatus::Running,
+                input: cmd.input,
+                created_ms: now,
+                updated_ms: now,
+                finished_ms: None,
+                error: None,
+                steps: def.order.iter().map(|id| (id.clone(), StepState::pending())).collect(),
+                history_seq: 0,
+                outbox: Vec::new(),
+            };
+            let mut m = Machine::new(def, state, now, resolve);
+            m.history(HistoryKind::Started, None, None, Some(json!({"workflow": def.wf.name, "version": def.version})));
+            if let Some(t) = &def.wf.timeout {
+                m.effects.push(Effect::Timer {
+                    timer: TimerKind::RunTimeout,
+                    due_ms: now + t.as_millis(),
+                });
+            }
+            m.advance();
+            Some(m.finish())
+        }
+        (Some(_), Event::Start { .. }) | (None, _) => None,
+        (Some(state), _) if state.status.is_terminal() => None,
+        (Some(state), Event::Result(r)) => {
+            let mut m = Machine::new(def, state, now, resolve);
+            m.on_result(r).then(|| m.finish())
+        }
+        (Some(state), Event::Signal(Signal::Cancel { reason, by })) => {
+            let mut m = Machine::new(def, state, now, resolve);
+            let why = match (reason, by) {
+                (Some(r), Some(b)) => format!("cancelled by {b}: {r}"),
+                (Some(r), None) => format!("cancelled: {r}"),
+                (None, Some(b)) => format!("cancelled by {b}"),
+                (None, None) => "cancelled".to_string(),
+            };
+            m.end_early(RunStatus::Cancelled, why);
+            Some(m.finish())
+        }
+        (Some(state), Event::Signal(Signal::Timer { timer })) => {
+            let mut m = Machine::new(def, state, now, resolve);
+            m.on_timer(timer).then(|| m.finish())
+        }
+    }
+}
+
+/// The rejection event for a start that cannot become a run.
+pub fn rejection(tenant: &str, run_id: &str, reason: &str, details: Option<Value>, now: u64) -> HistoryEvent {
+    HistoryEvent {
+        run_id: run_id.to_string(),
+        tenant: tenant.to_string(),
+        seq: 1,
+        ts_ms: now,
+        kind: HistoryKind::Rejected,
+        step: None,
+        item: None,
+        iteration: None,
+        attempt: None,
+        message: Some(reason.to_string()),
+        data: details,
+    }
+}
+
+struct Machine<'a> {
+    def: &'a Compiled,
+    s: RunState,
+    now: u64,
+    resolve: Resolve<'a>,
+    effects: Vec<Effect>,
+}
+
+impl<'a> Machine<'a> {
+    fn new(def: &'a Compiled, mut s: RunState, now: u64, resolve: Resolve<'a>) -> Self {
+        s.outbox.clear();
+        Machine {
+            def,
+            s,
+            now,
+            resolve,
+            effects: Vec::new(),
+        }
+    }
+
+    fn finish(mut self) -> (RunState, Vec<Effect>) {
+        self.s.updated_ms = self.now;
+        (self.s, self.effects)
+    }
+
+    fn history(&mut self, kind: HistoryKind, at: Option<&StepRef>, message: Option<String>, data: Option<Value>) {
+        self.s.history_seq += 1;
+        self.effects.push(Effect::History {
+            event: Box::new(HistoryEvent {
+                run_id: self.s.run_id.clone(),
+                tenant: self.s.tenant.clone(),
+                seq: self.s.history_seq,
+                ts_ms: self.now,
+                kind,
+                step: at.map(|a| a.step.clone()),
+                item: at.and_then(|a| a.item),
+                iteration: at.and_then(|a| a.iteration),
+                attempt: at.map(|a| a.attempt).filter(|a| *a > 0),
+                message,
+                data,
+            }),
+        });
+    }
+
+    fn step_event(&mut self, kind: HistoryKind, step: &str, message: Option<String>, data: Option<Value>) {
+        let at = StepRef {
+            step: step.to_string(),
+            item: None,
+            iteration: None,
+            attempt: 0,
+        };
+        self.history(kind, Some(&at), message, data);
+    }
+
+    /// The context conditions and templates of `step` read.
+    fn context(&self, step: &str, item: Option<&Value>, iteration: Option<u32>, for_condition: bool) -> Value {
+        let mut steps = Map::new();
+        let reads = self.def.reads.get(step);
+        for id in reads.into_iter().flatten() {
+            if let Some(st) = self.s.steps.get(id) {
+                let mut output = st.output.clone().unwrap_or(Value::Null);
+                if for_condition {
+                    output = self.resolved(output);
+                }
+                steps.insert(id.clone(), json!({"status": st.status, "output": output}));
+            }
+        }
+        let input = if for_condition { self.resolved(self.s.input.clone()) } else { self.s.input.clone() };
+        let mut ctx = Map::new();
+        ctx.insert("input".into(), input);
+        ctx.insert("steps".into(), Value::Object(steps));
+        ctx.insert(
+            "run".into(),
+            json!({"id": self.s.run_id, "workflow": self.s.workflow, "version": self.s.version, "tenant": self.s.tenant}),
+        );
+        if let Some(i) = item {
+            ctx.insert("item".into(), i.clone());
+        }
+        if let Some(n) = iteration {
+            ctx.insert("iteration".into(), json!(n));
+        }
+        Value::Object(ctx)
+    }
+
+    fn resolved(&self, v: Value) -> Value {
+        match aob_runtime::payload::reference(&v) {
+            Some(path) => (self.resolve)(&path).unwrap_or(v),
+            None => v,
+        }
+    }
+
+    /// Schedules whatever became ready, skips what cannot run, and ends the run when all
+    /// steps are done. Repeats until nothing changes, since skips cascade.
+    fn advance(&mut self) {
+        loop {
+            let mut changed = false;
+            for id in self.def.order.clone() {
+                let Some(st) = self.s.steps.get(&id) else { continue };
+                if st.status != StepStatus::Pending || st.attempt > 0 {
+                    continue;
+                }
+                let Some(step) = self.def.step(&id) else { continue };
+                match self.readiness(step) {
+                    Ready::Wait => {}
+                    Ready::Skip(reason) => {
+                        self.skip(&id, reason);
+                        changed = true;
+                    }
+                    Ready::Go => {
+                        self.begin(step);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        if self.s.steps.values().all(|s| s.status.is_terminal()) {
+            let failed: Vec<(String, String)> = self
+                .s
+                .steps
+                .iter()
+                .filter(|(_, s)| s.status == StepStatus::Failed)
+                .map(|(id, s)| (id.clone(), s.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()))
+                .collect();
+            self.s.finished_ms = Some(self.now);
+            if let Some((id, msg)) = failed.first() {
+                self.s.status = RunStatus::Failed;
+                let why = format!("step `{id}` failed: {msg}");
+                self.s.error = Some(why.clone());
+                self.history(HistoryKind::Failed, None, Some(why), Some(json!({"failed_steps": failed.iter().map(|(i, _)| i).collect::<Vec<_>>()})));
+            } else {
+                self.s.status = RunStatus::Completed;
+                let outputs: Map<String, Value> = self
+                    .def
+                    .leaves
+                    .iter()
+                    .filter_map(|id| self.s.steps.get(id).and_then(|s| s.output.clone()).map(|o| (id.clone(), o)))
+                    .collect();
+                self.history(HistoryKind::Completed, None, None, Some(json!({"outputs": outputs})));
+            }
+        }
+    }
+
+    fn readiness(&self, step: &Step) -> Ready {
+        let statuses: Vec<(&str, StepStatus)> = step
+            .needs
+            .iter()
+            .map(|n| (n.as_str(), self.s.steps.get(n).map_or(StepStatus::Skipped, |s| s.status)))
+            .collect();
+        let all_done = statuses.iter().all(|(_, s)| s.is_terminal());
+        let any_ok = statuses.iter().any(|(_, s)| *s == StepStatus::Completed);
+        let gate = match step.trigger {
+            Trigger::AllSuccess => {
+                if let Some((n, s)) = statuses.iter().find(|(_, s)| matches!(s, StepStatus::Failed | StepStatus::Skipped)) {
+                    let what = if *s == StepStatus::Failed { "failed" } else { "was skipped" };
+                    return Ready::Skip(format!("needs `{n}`, which {what}"));
+                }
+                all_done
+            }
+            Trigger::AllDone => all_done,
+            Trigger::OneSuccess => {
+                if !any_ok && all_done {
+                    return Ready::Skip("none of its needs completed".into());
+                }
+                any_ok
+            }
+        };
+        if !gate {
+            return Ready::Wait;
+        }
+        Ready::Go
+    }
+
+    fn skip(&mut self, id: &str, reason: String) {
+        if let Some(st) = self.s.steps.get_mut(id) {
+            st.status = StepStatus::Skipped;
+            st.reason = Some(reason.clone());
+            st.finished_ms = Some(self.now);
+        }
+        self.step_event(HistoryKind::StepSkipped, id, Some(reason), None);
+    }
+
+    fn fail_step(&mut self, id: &str, error: StepError, at: Option<&StepRef>) {
+        if let Some(st) = self.s.steps.get_mut(id) {
+            st.status = StepStatus::Failed;
+            st.error = Some(error.clone());
+            st.finished_ms = Some(self.now);
+        }
+        let data = serde_json::to_value(&error).ok();
+        match at {
+            Some(at) => self.history(HistoryKind::StepFailed, Some(at), Some(error.message.clone()), data),
+            None => self.step_event(HistoryKind::StepFailed, id, Some(error.message.clone()), data),
+        }
+    }
+
+    fn complete_step(&mut self, id: &str, output: Value, at: Option<&StepRef>) {
+        if let Some(st) = self.s.steps.get_mut(id) {
+            st.status = StepStatus::Completed;
+            st.output = Some(output.clone());
+            st.error = None;
+            st.finished_ms = Some(self.now);
+        }
+        let data = Some(json!({"output": output}));
+        match at {
+            Some(at) => self.history(HistoryKind::StepCompleted, Some(at), None, data),
+            None => self.step_event(HistoryKind::StepCompleted, id, None, data),
+        }
+    }
+
+    /// A step's needs are met: check `when`, then launch it (plain, for_each or loop).
+    fn begin(&mut self, step: &Step) {
+        let id = step.id.clone();
+        if let Some(w) = self.def.whens.get(&id) {
+            let ctx = self.context(&id, None, None, true);
+            match w.eval_bool(&ctx) {
+                Ok(true) => {}
+                Ok(false) => return self.skip(&id, format!("`when` is false: {}", w.source())),
+                Err(e) => return self.fail_step(&id, StepError::terminal(format!("`when`: {e}")), None),
+            }
+        }
+        if let Some(expr) = self.def.items.get(&id) {
+            let ctx = self.context(&id, None, None, true);
+            let items = match expr.eval_list(&ctx) {
+                Ok(items) => items,
+                Err(e) => return self.fail_step(&id, StepError::terminal(format!("`for_each.items`: {e}")), None),
+            };
+            if items.is_empty() {
+                return self.complete_step(&id, json!([]), None);
+            }
+            if let Some(st) = self.s.steps.get_mut(&id) {
+                st.status = StepStatus::Running;
+                st.attempt = 1;
+                st.started_ms = Some(self.now);
+                st.slots = vec![Slot::pending(); items.len()];
+                st.items = Some(items);
+            }
+            self.fill_slots(step);
+            return;
+        }
+        let iteration = step.loop_.as_ref().map(|_| 0);
+        if let Some(st) = self.s.steps.get_mut(&id) {
+            st.started_ms = Some(self.now);
+            st.iteration = iteration;
+        }
+        self.launch(
+            step,
+            StepRef {
+                step: id,
+                item: None,
+                iteration,
+                attempt: 1,
+            },
+        );
+    }
+
+    /// Launches pending for_each slots up to the concurrency cap.
+    fn fill_slots(&mut self, step: &Step) {
+        let cap = step.for_each.as_ref().map_or(1, |f| f.concurrency.max(1)) as usize;
+        loop {
+            let Some(st) = self.s.steps.get(&step.id) else { return };
+            let busy = st
+                .slots
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::Waiting) || (s.status == StepStatus::Pending && s.attempt > 0))
+                .count();
+            if busy >= cap {
+                return;
+            }
+            let Some(next) = st.slots.iter().position(|s| s.status == StepStatus::Pending && s.attempt == 0) else {
+                return;
+            };
+            self.launch(
+                step,
+                StepRef {
+                    step: step.id.clone(),
+                    item: Some(next as u32),
+                    iteration: None,
+                    attempt: 1,
+                },
+            );
+        }
+    }
+
+    /// Publishes the task of one attempt.
+    fn launch(&mut self, step: &Step, at: StepRef) {
+        let item = at.item.and_then(|i| self.s.steps.get(&step.id).and_then(|s| s.items.as_ref()).and_then(|items| items.get(i as usize)).cloned());
+        let context = self.context(&step.id, item.as_ref(), at.iteration, false);
+        let deadline_ms = step.timeout.map(|t| self.now + t.as_millis());
+        let Some(st) = self.s.steps.get_mut(&step.id) else { return };
+        match at.item {
+            Some(i) => {
+                if let Some(slot) = st.slots.get_mut(i as usize) {
+                    slot.status = StepStatus::Running;
+                    slot.attempt = at.attempt;
+                }
+            }
+            None => {
+                st.status = StepStatus::Running;
+                st.attempt = at.attempt;
+            }
+        }
+        let task = Task {
+            tenant: self.s.tenant.clone(),
+            run_id: self.s.run_id.clone(),
+            workflow: self.s.workflow.clone(),
+            version: self.s.version,
+            node_type: step.kind.clone(),
+            at: at.clone(),
+            config: Value::Object(step.config.clone()),
+            context,
+            deadline_ms,
+        };
+        self.effects.push(Effect::Task { task: Box::new(task) });
+        if let Some(d) = deadline_ms {
+            self.effects.push(Effect::Timer {
+                timer: TimerKind::StepTimeout { at: at.clone() },
+                due_ms: d,
+            });
+        }
+        self.history(HistoryKind::StepScheduled, Some(&at), None, Some(json!({"type": step.kind})));
+    }
+
+    /// The attempt `at` is the one currently out (running or waiting).
+    fn is_current(&self, at: &StepRef) -> bool {
+        let Some(st) = self.s.steps.get(&at.step) else { return false };
+        match at.item {
+            Some(i) => {
+                st.status == StepStatus::Running
+                    && st.slots.get(i as usize).is_some_and(|s| matches!(s.status, StepStatus::Running | StepStatus::Waiting) && s.attempt == at.attempt)
+            }
+            None => matches!(st.status, StepStatus::Running | StepStatus::Waiting) && st.attempt == at.attempt && st.iteration == at.iteration,
+        }
+    }
+
+    fn on_result(&mut self, r: StepResult) -> bool {
+        if !self.is_current(&r.at) {
+            return false;
+        }
+        let Some(step) = self.def.step(&r.at.step) else { return false };
+        match r.outcome {
+            Outcome::Waiting { until_ms } => {
+                let st = self.s.steps.get_mut(&r.at.step);
+                match (st, r.at.item) {
+                    (Some(st), Some(i)) => {
+                        if let Some(slot) = st.slots.get_mut(i as usize) {
+                            if slot.status == StepStatus::Waiting {
+                                return false;
+                            }
+                            slot.status = StepStatus::Waiting;
+                        }
+                    }
+                    (Some(st), None) => {
+                        if st.status == StepStatus::Waiting {
+                            return false;
+                        }
+                        st.status = StepStatus::Waiting;
+                    }
+                    (None, _) => return false,
+                }
+                self.history(HistoryKind::StepWaiting, Some(&r.at), None, until_ms.map(|u| json!({"until_ms": u})));
+            }
+            Outcome::Completed { output } => self.on_completed(step, &r.at, output),
+            Outcome::Failed { error } => self.on_failed(step, &r.at, error),
+        }
+        self.advance();
+        true
+    }
+
+    fn on_completed(&mut self, step: &Step, at: &StepRef, output: Value) {
+        let id = step.id.as_str();
+        if let Some(i) = at.item {
+            let all_done = {
+                let Some(st) = self.s.steps.get_mut(id) else { return };
+                if let Some(slot) = st.slots.get_mut(i as usize) {
+                    slot.status = StepStatus::Completed;
+                    slot.output = Some(output);
+                    slot.error = None;
+                }
+                st.slots.iter().all(|s| s.status == StepStatus::Completed)
+            };
+            if all_done {
+                let outputs: Vec<Value> = self.s.steps.get_mut(id).map(|st| st.slots.iter_mut().map(|s| s.output.take().unwrap_or(Value::Null)).collect()).unwrap_or_default();
+                if let Some(st) = self.s.steps.get_mut(id) {
+                    st.slots.clear();
+                    st.items = None;
+                }
+                self.complete_step(id, Value::Array(outputs), None);
+            } else {
+                self.fill_slots(step);
+            }
+            return;
+        }
+        if let (Some(l), Some(until)) = (&step.loop_, self.def.untils.get(id)) {
+            let iteration = at.iteration.unwrap_or(0);
+            if let Some(st) = self.s.steps.get_mut(id) {
+                st.output = Some(output.clone());
+            }
+            let ctx = self.context(id, None, Some(iteration), true);
+            match until.eval_bool(&ctx) {
+                Ok(true) => self.complete_step(id, output, Some(at)),
+                Ok(false) if iteration + 1 >= l.max_iterations => self.fail_step(
+                    id,
+                    StepError::terminal(format!("loop reached max_iterations ({}) without `until` becoming true: {}", l.max_iterations, until.source())),
+                    Some(at),
+                ),
+                Ok(false) => {
+                    let next = iteration + 1;
+                    if let Some(st) = self.s.steps.get_mut(id) {
+                        st.iteration = Some(next);
+                    }
+                    self.history(HistoryKind::LoopIteration, Some(at), None, Some(json!({"output": output, "next": next})));
+                    self.launch(
+                        step,
+                        StepRef {
+                            step: id.to_string(),
+                            item: None,
+                            iteration: Some(next),
+                            attempt: 1,
+                        },
+                    );
+                }
+                Err(e) => self.fail_step(id, StepError::terminal(format!("`loop.until`: {e}")), Some(at)),
+            }
+            return;
+        }
+        self.complete_step(id, output, Some(at));
+    }
+
+    fn on_failed(&mut self, step: &Step, at: &StepRef, error: StepError) {
+        let max = step.retry.as_ref().map_or(1, |r| r.max_attempts);
+        if error.class == ErrorClass::Retryable && at.attempt < max {
+            let delay = step.retry.as_ref().map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64);
+            if let Some(st) = self.s.steps.get_mut(&step.id) {
+                match at.item {
+                    Some(i) => {
+                        if let Some(slot) = st.slots.get_mut(i as usize) {
+                            slot.status = StepStatus::Pending;
+                            slot.error = Some(error.clone());
+                        }
+                    }
+                    None => {
+                        st.status = StepStatus::Pending;
+                        st.error = Some(error.clone());
+                    }
+                }
+            }
+            let next = StepRef {
+                attempt: at.attempt + 1,
+                ..at.clone()
+            };
+            self.effects.push(Effect::Timer {
+                timer: TimerKind::Retry { at: next },
+                due_ms: self.now + delay,
+            });
+            self.history(
+                HistoryKind::StepRetrying,
+                Some(at),
+                Some(error.message.clone()),
+                Some(json!({"error": error, "next_attempt": at.attempt + 1, "delay_ms": delay})),
+            );
+            return;
+        }
+        let error = match (at.item, error.class) {
+            (Some(i), _) => StepError {
+                message: format!("item {i}: {}", error.message),
+                ..error
+            },
+            (None, ErrorClass::Retryable) if max > 1 => StepError {
+                message: format!("{} (gave up after {} attempts)", error.message, at.attempt),
+                ..error
+            },
+            _ => error,
+        };
+        if let Some(st) = self.s.steps.get_mut(&step.id) {
+            st.slots.clear();
+            st.items = None;
+        }
+        self.fail_step(&step.id, error, Some(at));
+    }
+
+    fn on_timer(&mut self, timer: TimerKind) -> bool {
+        match timer {
+            TimerKind::Retry { at } => {
+                let Some(st) = self.s.steps.get(&at.step) else { return false };
+                let waiting = match at.item {
+                    Some(i) => st.status == StepStatus::Running && st.slots.get(i as usize).is_some_and(|s| s.status == StepStatus::Pending && s.attempt + 1 == at.attempt),
+                    None => st.status == StepStatus::Pending && st.attempt + 1 == at.attempt && st.iteration == at.iteration,
+                };
+                if !waiting {
+                    return false;
+                }
+                let Some(step) = self.def.step(&at.step) else { return false };
+                self.launch(step, at);
+                true
+            }
+            TimerKind::StepTimeout { at } => {
+                if !self.is_current(&at) {
+                    return false;
+                }
+                let Some(step) = self.def.step(&at.step) else { return false };
+                let limit = step.timeout.map(|t| t.to_string()).unwrap_or_default();
+                self.on_failed(step, &at, StepError::retryable(format!("step timed out after {limit}")));
+                self.advance();
+                true
+            }
+            TimerKind::RunTimeout => {
+                let limit = self.def.wf.timeout.map(|t| t.to_string()).unwrap_or_default();
+                self.end_early(RunStatus::Failed, format!("run timed out after {limit}"));
+                true
+            }
+        }
+    }
+
+    /// Cancel or run timeout: running steps are told to stop, nothing new is scheduled.
+    fn end_early(&mut self, status: RunStatus, why: String) {
+        let mut running = false;
+        for (id, st) in self.s.steps.iter_mut() {
+            match st.status {
+                StepStatus::Running | StepStatus::Waiting => {
+                    running = true;
+                    st.status = StepStatus::Failed;
+                    st.error = Some(StepError::terminal(why.clone()));
+                    st.finished_ms = Some(self.now);
+                }
+                StepStatus::Pending => {
+                    st.status = StepStatus::Skipped;
+                    st.reason = Some(why.clone());
+                    st.finished_ms = Some(self.now);
+                }
+                _ => {}
+            }
+            let _ = id;
+        }
+        if running {
+            self.history(HistoryKind::Abort, None, Some(why.clone()), None);
+        }
+        self.s.status = status;
+        self.s.error = Some(why.clone());
+        self.s.finished_ms = Some(self.now);
+        let kind = if status == RunStatus::Cancelled { HistoryKind::Cancelled } else { HistoryKind::Failed };
+        self.history(kind, None, Some(why), None);
+    }
+}
+
+enum Ready {
+    Wait,
+    Skip(String),
+    Go,
+}

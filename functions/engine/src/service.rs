@@ -1,0 +1,617 @@
+//! The engine's I/O around the pure machine: consume commands and results, keep run state
+//! by compare-and-set, publish the effects, then ack.
+//!
+//! Effects are written into the run state (the outbox) in the same compare-and-set as the
+//! state they belong to. If the engine dies after the write but before publishing, the
+//! next message for that run, or the redelivery of the same one, finds the outbox and
+//! publishes it again; deterministic `Nats-Msg-Id`s make the repeat harmless.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use aob_model::state::{Effect, RunState};
+use aob_model::wire::{HistoryEvent, Outcome, Signal, StartCommand, StepResult};
+use aob_runtime::registry::Registry;
+use aob_runtime::timers::{Timer, Timers};
+use aob_runtime::{PayloadStore, bus, now_ms};
+use aob_streams::subjects;
+
+use crate::machine::{self, Compiled, Event};
+use crate::store::{NatsStore, RunStore};
+
+/// What can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Runtime trouble (NATS, payloads, topology).
+    #[error(transparent)]
+    Runtime(#[from] aob_runtime::Error),
+    /// Run store trouble.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A stored run state or definition does not parse.
+    #[error("corrupt {what}: {message}")]
+    Corrupt {
+        /// What.
+        what: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Runs processed at once; events of one run are always processed in order (default 64).
+    pub workers: usize,
+    /// Largest command or result accepted, in bytes (default 1 MiB).
+    pub max_message_bytes: usize,
+    /// Outputs larger than this are kept in run state by reference (default 16 KiB).
+    pub state_inline_limit: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: 64,
+            max_message_bytes: 1024 * 1024,
+            state_inline_limit: 16 * 1024,
+        }
+    }
+}
+
+/// Counters, for tests and `aob bench`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Events applied.
+    pub events: AtomicU64,
+    /// Compare-and-set writes that lost and were retried.
+    pub cas_conflicts: AtomicU64,
+    /// Start commands rejected.
+    pub rejected: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_letters: AtomicU64,
+}
+
+struct Cached {
+    state: RunState,
+    revision: u64,
+}
+
+/// The engine.
+pub struct Engine<S: RunStore = NatsStore> {
+    js: jetstream::Context,
+    store: S,
+    registry: Registry,
+    timers: Timers,
+    payloads: PayloadStore,
+    cfg: Config,
+    defs: Mutex<HashMap<(String, String, u32), Arc<Compiled>>>,
+    runs: Mutex<HashMap<String, Cached>>,
+    resolved: Mutex<HashMap<String, Value>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Engine<NatsStore> {
+    /// An engine on the `AOB_RUNS` bucket.
+    pub async fn connect(client: async_nats::Client, payloads: PayloadStore, cfg: Config) -> Result<Self> {
+        let js = jetstream::new(client);
+        let kv = js
+            .get_key_value(aob_streams::RUNS)
+            .await
+            .map_err(|e| aob_runtime::Error::Topology(format!("bucket {}: {e}", aob_streams::RUNS)))?;
+        Engine::with_store(js, NatsStore(kv), payloads, cfg).await
+    }
+}
+
+/// Where a message came from and what it says.
+enum Parsed {
+    Start { tenant: String, run_id: String, cmd: StartCommand },
+    Signal { tenant: String, run_id: String, signal: Signal },
+    Result(StepResult),
+}
+
+impl<S: RunStore> Engine<S> {
+    /// An engine on any run store (tests wrap the NATS one).
+    pub async fn with_store(js: jetstream::Context, store: S, payloads: PayloadStore, cfg: Config) -> Result<Self> {
+        let registry = Registry::open(&js).await?;
+        let timers = Timers::open(&js).await?;
+        Ok(Engine {
+            js,
+            store,
+            registry,
+            timers,
+            payloads,
+            cfg,
+            defs: Mutex::default(),
+            runs: Mutex::default(),
+            resolved: Mutex::default(),
+            metrics: Arc::default(),
+        })
+    }
+
+    /// The timers handle (the timer service runs beside the engine).
+    pub fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    /// Consumes `engine-cmd` and `engine-results` until `shutdown`, then drains.
+    pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
+        let cmd = aob_runtime::nats::bind(&self.js, aob_streams::CMD, aob_streams::ENGINE_CMD).await?;
+        let res = aob_runtime::nats::bind(&self.js, aob_streams::RESULTS, aob_streams::ENGINE_RESULTS).await?;
+        let batch = (self.cfg.workers * 4).max(16);
+        let cmd_msgs = cmd
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(|e| aob_runtime::Error::Nats(format!("consuming commands: {e}")))?;
+        let res_msgs = res
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(|e| aob_runtime::Error::Nats(format!("consuming results: {e}")))?;
+        let mut merged = futures::stream::select(cmd_msgs, res_msgs);
+
+        let workers = self.cfg.workers.max(1);
+        let mut senders = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, mut rx) = mpsc::channel::<Message>(64);
+            senders.push(tx);
+            let engine = self.clone();
+            handles.push(tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    engine.on_message(msg).await;
+                }
+            }));
+        }
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = merged.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!("engine consumer: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                None => break,
+            };
+            let shard = shard_of(&msg, workers);
+            if senders[shard].send(msg).await.is_err() {
+                break;
+            }
+        }
+        drop(senders);
+        for h in handles {
+            let _ = h.await;
+        }
+        tracing::info!("engine drained");
+        Ok(())
+    }
+
+    /// Handles one message and acks it (or naks it for redelivery on a transient failure).
+    pub async fn on_message(&self, msg: Message) {
+        let subject = msg.subject.to_string();
+        let parsed = match self.parse(&msg) {
+            Ok(p) => p,
+            Err(reason) => {
+                self.refuse(&msg, &subject, &reason).await;
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.process(parsed).await {
+            Ok(()) => {
+                let _ = msg.ack().await;
+            }
+            Err(e) => {
+                let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+                tracing::warn!(%subject, delivered, "engine could not process a message: {e}");
+                if delivered >= 20 {
+                    self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    bus::dead_letter(&self.js, "engine", &subject, &msg.payload, &format!("gave up after {delivered} deliveries: {e}")).await;
+                    let _ = msg.ack_with(AckKind::Term).await;
+                } else {
+                    let delay = Duration::from_millis(100 * (1 << delivered.min(6)) as u64);
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+            }
+        }
+    }
+
+    /// Records why a message was refused: a rejection event for starts, a dead letter always.
+    async fn refuse(&self, msg: &Message, subject: &str, reason: &str) {
+        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+        bus::dead_letter(&self.js, "engine", subject, &msg.payload, reason).await;
+        if subject.ends_with(".cmd.start") {
+            if let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t)) {
+                let run_id = serde_json::from_slice::<Value>(&msg.payload)
+                    .ok()
+                    .and_then(|v| v.get("run_id").and_then(Value::as_str).map(str::to_string))
+                    .filter(|r| subjects::is_token(r))
+                    .unwrap_or_else(|| derived_run_id(msg));
+                self.reject(tenant, &run_id, reason, None).await;
+            }
+        }
+    }
+
+    async fn reject(&self, tenant: &str, run_id: &str, reason: &str, details: Option<Value>) {
+        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
+        if let Ok(body) = serde_json::to_vec(&ev) {
+            let subject = subjects::history(tenant, run_id, ev.kind.token());
+            if let Err(e) = bus::publish_acked(&self.js, subject, &format!("hist.{run_id}.rejected"), body.into()).await {
+                tracing::error!("could not publish a rejection: {e}");
+            }
+        }
+    }
+
+    fn parse(&self, msg: &Message) -> std::result::Result<Parsed, String> {
+        let subject = msg.subject.as_str();
+        if msg.payload.len() > self.cfg.max_message_bytes {
+            return Err(format!("message of {} bytes is larger than the limit of {}", msg.payload.len(), self.cfg.max_message_bytes));
+        }
+        let parts: Vec<&str> = subject.split('.').collect();
+        let tenant = parts.get(1).copied().unwrap_or_default();
+        if !subjects::is_token(tenant) {
+            return Err(format!("tenant `{tenant}` is not valid"));
+        }
+        match parts.as_slice() {
+            ["aob", _, "cmd", "start"] => {
+                let cmd: StartCommand = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a start command: {e}"))?;
+                let run_id = match &cmd.run_id {
+                    Some(r) if subjects::is_token(r) => r.clone(),
+                    Some(r) => return Err(format!("run_id `{r}` is not valid: use 1 to 128 of [A-Za-z0-9_-]")),
+                    None => derived_run_id(msg),
+                };
+                Ok(Parsed::Start {
+                    tenant: tenant.to_string(),
+                    run_id,
+                    cmd,
+                })
+            }
+            ["aob", _, "cmd", "signal", run] => {
+                let signal: Signal = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a signal: {e}"))?;
+                Ok(Parsed::Signal {
+                    tenant: tenant.to_string(),
+                    run_id: run.to_string(),
+                    signal,
+                })
+            }
+            ["aob", _, "result", run] => {
+                let r: StepResult = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a step result: {e}"))?;
+                if r.tenant != tenant || r.run_id != *run {
+                    return Err(format!("result for {}/{} arrived on {subject}", r.tenant, r.run_id));
+                }
+                Ok(Parsed::Result(r))
+            }
+            _ => Err("no such command subject".into()),
+        }
+    }
+
+    async fn process(&self, parsed: Parsed) -> Result<()> {
+        match parsed {
+            Parsed::Start { tenant, run_id, cmd } => {
+                let (wf, version) = match self.registry.get(&tenant, &cmd.workflow, cmd.version).await {
+                    Ok(x) => x,
+                    Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
+                        self.reject(&tenant, &run_id, &e.to_string(), None).await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let def = self.compiled(&tenant, wf, version)?;
+                if let Some(schema) = &def.wf.input {
+                    let input = self.payloads.hydrate(cmd.input.clone()).await?;
+                    let problems = input_problems(schema, &input);
+                    if !problems.is_empty() {
+                        let reason = format!("input does not match the input schema of `{}` v{version}: {}", def.wf.name, problems.join("; "));
+                        self.reject(&tenant, &run_id, &reason, Some(json!({"errors": problems}))).await;
+                        return Ok(());
+                    }
+                }
+                let mut cmd = cmd;
+                cmd.input = self.payloads.offload(cmd.input, &format!("{tenant}/{run_id}/input")).await?;
+                self.apply(&tenant, &run_id, Some(def), Event::Start { tenant: tenant.clone(), run_id: run_id.clone(), cmd })
+                    .await
+            }
+            Parsed::Signal { tenant, run_id, signal } => self.apply(&tenant, &run_id, None, Event::Signal(signal)).await,
+            Parsed::Result(mut r) => {
+                if let Outcome::Completed { output } = &mut r.outcome {
+                    if serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0) > self.cfg.state_inline_limit {
+                        let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
+                        let inline = std::mem::take(output);
+                        *output = self.offload_always(inline, &key).await?;
+                    }
+                }
+                let (tenant, run_id) = (r.tenant.clone(), r.run_id.clone());
+                self.apply(&tenant, &run_id, None, Event::Result(r)).await
+            }
+        }
+    }
+
+    async fn offload_always(&self, value: Value, key: &str) -> Result<Value> {
+        if aob_runtime::payload::reference(&value).is_some() {
+            return Ok(value);
+        }
+        Ok(self.payloads.offload_with_threshold(value, key, 0).await?)
+    }
+
+    fn compiled(&self, tenant: &str, wf: aob_model::Workflow, version: u32) -> Result<Arc<Compiled>> {
+        let key = (tenant.to_string(), wf.name.clone(), version);
+        if let Some(c) = self.defs.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(c);
+        }
+        let c = Arc::new(Compiled::new(wf, version).map_err(|message| Error::Corrupt {
+            what: format!("workflow {} v{version}", key.1),
+            message,
+        })?);
+        if let Ok(mut m) = self.defs.lock() {
+            m.insert(key, c.clone());
+        }
+        Ok(c)
+    }
+
+    async fn definition_of(&self, state: &RunState) -> Result<Arc<Compiled>> {
+        let key = (state.tenant.clone(), state.workflow.clone(), state.version);
+        if let Some(c) = self.defs.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(c);
+        }
+        let (wf, version) = self.registry.get(&state.tenant, &state.workflow, Some(state.version)).await?;
+        self.compiled(&state.tenant, wf, version)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<(RunState, u64, bool)>> {
+        if let Some(c) = self.runs.lock().ok().and_then(|m| m.get(key).map(|c| (c.state.clone(), c.revision))) {
+            return Ok(Some((c.0, c.1, true)));
+        }
+        match self.store.get(key).await? {
+            None => Ok(None),
+            Some((bytes, rev)) => {
+                let state: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                    what: format!("run state {key}"),
+                    message: e.to_string(),
+                })?;
+                Ok(Some((state, rev, false)))
+            }
+        }
+    }
+
+    /// Applies one event to a run, retrying on compare-and-set conflicts.
+    async fn apply(&self, tenant: &str, run_id: &str, def: Option<Arc<Compiled>>, event: Event) -> Result<()> {
+        let key = RunState::key(tenant, run_id);
+        loop {
+            let loaded = self.load(&key).await?;
+            let (state, rev) = match loaded {
+                Some((state, rev, from_cache)) => {
+                    if !from_cache && !state.outbox.is_empty() {
+                        // The last writer may have died before publishing.
+                        self.publish(&state.outbox).await?;
+                    }
+                    (Some(state), rev)
+                }
+                None => (None, 0),
+            };
+            let def = match (&def, &state) {
+                (Some(d), _) => d.clone(),
+                (None, Some(s)) => self.definition_of(s).await?,
+                (None, None) => {
+                    tracing::debug!(%key, "event for an unknown run ignored");
+                    return Ok(());
+                }
+            };
+            if let Some(s) = &state {
+                self.resolve_for_conditions(&def, s, &event).await;
+            }
+            let resolved = self.resolved.lock().map(|m| m.clone()).unwrap_or_default();
+            let lookup = |p: &str| resolved.get(p).cloned();
+            let Some((mut next, effects)) = machine::apply(&def, state.clone(), event.clone(), now_ms(), &lookup) else {
+                return Ok(());
+            };
+            next.outbox = effects.clone();
+            let body = serde_json::to_vec(&next).map_err(|e| Error::Corrupt {
+                what: format!("run state {key}"),
+                message: e.to_string(),
+            })?;
+            let written = if state.is_none() {
+                self.store.create(&key, body.into()).await?
+            } else {
+                self.store.update(&key, body.into(), rev).await?
+            };
+            match written {
+                Ok(new_rev) => {
+                    self.metrics.events.fetch_add(1, Ordering::Relaxed);
+                    let terminal = next.status.is_terminal();
+                    if let Ok(mut m) = self.runs.lock() {
+                        if terminal {
+                            m.remove(&key);
+                        } else {
+                            m.insert(key.clone(), Cached { state: next, revision: new_rev });
+                        }
+                    }
+                    self.publish(&effects).await?;
+                    return Ok(());
+                }
+                Err(_conflict) => {
+                    self.metrics.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut m) = self.runs.lock() {
+                        m.remove(&key);
+                    }
+                    if state.is_none() {
+                        // Someone created this run already: a duplicate start.
+                        if matches!(event, Event::Start { .. }) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads offloaded outputs (and input) that conditions read, so the machine sees values.
+    async fn resolve_for_conditions(&self, def: &Compiled, state: &RunState, event: &Event) {
+        let mut wanted = Vec::new();
+        for id in &def.condition_reads {
+            if let Some(p) = state.steps.get(id).and_then(|s| s.output.as_ref()).and_then(aob_runtime::payload::reference) {
+                wanted.push(p);
+            }
+        }
+        if let Event::Result(StepResult { outcome: Outcome::Completed { output }, .. }) = event {
+            if let Some(p) = aob_runtime::payload::reference(output) {
+                wanted.push(p);
+            }
+        }
+        if let Some(p) = aob_runtime::payload::reference(&state.input) {
+            wanted.push(p);
+        }
+        for p in wanted {
+            if self.resolved.lock().map(|m| m.contains_key(&p)).unwrap_or(true) {
+                continue;
+            }
+            let r = json!({ aob_runtime::payload::REF_KEY: p });
+            match self.payloads.hydrate(r).await {
+                Ok(v) => {
+                    if let Ok(mut m) = self.resolved.lock() {
+                        if m.len() > 1024 {
+                            m.clear();
+                        }
+                        m.insert(p, v);
+                    }
+                }
+                Err(e) => tracing::warn!("could not load {p} for a condition: {e}"),
+            }
+        }
+    }
+
+    /// Publishes effects; all publishes are sent first, then their acks awaited together.
+    async fn publish(&self, effects: &[Effect]) -> Result<()> {
+        let mut acks = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Task { task } => {
+                    let mut task = (**task).clone();
+                    let id = format!("task.{}.{}", task.run_id, task.at.token());
+                    let mut body = serde_json::to_vec(&task).unwrap_or_default();
+                    if body.len() > self.payloads.threshold() {
+                        let base = format!("{}/{}/{}", task.tenant, task.run_id, task.at.token());
+                        task.context = self.payloads.offload_with_threshold(task.context, &format!("{base}.context"), 0).await?;
+                        task.config = self.payloads.offload(task.config, &format!("{base}.config")).await?;
+                        body = serde_json::to_vec(&task).unwrap_or_default();
+                    }
+                    let subject = subjects::task(&task.tenant, &task.node_type);
+                    acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
+                }
+                Effect::History { event } => {
+                    let (subject, id, body) = history_message(event);
+                    acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
+                }
+                Effect::Timer { .. } => {}
+            }
+        }
+        for e in effects {
+            if let Effect::Timer { timer, due_ms } = e {
+                self.set_timer(effects, timer, *due_ms).await?;
+            }
+        }
+        for a in acks {
+            a.await.map_err(|e| aob_runtime::Error::Nats(format!("publish not acknowledged: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn set_timer(&self, effects: &[Effect], timer: &aob_model::wire::TimerKind, due_ms: u64) -> Result<()> {
+        // The run this effect list belongs to: every effect carries it.
+        let Some((tenant, run_id)) = effects.iter().find_map(|e| match e {
+            Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
+            Effect::History { event } => Some((event.tenant.clone(), event.run_id.clone())),
+            Effect::Timer { .. } => None,
+        }) else {
+            return Ok(());
+        };
+        let name = match timer {
+            aob_model::wire::TimerKind::Retry { at } => format!("retry-{}", at.token()),
+            aob_model::wire::TimerKind::StepTimeout { at } => format!("timeout-{}", at.token()),
+            aob_model::wire::TimerKind::RunTimeout => "run-timeout".to_string(),
+        };
+        let body = serde_json::to_value(Signal::Timer { timer: timer.clone() }).unwrap_or_default();
+        let t = Timer {
+            due_ms,
+            subject: subjects::signal(&tenant, &run_id),
+            msg_id: format!("timer.{run_id}.{name}"),
+            body,
+        };
+        self.timers.set(&format!("{tenant}.{run_id}.{name}"), &t).await?;
+        Ok(())
+    }
+}
+
+/// Subject, message id and body of a history event.
+pub fn history_message(event: &HistoryEvent) -> (String, String, Vec<u8>) {
+    let subject = subjects::history(&event.tenant, &event.run_id, event.kind.token());
+    let id = format!("hist.{}.{}", event.run_id, event.seq);
+    (subject, id, serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// A run id from the message itself, the same on every redelivery: the `Nats-Msg-Id`
+/// when it is a valid token, else a ULID from the publish time and stream sequence.
+fn derived_run_id(msg: &Message) -> String {
+    if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string()) {
+        if subjects::is_token(&id) {
+            return id;
+        }
+    }
+    match msg.info() {
+        Ok(info) => {
+            let ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
+            ulid::Ulid::from_parts(ms, u128::from(info.stream_sequence)).to_string()
+        }
+        Err(_) => ulid::Ulid::new().to_string(),
+    }
+}
+
+fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
+    match jsonschema::validator_for(schema) {
+        Ok(v) => v
+            .iter_errors(input)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
+            })
+            .collect(),
+        Err(e) => vec![format!("the workflow's input schema is not valid: {e}")],
+    }
+}
+
+/// Events of one run always go to the same worker, so they are applied in order. Starts
+/// spread by message id (a duplicate start lands on the same worker as its twin).
+fn shard_of(msg: &Message, workers: usize) -> usize {
+    let parts: Vec<&str> = msg.subject.split('.').collect();
+    let key = match parts.as_slice() {
+        ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
+        _ => match msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+            Some(id) => id.as_str().to_string(),
+            None => msg.info().map(|i| i.stream_sequence.to_string()).unwrap_or_default(),
+        },
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % workers
+}
