@@ -1,0 +1,359 @@
+//! Canned event sequences through the pure machine, no server.
+
+use serde_json::{Value, json};
+
+use aob_model::state::{Effect, RunState, RunStatus, StepStatus};
+use aob_model::wire::{HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind};
+
+use crate::machine::{Compiled, Event, apply};
+
+struct Sim {
+    def: Compiled,
+    state: Option<RunState>,
+    now: u64,
+    tasks: Vec<Task>,
+    history: Vec<(HistoryKind, Option<String>)>,
+    timers: Vec<(TimerKind, u64)>,
+}
+
+fn no_resolve(_: &str) -> Option<Value> {
+    None
+}
+
+impl Sim {
+    fn new(yaml: &str) -> Sim {
+        let wf = aob_model::load_str(yaml, "test.yaml").unwrap();
+        Sim {
+            def: Compiled::new(wf, 1).unwrap(),
+            state: None,
+            now: 1_000,
+            tasks: Vec::new(),
+            history: Vec::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, ev: Event) -> bool {
+        match apply(&self.def, self.state.clone(), ev, self.now, &no_resolve) {
+            None => false,
+            Some((s, effects)) => {
+                for e in effects {
+                    match e {
+                        Effect::Task { task } => self.tasks.push(*task),
+                        Effect::History { event } => self.history.push((event.kind, event.step.clone())),
+                        Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
+                    }
+                }
+                self.state = Some(s);
+                true
+            }
+        }
+    }
+
+    fn start(&mut self, input: Value) {
+        assert!(self.send(Event::Start {
+            tenant: "t".into(),
+            run_id: "r1".into(),
+            cmd: StartCommand {
+                workflow: "w".into(),
+                version: None,
+                input,
+                run_id: None,
+            },
+        }));
+    }
+
+    /// Takes the tasks published so far.
+    fn take(&mut self) -> Vec<Task> {
+        std::mem::take(&mut self.tasks)
+    }
+
+    fn reply(&mut self, at: &StepRef, outcome: Outcome) -> bool {
+        self.send(Event::Result(StepResult {
+            tenant: "t".into(),
+            run_id: "r1".into(),
+            at: at.clone(),
+            outcome,
+            duration_ms: 1,
+        }))
+    }
+
+    fn ok(&mut self, task: &Task, output: Value) -> bool {
+        self.reply(&task.at, Outcome::Completed { output })
+    }
+
+    fn status(&self) -> RunStatus {
+        self.state.as_ref().unwrap().status
+    }
+
+    fn step(&self, id: &str) -> StepStatus {
+        self.state.as_ref().unwrap().steps[id].status
+    }
+
+    fn count(&self, kind: HistoryKind) -> usize {
+        self.history.iter().filter(|(k, _)| *k == kind).count()
+    }
+}
+
+fn ids(tasks: &[Task]) -> Vec<&str> {
+    tasks.iter().map(|t| t.at.step.as_str()).collect()
+}
+
+#[test]
+fn sequential_chain_runs_in_order_and_passes_outputs() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: '{{ steps.a.output }}'}\n  - {id: c, type: transform, needs: [b], output: 3}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    assert_eq!(ids(&t), ["a"]);
+    assert!(s.ok(&t[0], json!(1)));
+    let t = s.take();
+    assert_eq!(ids(&t), ["b"]);
+    // b's context carries a's output, and only what b reads.
+    assert_eq!(t[0].context["steps"]["a"]["output"], json!(1));
+    assert!(t[0].context["steps"].get("c").is_none());
+    s.ok(&t[0], json!(2));
+    let t = s.take();
+    assert_eq!(ids(&t), ["c"]);
+    s.ok(&t[0], json!(3));
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert_eq!(s.count(HistoryKind::Completed), 1);
+    // A duplicate result after the end changes nothing.
+    assert!(!s.ok(&t[0], json!(3)));
+}
+
+#[test]
+fn fan_out_join_and_branches() {
+    let mut s = Sim::new(
+        r#"name: w
+steps:
+  - {id: root, type: transform, output: {big: true}}
+  - {id: left, type: transform, needs: [root], when: "steps.root.output.big", output: L}
+  - {id: right, type: transform, needs: [root], when: "!steps.root.output.big", output: R}
+  - {id: after_right, type: transform, needs: [right], output: x}
+  - {id: join_all, type: transform, needs: [left, right], output: j}
+  - {id: join_one, type: transform, needs: [left, right], trigger: one_success, output: o}
+  - {id: cleanup, type: transform, needs: [left, right], trigger: all_done, output: c}
+"#,
+    );
+    s.start(json!({}));
+    let t = s.take();
+    s.ok(&t[0], json!({"big": true}));
+    let t = s.take();
+    assert_eq!(ids(&t), ["left"]);
+    assert_eq!(s.step("right"), StepStatus::Skipped);
+    // Skips propagate through all_success, not through one_success or all_done.
+    assert_eq!(s.step("after_right"), StepStatus::Skipped);
+    assert_eq!(s.step("join_all"), StepStatus::Skipped);
+    s.ok(&t[0], json!("L"));
+    let mut t = s.take();
+    t.sort_by(|a, b| a.at.step.cmp(&b.at.step));
+    assert_eq!(ids(&t), ["cleanup", "join_one"]);
+    for task in &t {
+        s.ok(task, json!(null));
+    }
+    assert_eq!(s.status(), RunStatus::Completed);
+}
+
+#[test]
+fn one_success_fires_once_when_both_parents_succeed() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, output: 2}\n  - {id: j, type: transform, needs: [a, b], trigger: one_success, output: 3}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    assert_eq!(ids(&t), ["a", "b"]);
+    s.ok(&t[0], json!(1));
+    assert_eq!(ids(&s.take()), ["j"]);
+    s.ok(&t[1], json!(2));
+    assert!(s.take().is_empty(), "the join must not fire twice");
+}
+
+#[test]
+fn for_each_respects_the_cap_and_keeps_order() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 2}, output: '{{ item }}'}\n");
+    s.start(json!({"xs": [10, 20, 30, 40, 50]}));
+    let first = s.take();
+    assert_eq!(first.len(), 2, "cap of 2");
+    assert_eq!(first[0].context["item"], json!(10));
+    // Finish the second before the first: order of outputs must still follow the items.
+    s.ok(&first[1], json!("b"));
+    let t = s.take();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].at.item, Some(2));
+    s.ok(&first[0], json!("a"));
+    let mut pending = vec![t[0].clone()];
+    pending.extend(s.take());
+    let mut outputs = vec!["c", "d", "e"].into_iter();
+    while let Some(task) = pending.first().cloned() {
+        pending.remove(0);
+        s.ok(&task, json!(outputs.next().unwrap()));
+        pending.extend(s.take());
+    }
+    assert_eq!(s.status(), RunStatus::Completed);
+    let out = s.state.as_ref().unwrap().steps["f"].output.clone().unwrap();
+    assert_eq!(out, json!(["a", "b", "c", "d", "e"]));
+}
+
+#[test]
+fn for_each_over_an_empty_list_completes_and_a_non_list_fails() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n");
+    s.start(json!({"xs": []}));
+    assert_eq!(s.status(), RunStatus::Completed);
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n");
+    s.start(json!({"xs": 3}));
+    assert_eq!(s.status(), RunStatus::Failed);
+    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("must give a list"));
+}
+
+#[test]
+fn loop_runs_until_the_condition_holds_and_is_bounded() {
+    let yaml = "name: w\nsteps:\n  - {id: l, type: transform, loop: {until: 'steps.l.output >= 3', max_iterations: 5}, output: '{{ iteration }}'}\n";
+    let mut s = Sim::new(yaml);
+    s.start(json!({}));
+    for i in 0..4 {
+        let t = s.take();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].at.iteration, Some(i));
+        assert_eq!(t[0].context["iteration"], json!(i));
+        s.ok(&t[0], json!(i));
+    }
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert_eq!(s.count(HistoryKind::LoopIteration), 3);
+
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: l, type: transform, loop: {until: 'false == true', max_iterations: 2}, output: 1}\n");
+    s.start(json!({}));
+    for _ in 0..2 {
+        let t = s.take();
+        s.ok(&t[0], json!(1));
+    }
+    assert_eq!(s.status(), RunStatus::Failed);
+    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("max_iterations (2)"));
+}
+
+#[test]
+fn retries_back_off_through_timers_then_give_up() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', retry: {max_attempts: 3, backoff: {initial: 100ms, max: 150ms, multiplier: 2}}}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    assert!(s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") }));
+    assert!(s.take().is_empty(), "no task before the backoff");
+    let (timer, due) = s.timers.pop().unwrap();
+    assert_eq!(due, s.now + 100);
+    assert_eq!(s.step("h"), StepStatus::Pending);
+    s.now += 100;
+    assert!(s.send(Event::Signal(Signal::Timer { timer: timer.clone() })));
+    // The same timer firing twice does nothing.
+    assert!(!s.send(Event::Signal(Signal::Timer { timer })));
+    let t = s.take();
+    assert_eq!(t[0].at.attempt, 2);
+    s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") });
+    let (timer, due) = s.timers.pop().unwrap();
+    assert_eq!(due, s.now + 150, "capped at max");
+    s.send(Event::Signal(Signal::Timer { timer }));
+    let t = s.take();
+    s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") });
+    assert_eq!(s.status(), RunStatus::Failed);
+    assert_eq!(s.count(HistoryKind::StepRetrying), 2);
+    assert!(s.state.as_ref().unwrap().steps["h"].error.as_ref().unwrap().message.contains("gave up after 3 attempts"));
+}
+
+#[test]
+fn terminal_errors_do_not_retry_and_skip_dependents() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', retry: {max_attempts: 5}}\n  - {id: next, type: transform, needs: [h], output: 1}\n  - {id: always, type: transform, needs: [h], trigger: all_done, output: 1}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    s.reply(&t[0].at, Outcome::Failed { error: StepError::terminal("HTTP 404") });
+    assert_eq!(s.step("h"), StepStatus::Failed);
+    assert_eq!(s.step("next"), StepStatus::Skipped);
+    let t = s.take();
+    assert_eq!(ids(&t), ["always"]);
+    s.ok(&t[0], json!(1));
+    assert_eq!(s.status(), RunStatus::Failed);
+}
+
+#[test]
+fn step_timeouts_fail_the_attempt_and_late_results_are_ignored() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', timeout: 1s, retry: {max_attempts: 2, backoff: {initial: 10ms}}}\n");
+    s.start(json!({}));
+    let t = s.take();
+    assert_eq!(t[0].deadline_ms, Some(s.now + 1000));
+    let (timer, _) = s.timers.iter().find(|(k, _)| matches!(k, TimerKind::StepTimeout { .. })).cloned().unwrap();
+    s.now += 1000;
+    assert!(s.send(Event::Signal(Signal::Timer { timer })));
+    assert_eq!(s.count(HistoryKind::StepRetrying), 1);
+    // The first attempt's late answer is stale.
+    assert!(!s.ok(&t[0], json!("late")));
+}
+
+#[test]
+fn waiting_steps_resume_on_a_later_result() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: w, type: wait, duration: 1h}\n");
+    s.start(json!({}));
+    let t = s.take();
+    assert!(s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }));
+    assert_eq!(s.step("w"), StepStatus::Waiting);
+    assert!(!s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }), "duplicate waiting is a no-op");
+    s.ok(&t[0], json!({"waited_ms": 1}));
+    assert_eq!(s.status(), RunStatus::Completed);
+}
+
+#[test]
+fn cancel_stops_scheduling_and_tells_running_steps() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n");
+    s.start(json!({}));
+    let t = s.take();
+    assert!(s.send(Event::Signal(Signal::Cancel { reason: Some("stop".into()), by: Some("ops".into()) })));
+    assert_eq!(s.status(), RunStatus::Cancelled);
+    assert_eq!(s.count(HistoryKind::Abort), 1);
+    assert_eq!(s.step("b"), StepStatus::Skipped);
+    assert!(!s.ok(&t[0], json!(1)), "results after cancel are ignored");
+    assert!(s.take().is_empty());
+}
+
+#[test]
+fn run_timeout_fails_the_run() {
+    let mut s = Sim::new("name: w\ntimeout: 5s\nsteps:\n  - {id: a, type: wait, duration: 1h}\n");
+    s.start(json!({}));
+    let (timer, due) = s.timers.iter().find(|(k, _)| *k == TimerKind::RunTimeout).cloned().unwrap();
+    assert_eq!(due, s.now + 5000);
+    s.send(Event::Signal(Signal::Timer { timer }));
+    assert_eq!(s.status(), RunStatus::Failed);
+    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("timed out"));
+}
+
+#[test]
+fn a_when_that_errors_fails_the_step_with_the_reason() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1, when: 'input.flag'}\n");
+    s.start(json!({"flag": "yes"}));
+    assert_eq!(s.status(), RunStatus::Failed);
+    assert!(s.state.as_ref().unwrap().steps["a"].error.as_ref().unwrap().message.contains("must be true or false"));
+}
+
+#[test]
+fn a_second_start_for_the_same_run_changes_nothing() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n");
+    s.start(json!({}));
+    let again = Event::Start {
+        tenant: "t".into(),
+        run_id: "r1".into(),
+        cmd: StartCommand { workflow: "w".into(), version: None, input: json!({}), run_id: None },
+    };
+    assert!(!s.send(again));
+}
+
+#[test]
+fn history_sequence_has_no_gaps() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 1}\n");
+    s.start(json!({}));
+    let t = s.take();
+    s.ok(&t[0], json!(1));
+    let t = s.take();
+    s.ok(&t[0], json!(1));
+    assert_eq!(s.state.as_ref().unwrap().history_seq as usize, s.history.len());
+}
