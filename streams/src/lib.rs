@@ -63,7 +63,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn nats<E: Into<async_nats::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
     let what = what.into();
-    move |e| Error::Nats { what, source: e.into() }
+    move |e| Error::Nats {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Settings of the topology.
@@ -91,7 +94,10 @@ impl Default for Topology {
             duplicate_window: Duration::from_secs(10 * 60),
             ack_wait: Duration::from_secs(30),
             max_deliver: 20,
-            node_types: aob_model::nodes::NODE_TYPES.iter().map(|s| s.to_string()).collect(),
+            node_types: aob_model::nodes::NODE_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -114,22 +120,44 @@ impl std::fmt::Display for Drift {
 impl Topology {
     /// Stream configurations.
     pub fn streams(&self) -> Vec<stream::Config> {
-        let s = |name: &str, subject: &str, retention: RetentionPolicy, max_age: Duration| stream::Config {
-            name: name.to_string(),
-            subjects: vec![subject.to_string()],
-            retention,
-            storage: StorageType::File,
-            num_replicas: self.replicas,
-            max_age,
-            duplicate_window: self.duplicate_window,
-            ..Default::default()
+        let s = |name: &str, subject: &str, retention: RetentionPolicy, max_age: Duration| {
+            stream::Config {
+                name: name.to_string(),
+                subjects: vec![subject.to_string()],
+                retention,
+                storage: StorageType::File,
+                num_replicas: self.replicas,
+                max_age,
+                duplicate_window: self.duplicate_window,
+                ..Default::default()
+            }
         };
         vec![
             s(CMD, "aob.*.cmd.>", RetentionPolicy::Limits, self.retention),
-            s(TASKS, "aob.*.task.>", RetentionPolicy::WorkQueue, self.retention),
-            s(RESULTS, "aob.*.result.>", RetentionPolicy::WorkQueue, self.retention),
-            s(HISTORY, "aob.*.run.>", RetentionPolicy::Limits, self.retention),
-            s(AUDIT, "aob.*.audit", RetentionPolicy::Limits, self.retention),
+            s(
+                TASKS,
+                "aob.*.task.>",
+                RetentionPolicy::WorkQueue,
+                self.retention,
+            ),
+            s(
+                RESULTS,
+                "aob.*.result.>",
+                RetentionPolicy::WorkQueue,
+                self.retention,
+            ),
+            s(
+                HISTORY,
+                "aob.*.run.>",
+                RetentionPolicy::Limits,
+                self.retention,
+            ),
+            s(
+                AUDIT,
+                "aob.*.audit",
+                RetentionPolicy::Limits,
+                self.retention,
+            ),
             s(DLQ, "aob.*.dlq.>", RetentionPolicy::Limits, self.retention),
         ]
     }
@@ -161,10 +189,16 @@ impl Topology {
         };
         let mut out = vec![
             (CMD, c(ENGINE_CMD.into(), "aob.*.cmd.>".into(), 10_000)),
-            (RESULTS, c(ENGINE_RESULTS.into(), "aob.*.result.>".into(), 10_000)),
+            (
+                RESULTS,
+                c(ENGINE_RESULTS.into(), "aob.*.result.>".into(), 10_000),
+            ),
         ];
         for t in &self.node_types {
-            out.push((TASKS, c(function_consumer(t), subjects::task_all_tenants(t), 10_000)));
+            out.push((
+                TASKS,
+                c(function_consumer(t), subjects::task_all_tenants(t), 10_000),
+            ));
         }
         out
     }
@@ -173,28 +207,54 @@ impl Topology {
     pub async fn apply(&self, js: &jetstream::Context) -> Result<Vec<Drift>> {
         let drift = self.diff(js).await?;
         for cfg in self.streams() {
-            if drift.iter().any(|d| d.object == format!("stream {}", cfg.name)) {
+            if drift
+                .iter()
+                .any(|d| d.object == format!("stream {}", cfg.name))
+            {
                 let name = cfg.name.clone();
                 match js.get_stream(&name).await {
-                    Ok(_) => js.update_stream(cfg).await.map(|_| ()).map_err(nats(format!("updating stream {name}")))?,
-                    Err(_) => js.create_stream(cfg).await.map(|_| ()).map_err(nats(format!("creating stream {name}")))?,
+                    Ok(_) => js
+                        .update_stream(cfg)
+                        .await
+                        .map(|_| ())
+                        .map_err(nats(format!("updating stream {name}")))?,
+                    Err(_) => js
+                        .create_stream(cfg)
+                        .await
+                        .map(|_| ())
+                        .map_err(nats(format!("creating stream {name}")))?,
                 }
             }
         }
         for cfg in self.buckets() {
-            if drift.iter().any(|d| d.object == format!("bucket {}", cfg.bucket)) {
+            if drift
+                .iter()
+                .any(|d| d.object == format!("bucket {}", cfg.bucket))
+            {
                 let name = cfg.bucket.clone();
-                js.create_or_update_key_value(cfg).await.map_err(nats(format!("creating bucket {name}")))?;
+                js.create_or_update_key_value(cfg)
+                    .await
+                    .map_err(nats(format!("creating bucket {name}")))?;
             }
         }
         for (stream, cfg) in self.consumers() {
             let name = cfg.durable_name.clone().unwrap_or_default();
-            if drift.iter().any(|d| d.object == format!("consumer {stream}/{name}")) {
-                let s = js.get_stream(stream).await.map_err(nats(format!("opening stream {stream}")))?;
+            if drift
+                .iter()
+                .any(|d| d.object == format!("consumer {stream}/{name}"))
+            {
+                let s = js
+                    .get_stream(stream)
+                    .await
+                    .map_err(nats(format!("opening stream {stream}")))?;
                 if s.consumer_info(&name).await.is_ok() {
-                    s.update_consumer(cfg).await.map_err(nats(format!("updating consumer {stream}/{name}")))?;
+                    s.update_consumer(cfg)
+                        .await
+                        .map_err(nats(format!("updating consumer {stream}/{name}")))?;
                 } else {
-                    s.create_consumer(cfg).await.map_err(nats(format!("creating consumer {stream}/{name}")))?;
+                    s.create_consumer(cfg)
+                        .await
+                        .map_err(nats(format!("creating consumer {stream}/{name}")))?;
                 }
             }
         }
@@ -207,31 +267,73 @@ impl Topology {
         for want in self.streams() {
             let object = format!("stream {}", want.name);
             match js.get_stream(&want.name).await {
-                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Err(_) => out.push(Drift {
+                    object,
+                    change: "missing".into(),
+                }),
                 Ok(mut s) => {
-                    let have = s.info().await.map_err(nats(format!("reading {object}")))?.config.clone();
+                    let have = s
+                        .info()
+                        .await
+                        .map_err(nats(format!("reading {object}")))?
+                        .config
+                        .clone();
                     let mut changes = Vec::new();
                     cmp(&mut changes, "subjects", &have.subjects, &want.subjects);
                     cmp(&mut changes, "retention", &have.retention, &want.retention);
                     cmp(&mut changes, "storage", &have.storage, &want.storage);
-                    cmp(&mut changes, "replicas", &have.num_replicas, &want.num_replicas);
+                    cmp(
+                        &mut changes,
+                        "replicas",
+                        &have.num_replicas,
+                        &want.num_replicas,
+                    );
                     cmp(&mut changes, "max_age", &have.max_age, &want.max_age);
-                    cmp(&mut changes, "duplicate_window", &have.duplicate_window, &want.duplicate_window);
-                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                    cmp(
+                        &mut changes,
+                        "duplicate_window",
+                        &have.duplicate_window,
+                        &want.duplicate_window,
+                    );
+                    out.extend(changes.into_iter().map(|change| Drift {
+                        object: object.clone(),
+                        change,
+                    }));
                 }
             }
         }
         for want in self.buckets() {
             let object = format!("bucket {}", want.bucket);
             match js.get_stream(format!("KV_{}", want.bucket)).await {
-                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Err(_) => out.push(Drift {
+                    object,
+                    change: "missing".into(),
+                }),
                 Ok(mut s) => {
-                    let have = s.info().await.map_err(nats(format!("reading {object}")))?.config.clone();
+                    let have = s
+                        .info()
+                        .await
+                        .map_err(nats(format!("reading {object}")))?
+                        .config
+                        .clone();
                     let mut changes = Vec::new();
-                    cmp(&mut changes, "history", &have.max_messages_per_subject, &want.history);
+                    cmp(
+                        &mut changes,
+                        "history",
+                        &have.max_messages_per_subject,
+                        &want.history,
+                    );
                     cmp(&mut changes, "storage", &have.storage, &want.storage);
-                    cmp(&mut changes, "replicas", &have.num_replicas, &want.num_replicas);
-                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                    cmp(
+                        &mut changes,
+                        "replicas",
+                        &have.num_replicas,
+                        &want.num_replicas,
+                    );
+                    out.extend(changes.into_iter().map(|change| Drift {
+                        object: object.clone(),
+                        change,
+                    }));
                 }
             }
         }
@@ -239,19 +341,43 @@ impl Topology {
             let name = want.durable_name.clone().unwrap_or_default();
             let object = format!("consumer {stream}/{name}");
             let Ok(s) = js.get_stream(stream).await else {
-                out.push(Drift { object, change: "missing".into() });
+                out.push(Drift {
+                    object,
+                    change: "missing".into(),
+                });
                 continue;
             };
             match s.consumer_info(&name).await {
-                Err(_) => out.push(Drift { object, change: "missing".into() }),
+                Err(_) => out.push(Drift {
+                    object,
+                    change: "missing".into(),
+                }),
                 Ok(info) => {
                     let have = info.config;
                     let mut changes = Vec::new();
-                    cmp(&mut changes, "filter_subject", &have.filter_subject, &want.filter_subject);
+                    cmp(
+                        &mut changes,
+                        "filter_subject",
+                        &have.filter_subject,
+                        &want.filter_subject,
+                    );
                     cmp(&mut changes, "ack_wait", &have.ack_wait, &want.ack_wait);
-                    cmp(&mut changes, "max_deliver", &have.max_deliver, &want.max_deliver);
-                    cmp(&mut changes, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
-                    out.extend(changes.into_iter().map(|change| Drift { object: object.clone(), change }));
+                    cmp(
+                        &mut changes,
+                        "max_deliver",
+                        &have.max_deliver,
+                        &want.max_deliver,
+                    );
+                    cmp(
+                        &mut changes,
+                        "max_ack_pending",
+                        &have.max_ack_pending,
+                        &want.max_ack_pending,
+                    );
+                    out.extend(changes.into_iter().map(|change| Drift {
+                        object: object.clone(),
+                        change,
+                    }));
                 }
             }
         }

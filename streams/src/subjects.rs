@@ -68,7 +68,10 @@ pub fn tenant_of(subject: &str) -> Option<&str> {
 
 /// True for a string usable as one subject token and KV key part: `[A-Za-z0-9_-]`, 1 to 128.
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

@@ -1,1 +1,340 @@
+//! Whole-system test support: a real nats-server per test, the topology applied, the
+//! engine and every function running in-process (or as child processes), and helpers to
+//! publish workflows, start runs and wait for their history.
 
+pub mod endpoints;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use aob_engine::Engine;
+use aob_engine::store::RunStore;
+use aob_model::state::RunState;
+use aob_model::wire::{HistoryEvent, StartCommand};
+use aob_runtime::PayloadStore;
+use aob_runtime::nats::{ServeConfig, serve};
+use aob_runtime::registry::Registry;
+use aob_streams::{Topology, subjects};
+use aob_testkit::NatsServer;
+
+/// Which functions a stack runs in-process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fns {
+    /// All four.
+    All,
+    /// All but `http` (a test runs it as a child process).
+    AllButHttp,
+}
+
+/// A running system.
+pub struct Stack {
+    /// The server (dropping the stack kills it).
+    pub server: NatsServer,
+    /// A client.
+    pub client: async_nats::Client,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// Payload store shared by every component.
+    pub payloads: PayloadStore,
+    /// Its URL.
+    pub payload_url: String,
+    /// Workflow registry.
+    pub registry: Registry,
+    /// The topology applied.
+    pub topology: Topology,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// Temporary data.
+    pub data: tempfile::TempDir,
+}
+
+/// A topology with a short ack wait, so redelivery after a crash happens within a test.
+pub fn test_topology() -> Topology {
+    Topology {
+        ack_wait: Duration::from_secs(2),
+        ..Topology::default()
+    }
+}
+
+impl Stack {
+    /// Server, topology, engine and all functions.
+    pub async fn start() -> Result<Stack> {
+        Stack::start_with(Fns::All).await
+    }
+
+    /// Server and topology only; add components with the `spawn_*` methods.
+    pub async fn bare() -> Result<Stack> {
+        let server = NatsServer::start()?;
+        let client = server.connect().await?;
+        let js = jetstream::new(client.clone());
+        let topology = test_topology();
+        topology.apply(&js).await?;
+        let data = tempfile::tempdir()?;
+        let payload_url = format!("file://{}", data.path().join("payloads").display());
+        let payloads =
+            PayloadStore::from_url(&payload_url, aob_runtime::payload::DEFAULT_THRESHOLD)?;
+        let registry = Registry::open(&js).await?;
+        Ok(Stack {
+            server,
+            client,
+            js,
+            payloads,
+            payload_url,
+            registry,
+            topology,
+            shutdown: CancellationToken::new(),
+            tasks: Vec::new(),
+            data,
+        })
+    }
+
+    /// Server, topology, engine and the chosen functions.
+    pub async fn start_with(fns: Fns) -> Result<Stack> {
+        let mut s = Stack::bare().await?;
+        let engine = Arc::new(
+            Engine::connect(
+                s.client.clone(),
+                s.payloads.clone(),
+                aob_engine::Config::default(),
+            )
+            .await?,
+        );
+        s.spawn_engine(engine);
+        s.spawn_functions(fns).await?;
+        Ok(s)
+    }
+
+    /// Runs an engine (and the timer service) until the stack stops.
+    pub fn spawn_engine<S: RunStore>(&mut self, engine: Arc<Engine<S>>) {
+        let client = self.client.clone();
+        let token = self.shutdown.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = aob_engine::run_with(engine, client, token).await {
+                eprintln!("engine stopped: {e}");
+            }
+        }));
+    }
+
+    /// Runs the functions in-process.
+    pub async fn spawn_functions(&mut self, fns: Fns) -> Result<()> {
+        let timers = aob_runtime::timers::Timers::open(&self.js).await?;
+        self.spawn_fn(aob_transform::TransformHandler::new());
+        self.spawn_fn(aob_validate::ValidateHandler::new());
+        self.spawn_fn(aob_wait::WaitHandler::new(timers));
+        if fns == Fns::All {
+            self.spawn_fn(aob_http::HttpHandler::new()?);
+        }
+        Ok(())
+    }
+
+    fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H) {
+        let client = self.client.clone();
+        let payloads = self.payloads.clone();
+        let token = self.shutdown.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                serve(Arc::new(h), client, payloads, ServeConfig::default(), token).await
+            {
+                eprintln!("function stopped: {e}");
+            }
+        }));
+    }
+
+    /// Stops every in-process component and waits for them to drain.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// Validates and publishes a definition; returns its version.
+    pub async fn publish(&self, tenant: &str, yaml: &str) -> Result<u32> {
+        let wf = aob_model::load_str(yaml, "test.yaml")?;
+        Ok(self.registry.publish(tenant, &wf).await?)
+    }
+
+    /// Publishes an example from `examples/<name>/workflow.yaml`.
+    pub async fn publish_example(&self, tenant: &str, name: &str) -> Result<String> {
+        let path = examples_dir().join(name).join("workflow.yaml");
+        let wf = aob_model::load_file(&path)?;
+        self.registry.publish(tenant, &wf).await?;
+        Ok(wf.name)
+    }
+
+    /// Publishes a start command with a `Nats-Msg-Id` and the run id in the body.
+    pub async fn start_run(&self, tenant: &str, workflow: &str, input: Value) -> Result<String> {
+        let run_id = ulid::Ulid::new().to_string();
+        let input = self
+            .payloads
+            .offload(input, &format!("{tenant}/{run_id}/input"))
+            .await?;
+        let cmd = StartCommand {
+            workflow: workflow.to_string(),
+            version: None,
+            input,
+            run_id: Some(run_id.clone()),
+        };
+        self.publish_raw(
+            &subjects::start(tenant),
+            Some(&run_id),
+            serde_json::to_vec(&cmd)?,
+        )
+        .await?;
+        Ok(run_id)
+    }
+
+    /// Publishes any bytes on JetStream, optionally with a `Nats-Msg-Id`.
+    pub async fn publish_raw(
+        &self,
+        subject: &str,
+        msg_id: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        self.js
+            .publish_with_headers(subject.to_string(), headers, body.into())
+            .await?
+            .await
+            .with_context(|| format!("publishing to {subject}"))?;
+        Ok(())
+    }
+
+    /// Waits for a run's terminal history event; returns all its history and its state.
+    pub async fn wait_run(
+        &self,
+        tenant: &str,
+        run_id: &str,
+    ) -> Result<(RunState, Vec<HistoryEvent>)> {
+        let events = self
+            .history_until(
+                tenant,
+                run_id,
+                |e| e.kind.is_terminal(),
+                Duration::from_secs(60),
+            )
+            .await?;
+        let state = self
+            .run_state(tenant, run_id)
+            .await?
+            .context("run has no state")?;
+        Ok((state, events))
+    }
+
+    /// History of a run from the start until `stop` matches an event.
+    pub async fn history_until(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        stop: impl Fn(&HistoryEvent) -> bool,
+        guard: Duration,
+    ) -> Result<Vec<HistoryEvent>> {
+        let stream = self.js.get_stream(aob_streams::HISTORY).await?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subjects::history_of(tenant, run_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let mut msgs = consumer.messages().await?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + guard;
+        loop {
+            let next = tokio::time::timeout_at(deadline, msgs.next()).await;
+            let Ok(Some(msg)) = next else {
+                bail!("run {run_id}: no terminal event within {guard:?}; history so far: {out:#?}")
+            };
+            let msg = msg?;
+            let ev: HistoryEvent = serde_json::from_slice(&msg.payload)?;
+            let done = stop(&ev);
+            out.push(ev);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The run's state.
+    pub async fn run_state(&self, tenant: &str, run_id: &str) -> Result<Option<RunState>> {
+        let kv = self.js.get_key_value(aob_streams::RUNS).await?;
+        Ok(match kv.get(RunState::key(tenant, run_id)).await? {
+            Some(b) => Some(serde_json::from_slice(&b)?),
+            None => None,
+        })
+    }
+
+    /// Number of messages in a stream on a subject filter.
+    pub async fn count(&self, stream: &str, filter: &str) -> Result<usize> {
+        let s = self.js.get_stream(stream).await?;
+        let mut subjects = s.info_with_subjects(filter).await?;
+        let mut n = 0;
+        while let Some(entry) = subjects.next().await {
+            n += entry?.1;
+        }
+        Ok(n)
+    }
+
+    /// Messages in a stream on a subject filter, as JSON.
+    pub async fn messages(&self, stream: &str, filter: &str) -> Result<Vec<Value>> {
+        let n = self.count(stream, filter).await?;
+        let s = self.js.get_stream(stream).await?;
+        let c = s
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let mut msgs = c.messages().await?;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await
+            else {
+                break;
+            };
+            out.push(serde_json::from_slice(&m?.payload).unwrap_or(Value::Null));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The repository's `examples/` folder.
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A workspace binary (`aob`, `aob-http`, ...) next to the test executable.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("no target dir")?;
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{} is missing: build the binaries first (`cargo build --workspace --bins`, as scripts/test does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}

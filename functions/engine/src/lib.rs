@@ -15,13 +15,22 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the engine and the timer service until `shutdown`, then drains.
-pub async fn run(client: async_nats::Client, payloads: aob_runtime::PayloadStore, cfg: Config, shutdown: CancellationToken) -> Result<(), service::Error> {
+pub async fn run(
+    client: async_nats::Client,
+    payloads: aob_runtime::PayloadStore,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> Result<(), service::Error> {
     let engine = Arc::new(Engine::connect(client.clone(), payloads, cfg).await?);
     run_with(engine, client, shutdown).await
 }
 
 /// Runs a given engine and the timer service until `shutdown`.
-pub async fn run_with<S: store::RunStore>(engine: Arc<Engine<S>>, client: async_nats::Client, shutdown: CancellationToken) -> Result<(), service::Error> {
+pub async fn run_with<S: store::RunStore>(
+    engine: Arc<Engine<S>>,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), service::Error> {
     let js = async_nats::jetstream::new(client);
     let timers = engine.timers().clone();
     let t_shutdown = shutdown.clone();

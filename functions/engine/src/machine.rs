@@ -14,7 +14,8 @@ use aob_model::expr::Expr;
 use aob_model::state::{Effect, RunState, RunStatus, Slot, StepState, StepStatus};
 use aob_model::validate::{reads, topo_order};
 use aob_model::wire::{
-    ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind,
+    ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef,
+    StepResult, Task, TimerKind,
 };
 
 /// A workflow version ready to schedule: expressions compiled, graph indexed.
@@ -44,7 +45,9 @@ impl Compiled {
         let mut reads_map = HashMap::new();
         let mut condition_reads = BTreeSet::new();
         for s in &wf.steps {
-            let e = |src: &str, field: &str| Expr::parse(src).map_err(|e| format!("step `{}` field `{field}`: {e}", s.id));
+            let e = |src: &str, field: &str| {
+                Expr::parse(src).map_err(|e| format!("step `{}` field `{field}`: {e}", s.id))
+            };
             if let Some(w) = &s.when {
                 whens.insert(s.id.clone(), e(w, "when")?);
                 condition_reads.extend(aob_model::expr::referenced_steps(w));
@@ -66,8 +69,16 @@ impl Compiled {
             .filter(|s| !comp.contains(s.id.as_str()))
             .map(|s| s.id.clone())
             .collect();
-        let needed: BTreeSet<&str> = wf.steps.iter().flat_map(|s| s.needs.iter().map(String::as_str)).collect();
-        let leaves = order.iter().filter(|id| !needed.contains(id.as_str())).cloned().collect();
+        let needed: BTreeSet<&str> = wf
+            .steps
+            .iter()
+            .flat_map(|s| s.needs.iter().map(String::as_str))
+            .collect();
+        let leaves = order
+            .iter()
+            .filter(|id| !needed.contains(id.as_str()))
+            .cloned()
+            .collect();
         Ok(Compiled {
             wf,
             version,
@@ -108,9 +119,22 @@ pub enum Event {
 pub type Resolve<'a> = &'a dyn Fn(&str) -> Option<Value>;
 
 /// Applies one event. `None` means nothing changed (unknown run, stale or duplicate event).
-pub fn apply(def: &Compiled, state: Option<RunState>, event: Event, now: u64, resolve: Resolve<'_>) -> Option<(RunState, Vec<Effect>)> {
+pub fn apply(
+    def: &Compiled,
+    state: Option<RunState>,
+    event: Event,
+    now: u64,
+    resolve: Resolve<'_>,
+) -> Option<(RunState, Vec<Effect>)> {
     match (state, event) {
-        (None, Event::Start { tenant, run_id, cmd }) => {
+        (
+            None,
+            Event::Start {
+                tenant,
+                run_id,
+                cmd,
+            },
+        ) => {
             let state = RunState {
                 run_id,
                 tenant,
@@ -122,12 +146,21 @@ pub fn apply(def: &Compiled, state: Option<RunState>, event: Event, now: u64, re
                 updated_ms: now,
                 finished_ms: None,
                 error: None,
-                steps: def.order.iter().map(|id| (id.clone(), StepState::pending())).collect(),
+                steps: def
+                    .order
+                    .iter()
+                    .map(|id| (id.clone(), StepState::pending()))
+                    .collect(),
                 history_seq: 0,
                 outbox: Vec::new(),
             };
             let mut m = Machine::new(def, state, now, resolve);
-            m.history(HistoryKind::Started, None, None, Some(json!({"workflow": def.wf.name, "version": def.version})));
+            m.history(
+                HistoryKind::Started,
+                None,
+                None,
+                Some(json!({"workflow": def.wf.name, "version": def.version})),
+            );
             if let Some(t) = &def.wf.timeout {
                 m.effects.push(Effect::Timer {
                     timer: TimerKind::RunTimeout,
@@ -162,7 +195,13 @@ pub fn apply(def: &Compiled, state: Option<RunState>, event: Event, now: u64, re
 }
 
 /// The rejection event for a start that cannot become a run.
-pub fn rejection(tenant: &str, run_id: &str, reason: &str, details: Option<Value>, now: u64) -> HistoryEvent {
+pub fn rejection(
+    tenant: &str,
+    run_id: &str,
+    reason: &str,
+    details: Option<Value>,
+    now: u64,
+) -> HistoryEvent {
     HistoryEvent {
         run_id: run_id.to_string(),
         tenant: tenant.to_string(),
@@ -203,7 +242,13 @@ impl<'a> Machine<'a> {
         (self.s, self.effects)
     }
 
-    fn history(&mut self, kind: HistoryKind, at: Option<&StepRef>, message: Option<String>, data: Option<Value>) {
+    fn history(
+        &mut self,
+        kind: HistoryKind,
+        at: Option<&StepRef>,
+        message: Option<String>,
+        data: Option<Value>,
+    ) {
         self.s.history_seq += 1;
         self.effects.push(Effect::History {
             event: Box::new(HistoryEvent {
@@ -222,7 +267,13 @@ impl<'a> Machine<'a> {
         });
     }
 
-    fn step_event(&mut self, kind: HistoryKind, step: &str, message: Option<String>, data: Option<Value>) {
+    fn step_event(
+        &mut self,
+        kind: HistoryKind,
+        step: &str,
+        message: Option<String>,
+        data: Option<Value>,
+    ) {
         let at = StepRef {
             step: step.to_string(),
             item: None,
@@ -233,7 +284,13 @@ impl<'a> Machine<'a> {
     }
 
     /// The context conditions and templates of `step` read.
-    fn context(&self, step: &str, item: Option<&Value>, iteration: Option<u32>, for_condition: bool) -> Value {
+    fn context(
+        &self,
+        step: &str,
+        item: Option<&Value>,
+        iteration: Option<u32>,
+        for_condition: bool,
+    ) -> Value {
         let mut steps = Map::new();
         let reads = self.def.reads.get(step);
         for id in reads.into_iter().flatten() {
@@ -245,7 +302,11 @@ impl<'a> Machine<'a> {
                 steps.insert(id.clone(), json!({"status": st.status, "output": output}));
             }
         }
-        let input = if for_condition { self.resolved(self.s.input.clone()) } else { self.s.input.clone() };
+        let input = if for_condition {
+            self.resolved(self.s.input.clone())
+        } else {
+            self.s.input.clone()
+        };
         let mut ctx = Map::new();
         ctx.insert("input".into(), input);
         ctx.insert("steps".into(), Value::Object(steps));
@@ -275,11 +336,15 @@ impl<'a> Machine<'a> {
         loop {
             let mut changed = false;
             for id in self.def.order.clone() {
-                let Some(st) = self.s.steps.get(&id) else { continue };
+                let Some(st) = self.s.steps.get(&id) else {
+                    continue;
+                };
                 if st.status != StepStatus::Pending || st.attempt > 0 {
                     continue;
                 }
-                let Some(step) = self.def.step(&id) else { continue };
+                let Some(step) = self.def.step(&id) else {
+                    continue;
+                };
                 match self.readiness(step) {
                     Ready::Wait => {}
                     Ready::Skip(reason) => {
@@ -302,23 +367,49 @@ impl<'a> Machine<'a> {
                 .steps
                 .iter()
                 .filter(|(_, s)| s.status == StepStatus::Failed)
-                .map(|(id, s)| (id.clone(), s.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()))
+                .map(|(id, s)| {
+                    (
+                        id.clone(),
+                        s.error
+                            .as_ref()
+                            .map(|e| e.message.clone())
+                            .unwrap_or_default(),
+                    )
+                })
                 .collect();
             self.s.finished_ms = Some(self.now);
             if let Some((id, msg)) = failed.first() {
                 self.s.status = RunStatus::Failed;
                 let why = format!("step `{id}` failed: {msg}");
                 self.s.error = Some(why.clone());
-                self.history(HistoryKind::Failed, None, Some(why), Some(json!({"failed_steps": failed.iter().map(|(i, _)| i).collect::<Vec<_>>()})));
+                self.history(
+                    HistoryKind::Failed,
+                    None,
+                    Some(why),
+                    Some(
+                        json!({"failed_steps": failed.iter().map(|(i, _)| i).collect::<Vec<_>>()}),
+                    ),
+                );
             } else {
                 self.s.status = RunStatus::Completed;
                 let outputs: Map<String, Value> = self
                     .def
                     .leaves
                     .iter()
-                    .filter_map(|id| self.s.steps.get(id).and_then(|s| s.output.clone()).map(|o| (id.clone(), o)))
+                    .filter_map(|id| {
+                        self.s
+                            .steps
+                            .get(id)
+                            .and_then(|s| s.output.clone())
+                            .map(|o| (id.clone(), o))
+                    })
                     .collect();
-                self.history(HistoryKind::Completed, None, None, Some(json!({"outputs": outputs})));
+                self.history(
+                    HistoryKind::Completed,
+                    None,
+                    None,
+                    Some(json!({"outputs": outputs})),
+                );
             }
         }
     }
@@ -327,14 +418,29 @@ impl<'a> Machine<'a> {
         let statuses: Vec<(&str, StepStatus)> = step
             .needs
             .iter()
-            .map(|n| (n.as_str(), self.s.steps.get(n).map_or(StepStatus::Skipped, |s| s.status)))
+            .map(|n| {
+                (
+                    n.as_str(),
+                    self.s
+                        .steps
+                        .get(n)
+                        .map_or(StepStatus::Skipped, |s| s.status),
+                )
+            })
             .collect();
         let all_done = statuses.iter().all(|(_, s)| s.is_terminal());
         let any_ok = statuses.iter().any(|(_, s)| *s == StepStatus::Completed);
         let gate = match step.trigger {
             Trigger::AllSuccess => {
-                if let Some((n, s)) = statuses.iter().find(|(_, s)| matches!(s, StepStatus::Failed | StepStatus::Skipped)) {
-                    let what = if *s == StepStatus::Failed { "failed" } else { "was skipped" };
+                if let Some((n, s)) = statuses
+                    .iter()
+                    .find(|(_, s)| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+                {
+                    let what = if *s == StepStatus::Failed {
+                        "failed"
+                    } else {
+                        "was skipped"
+                    };
                     return Ready::Skip(format!("needs `{n}`, which {what}"));
                 }
                 all_done
@@ -370,8 +476,18 @@ impl<'a> Machine<'a> {
         }
         let data = serde_json::to_value(&error).ok();
         match at {
-            Some(at) => self.history(HistoryKind::StepFailed, Some(at), Some(error.message.clone()), data),
-            None => self.step_event(HistoryKind::StepFailed, id, Some(error.message.clone()), data),
+            Some(at) => self.history(
+                HistoryKind::StepFailed,
+                Some(at),
+                Some(error.message.clone()),
+                data,
+            ),
+            None => self.step_event(
+                HistoryKind::StepFailed,
+                id,
+                Some(error.message.clone()),
+                data,
+            ),
         }
     }
 
@@ -397,14 +513,22 @@ impl<'a> Machine<'a> {
             match w.eval_bool(&ctx) {
                 Ok(true) => {}
                 Ok(false) => return self.skip(&id, format!("`when` is false: {}", w.source())),
-                Err(e) => return self.fail_step(&id, StepError::terminal(format!("`when`: {e}")), None),
+                Err(e) => {
+                    return self.fail_step(&id, StepError::terminal(format!("`when`: {e}")), None);
+                }
             }
         }
         if let Some(expr) = self.def.items.get(&id) {
             let ctx = self.context(&id, None, None, true);
             let items = match expr.eval_list(&ctx) {
                 Ok(items) => items,
-                Err(e) => return self.fail_step(&id, StepError::terminal(format!("`for_each.items`: {e}")), None),
+                Err(e) => {
+                    return self.fail_step(
+                        &id,
+                        StepError::terminal(format!("`for_each.items`: {e}")),
+                        None,
+                    );
+                }
             };
             if items.is_empty() {
                 return self.complete_step(&id, json!([]), None);
@@ -439,16 +563,25 @@ impl<'a> Machine<'a> {
     fn fill_slots(&mut self, step: &Step) {
         let cap = step.for_each.as_ref().map_or(1, |f| f.concurrency.max(1)) as usize;
         loop {
-            let Some(st) = self.s.steps.get(&step.id) else { return };
+            let Some(st) = self.s.steps.get(&step.id) else {
+                return;
+            };
             let busy = st
                 .slots
                 .iter()
-                .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::Waiting) || (s.status == StepStatus::Pending && s.attempt > 0))
+                .filter(|s| {
+                    matches!(s.status, StepStatus::Running | StepStatus::Waiting)
+                        || (s.status == StepStatus::Pending && s.attempt > 0)
+                })
                 .count();
             if busy >= cap {
                 return;
             }
-            let Some(next) = st.slots.iter().position(|s| s.status == StepStatus::Pending && s.attempt == 0) else {
+            let Some(next) = st
+                .slots
+                .iter()
+                .position(|s| s.status == StepStatus::Pending && s.attempt == 0)
+            else {
                 return;
             };
             self.launch(
@@ -465,10 +598,19 @@ impl<'a> Machine<'a> {
 
     /// Publishes the task of one attempt.
     fn launch(&mut self, step: &Step, at: StepRef) {
-        let item = at.item.and_then(|i| self.s.steps.get(&step.id).and_then(|s| s.items.as_ref()).and_then(|items| items.get(i as usize)).cloned());
+        let item = at.item.and_then(|i| {
+            self.s
+                .steps
+                .get(&step.id)
+                .and_then(|s| s.items.as_ref())
+                .and_then(|items| items.get(i as usize))
+                .cloned()
+        });
         let context = self.context(&step.id, item.as_ref(), at.iteration, false);
         let deadline_ms = step.timeout.map(|t| self.now + t.as_millis());
-        let Some(st) = self.s.steps.get_mut(&step.id) else { return };
+        let Some(st) = self.s.steps.get_mut(&step.id) else {
+            return;
+        };
         match at.item {
             Some(i) => {
                 if let Some(slot) = st.slots.get_mut(i as usize) {
@@ -492,25 +634,41 @@ impl<'a> Machine<'a> {
             context,
             deadline_ms,
         };
-        self.effects.push(Effect::Task { task: Box::new(task) });
+        self.effects.push(Effect::Task {
+            task: Box::new(task),
+        });
         if let Some(d) = deadline_ms {
             self.effects.push(Effect::Timer {
                 timer: TimerKind::StepTimeout { at: at.clone() },
                 due_ms: d,
             });
         }
-        self.history(HistoryKind::StepScheduled, Some(&at), None, Some(json!({"type": step.kind})));
+        self.history(
+            HistoryKind::StepScheduled,
+            Some(&at),
+            None,
+            Some(json!({"type": step.kind})),
+        );
     }
 
     /// The attempt `at` is the one currently out (running or waiting).
     fn is_current(&self, at: &StepRef) -> bool {
-        let Some(st) = self.s.steps.get(&at.step) else { return false };
+        let Some(st) = self.s.steps.get(&at.step) else {
+            return false;
+        };
         match at.item {
             Some(i) => {
                 st.status == StepStatus::Running
-                    && st.slots.get(i as usize).is_some_and(|s| matches!(s.status, StepStatus::Running | StepStatus::Waiting) && s.attempt == at.attempt)
+                    && st.slots.get(i as usize).is_some_and(|s| {
+                        matches!(s.status, StepStatus::Running | StepStatus::Waiting)
+                            && s.attempt == at.attempt
+                    })
             }
-            None => matches!(st.status, StepStatus::Running | StepStatus::Waiting) && st.attempt == at.attempt && st.iteration == at.iteration,
+            None => {
+                matches!(st.status, StepStatus::Running | StepStatus::Waiting)
+                    && st.attempt == at.attempt
+                    && st.iteration == at.iteration
+            }
         }
     }
 
@@ -518,7 +676,9 @@ impl<'a> Machine<'a> {
         if !self.is_current(&r.at) {
             return false;
         }
-        let Some(step) = self.def.step(&r.at.step) else { return false };
+        let Some(step) = self.def.step(&r.at.step) else {
+            return false;
+        };
         match r.outcome {
             Outcome::Waiting { until_ms } => {
                 let st = self.s.steps.get_mut(&r.at.step);
@@ -539,7 +699,12 @@ impl<'a> Machine<'a> {
                     }
                     (None, _) => return false,
                 }
-                self.history(HistoryKind::StepWaiting, Some(&r.at), None, until_ms.map(|u| json!({"until_ms": u})));
+                self.history(
+                    HistoryKind::StepWaiting,
+                    Some(&r.at),
+                    None,
+                    until_ms.map(|u| json!({"until_ms": u})),
+                );
             }
             Outcome::Completed { output } => self.on_completed(step, &r.at, output),
             Outcome::Failed { error } => self.on_failed(step, &r.at, error),
@@ -552,7 +717,9 @@ impl<'a> Machine<'a> {
         let id = step.id.as_str();
         if let Some(i) = at.item {
             let all_done = {
-                let Some(st) = self.s.steps.get_mut(id) else { return };
+                let Some(st) = self.s.steps.get_mut(id) else {
+                    return;
+                };
                 if let Some(slot) = st.slots.get_mut(i as usize) {
                     slot.status = StepStatus::Completed;
                     slot.output = Some(output);
@@ -561,7 +728,17 @@ impl<'a> Machine<'a> {
                 st.slots.iter().all(|s| s.status == StepStatus::Completed)
             };
             if all_done {
-                let outputs: Vec<Value> = self.s.steps.get_mut(id).map(|st| st.slots.iter_mut().map(|s| s.output.take().unwrap_or(Value::Null)).collect()).unwrap_or_default();
+                let outputs: Vec<Value> = self
+                    .s
+                    .steps
+                    .get_mut(id)
+                    .map(|st| {
+                        st.slots
+                            .iter_mut()
+                            .map(|s| s.output.take().unwrap_or(Value::Null))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if let Some(st) = self.s.steps.get_mut(id) {
                     st.slots.clear();
                     st.items = None;
@@ -582,7 +759,11 @@ impl<'a> Machine<'a> {
                 Ok(true) => self.complete_step(id, output, Some(at)),
                 Ok(false) if iteration + 1 >= l.max_iterations => self.fail_step(
                     id,
-                    StepError::terminal(format!("loop reached max_iterations ({}) without `until` becoming true: {}", l.max_iterations, until.source())),
+                    StepError::terminal(format!(
+                        "loop reached max_iterations ({}) without `until` becoming true: {}",
+                        l.max_iterations,
+                        until.source()
+                    )),
                     Some(at),
                 ),
                 Ok(false) => {
@@ -590,7 +771,12 @@ impl<'a> Machine<'a> {
                     if let Some(st) = self.s.steps.get_mut(id) {
                         st.iteration = Some(next);
                     }
-                    self.history(HistoryKind::LoopIteration, Some(at), None, Some(json!({"output": output, "next": next})));
+                    self.history(
+                        HistoryKind::LoopIteration,
+                        Some(at),
+                        None,
+                        Some(json!({"output": output, "next": next})),
+                    );
                     self.launch(
                         step,
                         StepRef {
@@ -601,7 +787,11 @@ impl<'a> Machine<'a> {
                         },
                     );
                 }
-                Err(e) => self.fail_step(id, StepError::terminal(format!("`loop.until`: {e}")), Some(at)),
+                Err(e) => self.fail_step(
+                    id,
+                    StepError::terminal(format!("`loop.until`: {e}")),
+                    Some(at),
+                ),
             }
             return;
         }
@@ -611,7 +801,10 @@ impl<'a> Machine<'a> {
     fn on_failed(&mut self, step: &Step, at: &StepRef, error: StepError) {
         let max = step.retry.as_ref().map_or(1, |r| r.max_attempts);
         if error.class == ErrorClass::Retryable && at.attempt < max {
-            let delay = step.retry.as_ref().map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64);
+            let delay = step
+                .retry
+                .as_ref()
+                .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64);
             if let Some(st) = self.s.steps.get_mut(&step.id) {
                 match at.item {
                     Some(i) => {
@@ -663,15 +856,28 @@ impl<'a> Machine<'a> {
     fn on_timer(&mut self, timer: TimerKind) -> bool {
         match timer {
             TimerKind::Retry { at } => {
-                let Some(st) = self.s.steps.get(&at.step) else { return false };
+                let Some(st) = self.s.steps.get(&at.step) else {
+                    return false;
+                };
                 let waiting = match at.item {
-                    Some(i) => st.status == StepStatus::Running && st.slots.get(i as usize).is_some_and(|s| s.status == StepStatus::Pending && s.attempt + 1 == at.attempt),
-                    None => st.status == StepStatus::Pending && st.attempt + 1 == at.attempt && st.iteration == at.iteration,
+                    Some(i) => {
+                        st.status == StepStatus::Running
+                            && st.slots.get(i as usize).is_some_and(|s| {
+                                s.status == StepStatus::Pending && s.attempt + 1 == at.attempt
+                            })
+                    }
+                    None => {
+                        st.status == StepStatus::Pending
+                            && st.attempt + 1 == at.attempt
+                            && st.iteration == at.iteration
+                    }
                 };
                 if !waiting {
                     return false;
                 }
-                let Some(step) = self.def.step(&at.step) else { return false };
+                let Some(step) = self.def.step(&at.step) else {
+                    return false;
+                };
                 self.launch(step, at);
                 true
             }
@@ -679,14 +885,25 @@ impl<'a> Machine<'a> {
                 if !self.is_current(&at) {
                     return false;
                 }
-                let Some(step) = self.def.step(&at.step) else { return false };
+                let Some(step) = self.def.step(&at.step) else {
+                    return false;
+                };
                 let limit = step.timeout.map(|t| t.to_string()).unwrap_or_default();
-                self.on_failed(step, &at, StepError::retryable(format!("step timed out after {limit}")));
+                self.on_failed(
+                    step,
+                    &at,
+                    StepError::retryable(format!("step timed out after {limit}")),
+                );
                 self.advance();
                 true
             }
             TimerKind::RunTimeout => {
-                let limit = self.def.wf.timeout.map(|t| t.to_string()).unwrap_or_default();
+                let limit = self
+                    .def
+                    .wf
+                    .timeout
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
                 self.end_early(RunStatus::Failed, format!("run timed out after {limit}"));
                 true
             }
@@ -719,7 +936,11 @@ impl<'a> Machine<'a> {
         self.s.status = status;
         self.s.error = Some(why.clone());
         self.s.finished_ms = Some(self.now);
-        let kind = if status == RunStatus::Cancelled { HistoryKind::Cancelled } else { HistoryKind::Failed };
+        let kind = if status == RunStatus::Cancelled {
+            HistoryKind::Cancelled
+        } else {
+            HistoryKind::Failed
+        };
         self.history(kind, None, Some(why), None);
     }
 }

@@ -56,7 +56,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     /// Runs processed at once; events of one run are always processed in order (default 64).
     pub workers: usize,
-    /// Largest command or result accepted, in bytes (default 1 MiB).
+    /// Largest command or result accepted, in bytes (default 768 KiB; larger payloads travel by reference).
     pub max_message_bytes: usize,
     /// Outputs larger than this are kept in run state by reference (default 16 KiB).
     pub state_inline_limit: usize,
@@ -66,7 +66,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             workers: 64,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 768 * 1024,
             state_inline_limit: 16 * 1024,
         }
     }
@@ -107,26 +107,42 @@ pub struct Engine<S: RunStore = NatsStore> {
 
 impl Engine<NatsStore> {
     /// An engine on the `AOB_RUNS` bucket.
-    pub async fn connect(client: async_nats::Client, payloads: PayloadStore, cfg: Config) -> Result<Self> {
+    pub async fn connect(
+        client: async_nats::Client,
+        payloads: PayloadStore,
+        cfg: Config,
+    ) -> Result<Self> {
         let js = jetstream::new(client);
-        let kv = js
-            .get_key_value(aob_streams::RUNS)
-            .await
-            .map_err(|e| aob_runtime::Error::Topology(format!("bucket {}: {e}", aob_streams::RUNS)))?;
+        let kv = js.get_key_value(aob_streams::RUNS).await.map_err(|e| {
+            aob_runtime::Error::Topology(format!("bucket {}: {e}", aob_streams::RUNS))
+        })?;
         Engine::with_store(js, NatsStore(kv), payloads, cfg).await
     }
 }
 
 /// Where a message came from and what it says.
 enum Parsed {
-    Start { tenant: String, run_id: String, cmd: StartCommand },
-    Signal { tenant: String, run_id: String, signal: Signal },
+    Start {
+        tenant: String,
+        run_id: String,
+        cmd: StartCommand,
+    },
+    Signal {
+        tenant: String,
+        run_id: String,
+        signal: Signal,
+    },
     Result(StepResult),
 }
 
 impl<S: RunStore> Engine<S> {
     /// An engine on any run store (tests wrap the NATS one).
-    pub async fn with_store(js: jetstream::Context, store: S, payloads: PayloadStore, cfg: Config) -> Result<Self> {
+    pub async fn with_store(
+        js: jetstream::Context,
+        store: S,
+        payloads: PayloadStore,
+        cfg: Config,
+    ) -> Result<Self> {
         let registry = Registry::open(&js).await?;
         let timers = Timers::open(&js).await?;
         Ok(Engine {
@@ -143,6 +159,11 @@ impl<S: RunStore> Engine<S> {
         })
     }
 
+    /// The run store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
     /// The timers handle (the timer service runs beside the engine).
     pub fn timers(&self) -> &Timers {
         &self.timers
@@ -150,8 +171,11 @@ impl<S: RunStore> Engine<S> {
 
     /// Consumes `engine-cmd` and `engine-results` until `shutdown`, then drains.
     pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
-        let cmd = aob_runtime::nats::bind(&self.js, aob_streams::CMD, aob_streams::ENGINE_CMD).await?;
-        let res = aob_runtime::nats::bind(&self.js, aob_streams::RESULTS, aob_streams::ENGINE_RESULTS).await?;
+        let cmd =
+            aob_runtime::nats::bind(&self.js, aob_streams::CMD, aob_streams::ENGINE_CMD).await?;
+        let res =
+            aob_runtime::nats::bind(&self.js, aob_streams::RESULTS, aob_streams::ENGINE_RESULTS)
+                .await?;
         let batch = (self.cfg.workers * 4).max(16);
         let cmd_msgs = cmd
             .stream()
@@ -227,7 +251,14 @@ impl<S: RunStore> Engine<S> {
                 tracing::warn!(%subject, delivered, "engine could not process a message: {e}");
                 if delivered >= 20 {
                     self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    bus::dead_letter(&self.js, "engine", &subject, &msg.payload, &format!("gave up after {delivered} deliveries: {e}")).await;
+                    bus::dead_letter(
+                        &self.js,
+                        "engine",
+                        &subject,
+                        &msg.payload,
+                        &format!("gave up after {delivered} deliveries: {e}"),
+                    )
+                    .await;
                     let _ = msg.ack_with(AckKind::Term).await;
                 } else {
                     let delay = Duration::from_millis(100 * (1 << delivered.min(6)) as u64);
@@ -241,15 +272,15 @@ impl<S: RunStore> Engine<S> {
     async fn refuse(&self, msg: &Message, subject: &str, reason: &str) {
         self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
         bus::dead_letter(&self.js, "engine", subject, &msg.payload, reason).await;
-        if subject.ends_with(".cmd.start") {
-            if let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t)) {
-                let run_id = serde_json::from_slice::<Value>(&msg.payload)
-                    .ok()
-                    .and_then(|v| v.get("run_id").and_then(Value::as_str).map(str::to_string))
-                    .filter(|r| subjects::is_token(r))
-                    .unwrap_or_else(|| derived_run_id(msg));
-                self.reject(tenant, &run_id, reason, None).await;
-            }
+        if subject.ends_with(".cmd.start")
+            && let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t))
+        {
+            let run_id = serde_json::from_slice::<Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.get("run_id").and_then(Value::as_str).map(str::to_string))
+                .filter(|r| subjects::is_token(r))
+                .unwrap_or_else(|| derived_run_id(msg));
+            self.reject(tenant, &run_id, reason, None).await;
         }
     }
 
@@ -258,7 +289,14 @@ impl<S: RunStore> Engine<S> {
         let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
         if let Ok(body) = serde_json::to_vec(&ev) {
             let subject = subjects::history(tenant, run_id, ev.kind.token());
-            if let Err(e) = bus::publish_acked(&self.js, subject, &format!("hist.{run_id}.rejected"), body.into()).await {
+            if let Err(e) = bus::publish_acked(
+                &self.js,
+                subject,
+                &format!("hist.{run_id}.rejected"),
+                body.into(),
+            )
+            .await
+            {
                 tracing::error!("could not publish a rejection: {e}");
             }
         }
@@ -267,7 +305,11 @@ impl<S: RunStore> Engine<S> {
     fn parse(&self, msg: &Message) -> std::result::Result<Parsed, String> {
         let subject = msg.subject.as_str();
         if msg.payload.len() > self.cfg.max_message_bytes {
-            return Err(format!("message of {} bytes is larger than the limit of {}", msg.payload.len(), self.cfg.max_message_bytes));
+            return Err(format!(
+                "message of {} bytes is larger than the limit of {}",
+                msg.payload.len(),
+                self.cfg.max_message_bytes
+            ));
         }
         let parts: Vec<&str> = subject.split('.').collect();
         let tenant = parts.get(1).copied().unwrap_or_default();
@@ -276,10 +318,15 @@ impl<S: RunStore> Engine<S> {
         }
         match parts.as_slice() {
             ["aob", _, "cmd", "start"] => {
-                let cmd: StartCommand = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a start command: {e}"))?;
+                let cmd: StartCommand = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("not a start command: {e}"))?;
                 let run_id = match &cmd.run_id {
                     Some(r) if subjects::is_token(r) => r.clone(),
-                    Some(r) => return Err(format!("run_id `{r}` is not valid: use 1 to 128 of [A-Za-z0-9_-]")),
+                    Some(r) => {
+                        return Err(format!(
+                            "run_id `{r}` is not valid: use 1 to 128 of [A-Za-z0-9_-]"
+                        ));
+                    }
                     None => derived_run_id(msg),
                 };
                 Ok(Parsed::Start {
@@ -289,7 +336,8 @@ impl<S: RunStore> Engine<S> {
                 })
             }
             ["aob", _, "cmd", "signal", run] => {
-                let signal: Signal = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a signal: {e}"))?;
+                let signal: Signal = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("not a signal: {e}"))?;
                 Ok(Parsed::Signal {
                     tenant: tenant.to_string(),
                     run_id: run.to_string(),
@@ -297,9 +345,13 @@ impl<S: RunStore> Engine<S> {
                 })
             }
             ["aob", _, "result", run] => {
-                let r: StepResult = serde_json::from_slice(&msg.payload).map_err(|e| format!("not a step result: {e}"))?;
+                let r: StepResult = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| format!("not a step result: {e}"))?;
                 if r.tenant != tenant || r.run_id != *run {
-                    return Err(format!("result for {}/{} arrived on {subject}", r.tenant, r.run_id));
+                    return Err(format!(
+                        "result for {}/{} arrived on {subject}",
+                        r.tenant, r.run_id
+                    ));
                 }
                 Ok(Parsed::Result(r))
             }
@@ -309,38 +361,68 @@ impl<S: RunStore> Engine<S> {
 
     async fn process(&self, parsed: Parsed) -> Result<()> {
         match parsed {
-            Parsed::Start { tenant, run_id, cmd } => {
-                let (wf, version) = match self.registry.get(&tenant, &cmd.workflow, cmd.version).await {
-                    Ok(x) => x,
-                    Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
-                        self.reject(&tenant, &run_id, &e.to_string(), None).await;
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+            Parsed::Start {
+                tenant,
+                run_id,
+                cmd,
+            } => {
+                let (wf, version) =
+                    match self.registry.get(&tenant, &cmd.workflow, cmd.version).await {
+                        Ok(x) => x,
+                        Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
+                            self.reject(&tenant, &run_id, &e.to_string(), None).await;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                 let def = self.compiled(&tenant, wf, version)?;
                 if let Some(schema) = &def.wf.input {
                     let input = self.payloads.hydrate(cmd.input.clone()).await?;
                     let problems = input_problems(schema, &input);
                     if !problems.is_empty() {
-                        let reason = format!("input does not match the input schema of `{}` v{version}: {}", def.wf.name, problems.join("; "));
-                        self.reject(&tenant, &run_id, &reason, Some(json!({"errors": problems}))).await;
+                        let reason = format!(
+                            "input does not match the input schema of `{}` v{version}: {}",
+                            def.wf.name,
+                            problems.join("; ")
+                        );
+                        self.reject(&tenant, &run_id, &reason, Some(json!({"errors": problems})))
+                            .await;
                         return Ok(());
                     }
                 }
                 let mut cmd = cmd;
-                cmd.input = self.payloads.offload(cmd.input, &format!("{tenant}/{run_id}/input")).await?;
-                self.apply(&tenant, &run_id, Some(def), Event::Start { tenant: tenant.clone(), run_id: run_id.clone(), cmd })
+                cmd.input = self
+                    .payloads
+                    .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
+                    .await?;
+                self.apply(
+                    &tenant,
+                    &run_id,
+                    Some(def),
+                    Event::Start {
+                        tenant: tenant.clone(),
+                        run_id: run_id.clone(),
+                        cmd,
+                    },
+                )
+                .await
+            }
+            Parsed::Signal {
+                tenant,
+                run_id,
+                signal,
+            } => {
+                self.apply(&tenant, &run_id, None, Event::Signal(signal))
                     .await
             }
-            Parsed::Signal { tenant, run_id, signal } => self.apply(&tenant, &run_id, None, Event::Signal(signal)).await,
             Parsed::Result(mut r) => {
-                if let Outcome::Completed { output } = &mut r.outcome {
-                    if serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0) > self.cfg.state_inline_limit {
-                        let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
-                        let inline = std::mem::take(output);
-                        *output = self.offload_always(inline, &key).await?;
-                    }
+                if let Outcome::Completed { output } = &mut r.outcome
+                    && serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0)
+                        > self.cfg.state_inline_limit
+                {
+                    let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
+                    let inline = std::mem::take(output);
+                    *output = self.offload_always(inline, &key).await?;
                 }
                 let (tenant, run_id) = (r.tenant.clone(), r.run_id.clone());
                 self.apply(&tenant, &run_id, None, Event::Result(r)).await
@@ -355,15 +437,22 @@ impl<S: RunStore> Engine<S> {
         Ok(self.payloads.offload_with_threshold(value, key, 0).await?)
     }
 
-    fn compiled(&self, tenant: &str, wf: aob_model::Workflow, version: u32) -> Result<Arc<Compiled>> {
+    fn compiled(
+        &self,
+        tenant: &str,
+        wf: aob_model::Workflow,
+        version: u32,
+    ) -> Result<Arc<Compiled>> {
         let key = (tenant.to_string(), wf.name.clone(), version);
         if let Some(c) = self.defs.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(c);
         }
-        let c = Arc::new(Compiled::new(wf, version).map_err(|message| Error::Corrupt {
-            what: format!("workflow {} v{version}", key.1),
-            message,
-        })?);
+        let c = Arc::new(
+            Compiled::new(wf, version).map_err(|message| Error::Corrupt {
+                what: format!("workflow {} v{version}", key.1),
+                message,
+            })?,
+        );
         if let Ok(mut m) = self.defs.lock() {
             m.insert(key, c.clone());
         }
@@ -375,28 +464,43 @@ impl<S: RunStore> Engine<S> {
         if let Some(c) = self.defs.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(c);
         }
-        let (wf, version) = self.registry.get(&state.tenant, &state.workflow, Some(state.version)).await?;
+        let (wf, version) = self
+            .registry
+            .get(&state.tenant, &state.workflow, Some(state.version))
+            .await?;
         self.compiled(&state.tenant, wf, version)
     }
 
     async fn load(&self, key: &str) -> Result<Option<(RunState, u64, bool)>> {
-        if let Some(c) = self.runs.lock().ok().and_then(|m| m.get(key).map(|c| (c.state.clone(), c.revision))) {
+        if let Some(c) = self
+            .runs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).map(|c| (c.state.clone(), c.revision)))
+        {
             return Ok(Some((c.0, c.1, true)));
         }
         match self.store.get(key).await? {
             None => Ok(None),
             Some((bytes, rev)) => {
-                let state: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                    what: format!("run state {key}"),
-                    message: e.to_string(),
-                })?;
+                let state: RunState =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                        what: format!("run state {key}"),
+                        message: e.to_string(),
+                    })?;
                 Ok(Some((state, rev, false)))
             }
         }
     }
 
     /// Applies one event to a run, retrying on compare-and-set conflicts.
-    async fn apply(&self, tenant: &str, run_id: &str, def: Option<Arc<Compiled>>, event: Event) -> Result<()> {
+    async fn apply(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        def: Option<Arc<Compiled>>,
+        event: Event,
+    ) -> Result<()> {
         let key = RunState::key(tenant, run_id);
         loop {
             let loaded = self.load(&key).await?;
@@ -423,7 +527,9 @@ impl<S: RunStore> Engine<S> {
             }
             let resolved = self.resolved.lock().map(|m| m.clone()).unwrap_or_default();
             let lookup = |p: &str| resolved.get(p).cloned();
-            let Some((mut next, effects)) = machine::apply(&def, state.clone(), event.clone(), now_ms(), &lookup) else {
+            let Some((mut next, effects)) =
+                machine::apply(&def, state.clone(), event.clone(), now_ms(), &lookup)
+            else {
                 return Ok(());
             };
             next.outbox = effects.clone();
@@ -444,7 +550,13 @@ impl<S: RunStore> Engine<S> {
                         if terminal {
                             m.remove(&key);
                         } else {
-                            m.insert(key.clone(), Cached { state: next, revision: new_rev });
+                            m.insert(
+                                key.clone(),
+                                Cached {
+                                    state: next,
+                                    revision: new_rev,
+                                },
+                            );
                         }
                     }
                     self.publish(&effects).await?;
@@ -470,20 +582,33 @@ impl<S: RunStore> Engine<S> {
     async fn resolve_for_conditions(&self, def: &Compiled, state: &RunState, event: &Event) {
         let mut wanted = Vec::new();
         for id in &def.condition_reads {
-            if let Some(p) = state.steps.get(id).and_then(|s| s.output.as_ref()).and_then(aob_runtime::payload::reference) {
+            if let Some(p) = state
+                .steps
+                .get(id)
+                .and_then(|s| s.output.as_ref())
+                .and_then(aob_runtime::payload::reference)
+            {
                 wanted.push(p);
             }
         }
-        if let Event::Result(StepResult { outcome: Outcome::Completed { output }, .. }) = event {
-            if let Some(p) = aob_runtime::payload::reference(output) {
-                wanted.push(p);
-            }
+        if let Event::Result(StepResult {
+            outcome: Outcome::Completed { output },
+            ..
+        }) = event
+            && let Some(p) = aob_runtime::payload::reference(output)
+        {
+            wanted.push(p);
         }
         if let Some(p) = aob_runtime::payload::reference(&state.input) {
             wanted.push(p);
         }
         for p in wanted {
-            if self.resolved.lock().map(|m| m.contains_key(&p)).unwrap_or(true) {
+            if self
+                .resolved
+                .lock()
+                .map(|m| m.contains_key(&p))
+                .unwrap_or(true)
+            {
                 continue;
             }
             let r = json!({ aob_runtime::payload::REF_KEY: p });
@@ -512,8 +637,14 @@ impl<S: RunStore> Engine<S> {
                     let mut body = serde_json::to_vec(&task).unwrap_or_default();
                     if body.len() > self.payloads.threshold() {
                         let base = format!("{}/{}/{}", task.tenant, task.run_id, task.at.token());
-                        task.context = self.payloads.offload_with_threshold(task.context, &format!("{base}.context"), 0).await?;
-                        task.config = self.payloads.offload(task.config, &format!("{base}.config")).await?;
+                        task.context = self
+                            .payloads
+                            .offload_with_threshold(task.context, &format!("{base}.context"), 0)
+                            .await?;
+                        task.config = self
+                            .payloads
+                            .offload(task.config, &format!("{base}.config"))
+                            .await?;
                         body = serde_json::to_vec(&task).unwrap_or_default();
                     }
                     let subject = subjects::task(&task.tenant, &task.node_type);
@@ -532,12 +663,18 @@ impl<S: RunStore> Engine<S> {
             }
         }
         for a in acks {
-            a.await.map_err(|e| aob_runtime::Error::Nats(format!("publish not acknowledged: {e}")))?;
+            a.await
+                .map_err(|e| aob_runtime::Error::Nats(format!("publish not acknowledged: {e}")))?;
         }
         Ok(())
     }
 
-    async fn set_timer(&self, effects: &[Effect], timer: &aob_model::wire::TimerKind, due_ms: u64) -> Result<()> {
+    async fn set_timer(
+        &self,
+        effects: &[Effect],
+        timer: &aob_model::wire::TimerKind,
+        due_ms: u64,
+    ) -> Result<()> {
         // The run this effect list belongs to: every effect carries it.
         let Some((tenant, run_id)) = effects.iter().find_map(|e| match e {
             Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
@@ -551,14 +688,19 @@ impl<S: RunStore> Engine<S> {
             aob_model::wire::TimerKind::StepTimeout { at } => format!("timeout-{}", at.token()),
             aob_model::wire::TimerKind::RunTimeout => "run-timeout".to_string(),
         };
-        let body = serde_json::to_value(Signal::Timer { timer: timer.clone() }).unwrap_or_default();
+        let body = serde_json::to_value(Signal::Timer {
+            timer: timer.clone(),
+        })
+        .unwrap_or_default();
         let t = Timer {
             due_ms,
             subject: subjects::signal(&tenant, &run_id),
             msg_id: format!("timer.{run_id}.{name}"),
             body,
         };
-        self.timers.set(&format!("{tenant}.{run_id}.{name}"), &t).await?;
+        self.timers
+            .set(&format!("{tenant}.{run_id}.{name}"), &t)
+            .await?;
         Ok(())
     }
 }
@@ -573,10 +715,14 @@ pub fn history_message(event: &HistoryEvent) -> (String, String, Vec<u8>) {
 /// A run id from the message itself, the same on every redelivery: the `Nats-Msg-Id`
 /// when it is a valid token, else a ULID from the publish time and stream sequence.
 fn derived_run_id(msg: &Message) -> String {
-    if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_string()) {
-        if subjects::is_token(&id) {
-            return id;
-        }
+    if let Some(id) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_string())
+        && subjects::is_token(&id)
+    {
+        return id;
     }
     match msg.info() {
         Ok(info) => {
@@ -593,7 +739,11 @@ fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
             .iter_errors(input)
             .map(|e| {
                 let path = e.instance_path().to_string();
-                if path.is_empty() { e.to_string() } else { format!("{path}: {e}") }
+                if path.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{path}: {e}")
+                }
             })
             .collect(),
         Err(e) => vec![format!("the workflow's input schema is not valid: {e}")],
@@ -608,7 +758,10 @@ fn shard_of(msg: &Message, workers: usize) -> usize {
         ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
         _ => match msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(id) => id.as_str().to_string(),
-            None => msg.info().map(|i| i.stream_sequence.to_string()).unwrap_or_default(),
+            None => msg
+                .info()
+                .map(|i| i.stream_sequence.to_string())
+                .unwrap_or_default(),
         },
     };
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -3,7 +3,9 @@
 use serde_json::{Value, json};
 
 use aob_model::state::{Effect, RunState, RunStatus, StepStatus};
-use aob_model::wire::{HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind};
+use aob_model::wire::{
+    HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind,
+};
 
 use crate::machine::{Compiled, Event, apply};
 
@@ -40,7 +42,9 @@ impl Sim {
                 for e in effects {
                     match e {
                         Effect::Task { task } => self.tasks.push(*task),
-                        Effect::History { event } => self.history.push((event.kind, event.step.clone())),
+                        Effect::History { event } => {
+                            self.history.push((event.kind, event.step.clone()))
+                        }
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
                     }
                 }
@@ -172,7 +176,9 @@ fn one_success_fires_once_when_both_parents_succeed() {
 
 #[test]
 fn for_each_respects_the_cap_and_keeps_order() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 2}, output: '{{ item }}'}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 2}, output: '{{ item }}'}\n",
+    );
     s.start(json!({"xs": [10, 20, 30, 40, 50]}));
     let first = s.take();
     assert_eq!(first.len(), 2, "cap of 2");
@@ -198,13 +204,25 @@ fn for_each_respects_the_cap_and_keeps_order() {
 
 #[test]
 fn for_each_over_an_empty_list_completes_and_a_non_list_fails() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n",
+    );
     s.start(json!({"xs": []}));
     assert_eq!(s.status(), RunStatus::Completed);
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs'}, output: 1}\n",
+    );
     s.start(json!({"xs": 3}));
     assert_eq!(s.status(), RunStatus::Failed);
-    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("must give a list"));
+    assert!(
+        s.state
+            .as_ref()
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("must give a list")
+    );
 }
 
 #[test]
@@ -222,14 +240,24 @@ fn loop_runs_until_the_condition_holds_and_is_bounded() {
     assert_eq!(s.status(), RunStatus::Completed);
     assert_eq!(s.count(HistoryKind::LoopIteration), 3);
 
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: l, type: transform, loop: {until: 'false == true', max_iterations: 2}, output: 1}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: l, type: transform, loop: {until: 'false == true', max_iterations: 2}, output: 1}\n",
+    );
     s.start(json!({}));
     for _ in 0..2 {
         let t = s.take();
         s.ok(&t[0], json!(1));
     }
     assert_eq!(s.status(), RunStatus::Failed);
-    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("max_iterations (2)"));
+    assert!(
+        s.state
+            .as_ref()
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("max_iterations (2)")
+    );
 }
 
 #[test]
@@ -239,26 +267,50 @@ fn retries_back_off_through_timers_then_give_up() {
     );
     s.start(json!({}));
     let t = s.take();
-    assert!(s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") }));
+    assert!(s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("HTTP 503")
+        }
+    ));
     assert!(s.take().is_empty(), "no task before the backoff");
     let (timer, due) = s.timers.pop().unwrap();
     assert_eq!(due, s.now + 100);
     assert_eq!(s.step("h"), StepStatus::Pending);
     s.now += 100;
-    assert!(s.send(Event::Signal(Signal::Timer { timer: timer.clone() })));
+    assert!(s.send(Event::Signal(Signal::Timer {
+        timer: timer.clone()
+    })));
     // The same timer firing twice does nothing.
     assert!(!s.send(Event::Signal(Signal::Timer { timer })));
     let t = s.take();
     assert_eq!(t[0].at.attempt, 2);
-    s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") });
+    s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("HTTP 503"),
+        },
+    );
     let (timer, due) = s.timers.pop().unwrap();
     assert_eq!(due, s.now + 150, "capped at max");
     s.send(Event::Signal(Signal::Timer { timer }));
     let t = s.take();
-    s.reply(&t[0].at, Outcome::Failed { error: StepError::retryable("HTTP 503") });
+    s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("HTTP 503"),
+        },
+    );
     assert_eq!(s.status(), RunStatus::Failed);
     assert_eq!(s.count(HistoryKind::StepRetrying), 2);
-    assert!(s.state.as_ref().unwrap().steps["h"].error.as_ref().unwrap().message.contains("gave up after 3 attempts"));
+    assert!(
+        s.state.as_ref().unwrap().steps["h"]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("gave up after 3 attempts")
+    );
 }
 
 #[test]
@@ -268,7 +320,12 @@ fn terminal_errors_do_not_retry_and_skip_dependents() {
     );
     s.start(json!({}));
     let t = s.take();
-    s.reply(&t[0].at, Outcome::Failed { error: StepError::terminal("HTTP 404") });
+    s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::terminal("HTTP 404"),
+        },
+    );
     assert_eq!(s.step("h"), StepStatus::Failed);
     assert_eq!(s.step("next"), StepStatus::Skipped);
     let t = s.take();
@@ -279,11 +336,18 @@ fn terminal_errors_do_not_retry_and_skip_dependents() {
 
 #[test]
 fn step_timeouts_fail_the_attempt_and_late_results_are_ignored() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', timeout: 1s, retry: {max_attempts: 2, backoff: {initial: 10ms}}}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', timeout: 1s, retry: {max_attempts: 2, backoff: {initial: 10ms}}}\n",
+    );
     s.start(json!({}));
     let t = s.take();
     assert_eq!(t[0].deadline_ms, Some(s.now + 1000));
-    let (timer, _) = s.timers.iter().find(|(k, _)| matches!(k, TimerKind::StepTimeout { .. })).cloned().unwrap();
+    let (timer, _) = s
+        .timers
+        .iter()
+        .find(|(k, _)| matches!(k, TimerKind::StepTimeout { .. }))
+        .cloned()
+        .unwrap();
     s.now += 1000;
     assert!(s.send(Event::Signal(Signal::Timer { timer })));
     assert_eq!(s.count(HistoryKind::StepRetrying), 1);
@@ -298,17 +362,25 @@ fn waiting_steps_resume_on_a_later_result() {
     let t = s.take();
     assert!(s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }));
     assert_eq!(s.step("w"), StepStatus::Waiting);
-    assert!(!s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }), "duplicate waiting is a no-op");
+    assert!(
+        !s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }),
+        "duplicate waiting is a no-op"
+    );
     s.ok(&t[0], json!({"waited_ms": 1}));
     assert_eq!(s.status(), RunStatus::Completed);
 }
 
 #[test]
 fn cancel_stops_scheduling_and_tells_running_steps() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n",
+    );
     s.start(json!({}));
     let t = s.take();
-    assert!(s.send(Event::Signal(Signal::Cancel { reason: Some("stop".into()), by: Some("ops".into()) })));
+    assert!(s.send(Event::Signal(Signal::Cancel {
+        reason: Some("stop".into()),
+        by: Some("ops".into())
+    })));
     assert_eq!(s.status(), RunStatus::Cancelled);
     assert_eq!(s.count(HistoryKind::Abort), 1);
     assert_eq!(s.step("b"), StepStatus::Skipped);
@@ -320,19 +392,40 @@ fn cancel_stops_scheduling_and_tells_running_steps() {
 fn run_timeout_fails_the_run() {
     let mut s = Sim::new("name: w\ntimeout: 5s\nsteps:\n  - {id: a, type: wait, duration: 1h}\n");
     s.start(json!({}));
-    let (timer, due) = s.timers.iter().find(|(k, _)| *k == TimerKind::RunTimeout).cloned().unwrap();
+    let (timer, due) = s
+        .timers
+        .iter()
+        .find(|(k, _)| *k == TimerKind::RunTimeout)
+        .cloned()
+        .unwrap();
     assert_eq!(due, s.now + 5000);
     s.send(Event::Signal(Signal::Timer { timer }));
     assert_eq!(s.status(), RunStatus::Failed);
-    assert!(s.state.as_ref().unwrap().error.as_ref().unwrap().contains("timed out"));
+    assert!(
+        s.state
+            .as_ref()
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("timed out")
+    );
 }
 
 #[test]
 fn a_when_that_errors_fails_the_step_with_the_reason() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1, when: 'input.flag'}\n");
+    let mut s =
+        Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1, when: 'input.flag'}\n");
     s.start(json!({"flag": "yes"}));
     assert_eq!(s.status(), RunStatus::Failed);
-    assert!(s.state.as_ref().unwrap().steps["a"].error.as_ref().unwrap().message.contains("must be true or false"));
+    assert!(
+        s.state.as_ref().unwrap().steps["a"]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("must be true or false")
+    );
 }
 
 #[test]
@@ -342,18 +435,28 @@ fn a_second_start_for_the_same_run_changes_nothing() {
     let again = Event::Start {
         tenant: "t".into(),
         run_id: "r1".into(),
-        cmd: StartCommand { workflow: "w".into(), version: None, input: json!({}), run_id: None },
+        cmd: StartCommand {
+            workflow: "w".into(),
+            version: None,
+            input: json!({}),
+            run_id: None,
+        },
     };
     assert!(!s.send(again));
 }
 
 #[test]
 fn history_sequence_has_no_gaps() {
-    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 1}\n");
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 1}\n",
+    );
     s.start(json!({}));
     let t = s.take();
     s.ok(&t[0], json!(1));
     let t = s.take();
     s.ok(&t[0], json!(1));
-    assert_eq!(s.state.as_ref().unwrap().history_seq as usize, s.history.len());
+    assert_eq!(
+        s.state.as_ref().unwrap().history_seq as usize,
+        s.history.len()
+    );
 }

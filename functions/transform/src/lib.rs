@@ -1,1 +1,185 @@
+//! `aob-transform`: builds a step output from the run context, either from the already
+//! rendered `output` template or from a CEL `expr`.
 
+use aob_model::expr::Expr;
+use aob_model::nodes::TransformConfig;
+use aob_model::wire::{Outcome, StepError, Task};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The `transform` function.
+#[derive(Debug, Clone, Default)]
+pub struct TransformHandler;
+
+impl TransformHandler {
+    /// A new handler (it holds no state).
+    pub fn new() -> Self {
+        TransformHandler
+    }
+
+    /// Computes the output of one task.
+    pub fn transform(&self, task: &Task) -> Result<Value, StepError> {
+        let config: TransformConfig = parse_config("transform", &task.config)?;
+        // `output: null` is a legitimate output, so look at the key, not the Option.
+        let has_output = task.config.get("output").is_some();
+        match (has_output, &config.expr) {
+            (true, Some(_)) => Err(StepError::terminal(
+                "invalid transform config: field `expr`: give either `output` or `expr`, not both",
+            )),
+            (true, None) => Ok(config.output.unwrap_or(Value::Null)),
+            (false, Some(source)) => Expr::parse(source)
+                .and_then(|e| e.eval(&task.context))
+                .map_err(|e| StepError::terminal(e.message)),
+            (false, None) => Err(StepError::terminal(
+                "invalid transform config: field `output`: a transform step needs `output` or `expr`",
+            )),
+        }
+    }
+}
+
+impl aob_runtime::Handler for TransformHandler {
+    fn node_type(&self) -> &'static str {
+        "transform"
+    }
+
+    async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
+        self.transform(&task)
+            .map(|output| Outcome::Completed { output })
+    }
+}
+
+/// Deserializes a step config; the error is terminal and names the offending field.
+fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
+    let err = match serde_json::from_value::<T>(config.clone()) {
+        Ok(c) => return Ok(c),
+        Err(e) => e.to_string(),
+    };
+    let message = match culprit::<T>(config, &err) {
+        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
+        None => format!("invalid {kind} config: {err}"),
+    };
+    Err(StepError::terminal(message))
+}
+
+/// The field responsible for a deserialization error: the one whose removal changes the
+/// error, or the one serde names as missing.
+fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
+    if let Value::Object(map) = config {
+        for key in map.keys() {
+            let mut without = map.clone();
+            without.remove(key);
+            match serde_json::from_value::<T>(Value::Object(without)) {
+                Ok(_) => return Some(key.clone()),
+                Err(e) if e.to_string() != err => return Some(key.clone()),
+                Err(_) => {}
+            }
+        }
+    }
+    let rest = err.split("missing field `").nth(1)?;
+    rest.split('`').next().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aob_model::wire::{ErrorClass, StepRef};
+    use aob_runtime::Handler;
+    use serde_json::json;
+
+    fn task(config: Value, context: Value) -> Task {
+        Task {
+            tenant: "acme".into(),
+            run_id: "run1".into(),
+            workflow: "wf".into(),
+            version: 1,
+            node_type: "transform".into(),
+            at: StepRef {
+                step: "shape".into(),
+                item: None,
+                iteration: None,
+                attempt: 1,
+            },
+            config,
+            context,
+            deadline_ms: None,
+        }
+    }
+
+    async fn run(config: Value, context: Value) -> Result<Value, StepError> {
+        match TransformHandler::new()
+            .handle(task(config, context))
+            .await?
+        {
+            Outcome::Completed { output } => Ok(output),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn output_is_passed_through() {
+        let out = run(json!({"output": {"name": "ada", "n": [1, 2]}}), json!({}))
+            .await
+            .unwrap();
+        assert_eq!(out, json!({"name": "ada", "n": [1, 2]}));
+        let out = run(json!({"output": null}), json!({})).await.unwrap();
+        assert_eq!(out, Value::Null);
+    }
+
+    #[tokio::test]
+    async fn expr_is_evaluated_against_the_context() {
+        let ctx = json!({"input": {"a": 2, "b": 3}, "steps": {"s": {"output": {"xs": [1, 2, 3]}}}});
+        let out = run(
+            json!({"expr": "{'sum': input.a + input.b, 'n': size(steps.s.output.xs)}"}),
+            ctx,
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, json!({"sum": 5, "n": 3}));
+    }
+
+    #[tokio::test]
+    async fn bad_expressions_are_terminal() {
+        let e = run(json!({"expr": "input.a +"}), json!({"input": {"a": 1}}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("input.a +"), "{}", e.message);
+
+        let e = run(
+            json!({"expr": "input.nope.deeper"}),
+            json!({"input": {"a": 1}}),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("failed"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn bad_config_names_the_field() {
+        let e = run(json!({"expr": 42}), json!({})).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("field `expr`"), "{}", e.message);
+
+        let e = run(json!({"output": 1, "extra": true}), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("field `extra`"), "{}", e.message);
+
+        let e = run(json!({}), json!({})).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("`output` or `expr`"), "{}", e.message);
+
+        let e = run(json!({"output": 1, "expr": "1"}), json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Terminal);
+        assert!(e.message.contains("not both"), "{}", e.message);
+    }
+
+    #[test]
+    fn node_type_is_transform() {
+        assert_eq!(TransformHandler::new().node_type(), "transform");
+    }
+}

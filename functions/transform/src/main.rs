@@ -1,1 +1,5 @@
-fn main() {}
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    aob_runtime::run_function(aob_transform::TransformHandler::new()).await?;
+    Ok(())
+}

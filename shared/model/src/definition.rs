@@ -239,9 +239,9 @@ impl fmt::Display for Dur {
 impl std::str::FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| format!("`{s}` is not a duration ({e}); write it like `500ms`, `30s` or `5m`"))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            format!("`{s}` is not a duration ({e}); write it like `500ms`, `30s` or `5m`")
+        })
     }
 }
 

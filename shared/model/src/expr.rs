@@ -39,7 +39,10 @@ impl Expr {
     /// Compiles CEL source.
     pub fn parse(source: &str) -> Result<Expr, ExprError> {
         let program = cel::Program::compile(source).map_err(|e| {
-            err(format!("`{source}` is not a valid CEL expression: {}", one_line(&e.to_string())))
+            err(format!(
+                "`{source}` is not a valid CEL expression: {}",
+                one_line(&e.to_string())
+            ))
         })?;
         Ok(Expr {
             source: source.into(),
@@ -65,8 +68,12 @@ impl Expr {
             .program
             .execute(&ctx)
             .map_err(|e| err(format!("`{}` failed: {e}", self.source)))?;
-        out.json()
-            .map_err(|e| err(format!("`{}` gave a value that is not JSON: {e}", self.source)))
+        out.json().map_err(|e| {
+            err(format!(
+                "`{}` gave a value that is not JSON: {e}",
+                self.source
+            ))
+        })
     }
 
     /// Evaluates to a boolean; any other type is an error.
@@ -85,7 +92,11 @@ impl Expr {
     pub fn eval_list(&self, context: &Value) -> Result<Vec<Value>, ExprError> {
         match self.eval(context)? {
             Value::Array(items) => Ok(items),
-            other => Err(err(format!("`{}` must give a list, but gave {}", self.source, short(&other)))),
+            other => Err(err(format!(
+                "`{}` must give a list, but gave {}",
+                self.source,
+                short(&other)
+            ))),
         }
     }
 }
@@ -96,7 +107,11 @@ fn one_line(s: &str) -> String {
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 80 { format!("{}…", &s[..s.floor_char_boundary(80)]) } else { s }
+    if s.len() > 80 {
+        format!("{}…", &s[..s.floor_char_boundary(80)])
+    } else {
+        s
+    }
 }
 
 fn env() -> &'static Environment<'static> {
@@ -148,7 +163,8 @@ pub fn render_str(s: &str, context: &Value) -> Result<Value, ExprError> {
         let out = expr
             .eval(ctx)
             .map_err(|e| err(format!("template `{s}` failed: {e}")))?;
-        return serde_json::to_value(&out).map_err(|e| err(format!("template `{s}` gave a value that is not JSON: {e}")));
+        return serde_json::to_value(&out)
+            .map_err(|e| err(format!("template `{s}` gave a value that is not JSON: {e}")));
     }
     env()
         .render_str(s, ctx)
@@ -160,7 +176,12 @@ pub fn render_str(s: &str, context: &Value) -> Result<Value, ExprError> {
 pub fn render(value: &Value, context: &Value) -> Result<Value, ExprError> {
     Ok(match value {
         Value::String(s) => render_str(s, context)?,
-        Value::Array(items) => Value::Array(items.iter().map(|v| render(v, context)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render(v, context))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => {
             let mut out = serde_json::Map::with_capacity(map.len());
             for (k, v) in map {
@@ -183,7 +204,11 @@ pub fn each_string<'a>(value: &'a Value, path: &str, f: &mut dyn FnMut(&str, &'a
         }
         Value::Object(map) => {
             for (k, v) in map {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 each_string(v, &p, f);
             }
         }
@@ -199,15 +224,22 @@ pub fn referenced_steps(source: &str) -> Vec<String> {
     while let Some(pos) = source[from..].find("steps") {
         let start = from + pos;
         from = start + 5;
-        let before_ok = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_' || bytes[start - 1] == b'.');
+        let before_ok = start == 0
+            || !(bytes[start - 1].is_ascii_alphanumeric()
+                || bytes[start - 1] == b'_'
+                || bytes[start - 1] == b'.');
         if !before_ok {
             continue;
         }
         let rest = &source[start + 5..];
         let id = if let Some(r) = rest.strip_prefix('.') {
-            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>()
+            r.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
         } else if let Some(r) = rest.strip_prefix("[\"").or_else(|| rest.strip_prefix("['")) {
-            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>()
+            r.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
         } else {
             continue;
         };
@@ -226,15 +258,29 @@ mod tests {
     #[test]
     fn cel_reads_the_context() {
         let ctx = json!({"input": {"n": 3}, "steps": {"a": {"output": {"ok": true}}}});
-        assert!(Expr::parse("input.n > 2 && steps.a.output.ok").unwrap().eval_bool(&ctx).unwrap());
-        assert_eq!(Expr::parse("[1, 2, input.n]").unwrap().eval_list(&ctx).unwrap(), vec![json!(1), json!(2), json!(3)]);
+        assert!(
+            Expr::parse("input.n > 2 && steps.a.output.ok")
+                .unwrap()
+                .eval_bool(&ctx)
+                .unwrap()
+        );
+        assert_eq!(
+            Expr::parse("[1, 2, input.n]")
+                .unwrap()
+                .eval_list(&ctx)
+                .unwrap(),
+            vec![json!(1), json!(2), json!(3)]
+        );
     }
 
     #[test]
     fn cel_errors_name_the_expression() {
         let e = Expr::parse("input.n >").unwrap_err();
         assert!(e.message.contains("input.n >"), "{e}");
-        let e = Expr::parse("input.n").unwrap().eval_bool(&json!({"input": {"n": 1}})).unwrap_err();
+        let e = Expr::parse("input.n")
+            .unwrap()
+            .eval_bool(&json!({"input": {"n": 1}}))
+            .unwrap_err();
         assert!(e.message.contains("must be true or false"), "{e}");
     }
 
@@ -242,15 +288,24 @@ mod tests {
     fn templates_keep_types_for_single_expressions() {
         let ctx = json!({"input": {"xs": [1, 2], "name": "ada"}});
         assert_eq!(render_str("{{ input.xs }}", &ctx).unwrap(), json!([1, 2]));
-        assert_eq!(render_str("hi {{ input.name }}", &ctx).unwrap(), json!("hi ada"));
-        assert_eq!(render(&json!({"a": ["{{ input.name }}", 3]}), &ctx).unwrap(), json!({"a": ["ada", 3]}));
+        assert_eq!(
+            render_str("hi {{ input.name }}", &ctx).unwrap(),
+            json!("hi ada")
+        );
+        assert_eq!(
+            render(&json!({"a": ["{{ input.name }}", 3]}), &ctx).unwrap(),
+            json!({"a": ["ada", 3]})
+        );
         assert!(render_str("{{ input.missing.deeper }}", &ctx).is_err());
         assert!(check_template("{{ input. }}").is_err());
     }
 
     #[test]
     fn finds_referenced_steps() {
-        assert_eq!(referenced_steps("steps.a.output > steps.b_2.output && mysteps.c"), vec!["a", "b_2"]);
+        assert_eq!(
+            referenced_steps("steps.a.output > steps.b_2.output && mysteps.c"),
+            vec!["a", "b_2"]
+        );
         assert_eq!(referenced_steps("{{ steps['x'].output }}"), vec!["x"]);
     }
 }

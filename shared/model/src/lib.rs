@@ -10,7 +10,7 @@ pub mod wire;
 
 use std::path::Path;
 
-pub use definition::{Workflow, Step};
+pub use definition::{Step, Workflow};
 pub use validate::Problem;
 
 /// What can go wrong reading a definition.
@@ -75,13 +75,20 @@ fn strip_location(msg: &str) -> String {
 pub fn load_str(text: &str, file: &str) -> Result<Workflow> {
     let wf = parse(text, file)?;
     let problems = validate::check(&wf, file);
-    if problems.is_empty() { Ok(wf) } else { Err(Error::Invalid { problems }) }
+    if problems.is_empty() {
+        Ok(wf)
+    } else {
+        Err(Error::Invalid { problems })
+    }
 }
 
 /// Reads, parses and validates a definition file.
 pub fn load_file(path: &Path) -> Result<Workflow> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { file: file.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        file: file.clone(),
+        source,
+    })?;
     load_str(&text, &file)
 }
 
@@ -90,20 +97,32 @@ pub fn definition_schema() -> serde_json::Value {
     let mut schema = serde_json::to_value(schemars::schema_for!(Workflow)).unwrap_or_default();
     // Steps carry type-specific fields beside the common ones; describe each type's.
     let types = [
-        ("transform", serde_json::to_value(schemars::schema_for!(nodes::TransformConfig))),
-        ("validate", serde_json::to_value(schemars::schema_for!(nodes::ValidateConfig))),
-        ("http", serde_json::to_value(schemars::schema_for!(nodes::HttpConfig))),
-        ("wait", serde_json::to_value(schemars::schema_for!(nodes::WaitConfig))),
+        (
+            "transform",
+            serde_json::to_value(schemars::schema_for!(nodes::TransformConfig)),
+        ),
+        (
+            "validate",
+            serde_json::to_value(schemars::schema_for!(nodes::ValidateConfig)),
+        ),
+        (
+            "http",
+            serde_json::to_value(schemars::schema_for!(nodes::HttpConfig)),
+        ),
+        (
+            "wait",
+            serde_json::to_value(schemars::schema_for!(nodes::WaitConfig)),
+        ),
     ];
     let mut all_of = Vec::new();
     for (kind, cfg) in types {
         let Ok(mut cfg) = cfg else { continue };
         let props = cfg.get_mut("properties").cloned().unwrap_or_default();
-        if let Some(defs) = cfg.get("$defs").and_then(|d| d.as_object()) {
-            if let Some(root_defs) = schema.get_mut("$defs").and_then(|d| d.as_object_mut()) {
-                for (k, v) in defs {
-                    root_defs.entry(k.clone()).or_insert_with(|| v.clone());
-                }
+        if let Some(defs) = cfg.get("$defs").and_then(|d| d.as_object())
+            && let Some(root_defs) = schema.get_mut("$defs").and_then(|d| d.as_object_mut())
+        {
+            for (k, v) in defs {
+                root_defs.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
         all_of.push(serde_json::json!({
@@ -111,12 +130,12 @@ pub fn definition_schema() -> serde_json::Value {
             "then": {"properties": props}
         }));
     }
-    if let Some(step) = schema.pointer_mut("/$defs/Step") {
-        if let Some(obj) = step.as_object_mut() {
-            obj.insert("allOf".into(), serde_json::Value::Array(all_of));
-            if let Some(t) = obj.get_mut("properties").and_then(|p| p.get_mut("type")) {
-                t["enum"] = serde_json::json!(nodes::NODE_TYPES);
-            }
+    if let Some(step) = schema.pointer_mut("/$defs/Step")
+        && let Some(obj) = step.as_object_mut()
+    {
+        obj.insert("allOf".into(), serde_json::Value::Array(all_of));
+        if let Some(t) = obj.get_mut("properties").and_then(|p| p.get_mut("type")) {
+            t["enum"] = serde_json::json!(nodes::NODE_TYPES);
         }
     }
     schema

@@ -118,16 +118,25 @@ pub fn check_config(kind: &str, config: &Map<String, Value>) -> Result<(), (Stri
     let res = match kind {
         "transform" => serde_json::from_value::<TransformConfig>(value).map(|c| {
             if c.output.is_none() && c.expr.is_none() {
-                Err(("output".to_string(), "a transform step needs `output` or `expr`".to_string()))
+                Err((
+                    "output".to_string(),
+                    "a transform step needs `output` or `expr`".to_string(),
+                ))
             } else if c.output.is_some() && c.expr.is_some() {
-                Err(("expr".to_string(), "give either `output` or `expr`, not both".to_string()))
+                Err((
+                    "expr".to_string(),
+                    "give either `output` or `expr`, not both".to_string(),
+                ))
             } else {
                 Ok(())
             }
         }),
         "validate" => serde_json::from_value::<ValidateConfig>(value).map(|c| {
             if c.schema.is_none() && c.assert.is_empty() {
-                Err(("schema".to_string(), "a validate step needs `schema` or `assert`".to_string()))
+                Err((
+                    "schema".to_string(),
+                    "a validate step needs `schema` or `assert`".to_string(),
+                ))
             } else {
                 Ok(())
             }
@@ -137,18 +146,32 @@ pub fn check_config(kind: &str, config: &Map<String, Value>) -> Result<(), (Stri
             if ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"].contains(&m.as_str()) {
                 Ok(())
             } else {
-                Err(("method".to_string(), format!("`{}` is not an HTTP method", c.method)))
+                Err((
+                    "method".to_string(),
+                    format!("`{}` is not an HTTP method", c.method),
+                ))
             }
         }),
-        "wait" => serde_json::from_value::<WaitConfig>(value).map(|c| match (&c.duration, &c.until) {
-            (None, None) => Err(("duration".to_string(), "a wait step needs `duration` or `until`".to_string())),
-            (Some(_), Some(_)) => Err(("until".to_string(), "give either `duration` or `until`, not both".to_string())),
-            _ => Ok(()),
-        }),
+        "wait" => {
+            serde_json::from_value::<WaitConfig>(value).map(|c| match (&c.duration, &c.until) {
+                (None, None) => Err((
+                    "duration".to_string(),
+                    "a wait step needs `duration` or `until`".to_string(),
+                )),
+                (Some(_), Some(_)) => Err((
+                    "until".to_string(),
+                    "give either `duration` or `until`, not both".to_string(),
+                )),
+                _ => Ok(()),
+            })
+        }
         other => {
             return Err((
                 "type".to_string(),
-                format!("unknown step type `{other}` (known: {})", NODE_TYPES.join(", ")),
+                format!(
+                    "unknown step type `{other}` (known: {})",
+                    NODE_TYPES.join(", ")
+                ),
             ));
         }
     };
@@ -161,10 +184,10 @@ pub fn check_config(kind: &str, config: &Map<String, Value>) -> Result<(), (Stri
 /// Pulls the field name out of serde's "unknown field `x`" / "missing field `x`" text.
 fn field_of_serde_error(msg: &str) -> String {
     for marker in ["unknown field `", "missing field `"] {
-        if let Some(rest) = msg.split(marker).nth(1) {
-            if let Some(end) = rest.find('`') {
-                return rest[..end].to_string();
-            }
+        if let Some(rest) = msg.split(marker).nth(1)
+            && let Some(end) = rest.find('`')
+        {
+            return rest[..end].to_string();
         }
     }
     String::new()

@@ -50,7 +50,10 @@ pub enum StepStatus {
 impl StepStatus {
     /// True once the step can change no more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, StepStatus::Completed | StepStatus::Failed | StepStatus::Skipped)
+        matches!(
+            self,
+            StepStatus::Completed | StepStatus::Failed | StepStatus::Skipped
+        )
     }
 }
 

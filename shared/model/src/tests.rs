@@ -9,7 +9,12 @@ fn problems(yaml: &str) -> Vec<Problem> {
 }
 
 fn has(ps: &[Problem], step: &str, field: &str, needle: &str) -> bool {
-    ps.iter().any(|p| p.file == "wf.yaml" && p.step.as_deref() == Some(step) && p.field == field && p.message.contains(needle))
+    ps.iter().any(|p| {
+        p.file == "wf.yaml"
+            && p.step.as_deref() == Some(step)
+            && p.field == field
+            && p.message.contains(needle)
+    })
 }
 
 const OK: &str = r#"
@@ -72,12 +77,17 @@ fn syntax_errors_have_a_location() {
         }
         other => panic!("{other}"),
     }
-    assert!(matches!(load_str("name: x\nsteps: 3\n", "bad.yaml"), Err(Error::Parse { .. })));
+    assert!(matches!(
+        load_str("name: x\nsteps: 3\n", "bad.yaml"),
+        Err(Error::Parse { .. })
+    ));
 }
 
 #[test]
 fn duplicate_ids_and_unknown_needs() {
-    let ps = problems("name: x\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: a, type: transform, output: 2, needs: [zz]}\n");
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: a, type: transform, output: 2, needs: [zz]}\n",
+    );
     assert!(has(&ps, "a", "id", "duplicate"), "{ps:?}");
     assert!(has(&ps, "a", "needs", "no step `zz`"), "{ps:?}");
 }
@@ -87,15 +97,23 @@ fn cycles_print_their_path() {
     let ps = problems(
         "name: x\nsteps:\n  - {id: a, type: transform, output: 1, needs: [c]}\n  - {id: b, type: transform, output: 1, needs: [a]}\n  - {id: c, type: transform, output: 1, needs: [b]}\n",
     );
-    let p = ps.iter().find(|p| p.message.contains("cycle")).expect("cycle reported");
+    let p = ps
+        .iter()
+        .find(|p| p.message.contains("cycle"))
+        .expect("cycle reported");
     assert_eq!(p.field, "needs");
     assert!(p.message.contains("a -> c -> b -> a"), "{}", p.message);
 }
 
 #[test]
 fn unknown_types_and_fields() {
-    let ps = problems("name: x\nsteps:\n  - {id: a, type: teleport}\n  - {id: b, type: http, url: 'http://x', methd: GET}\n  - {id: c, type: http}\n");
-    assert!(has(&ps, "a", "type", "unknown step type `teleport`"), "{ps:?}");
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: teleport}\n  - {id: b, type: http, url: 'http://x', methd: GET}\n  - {id: c, type: http}\n",
+    );
+    assert!(
+        has(&ps, "a", "type", "unknown step type `teleport`"),
+        "{ps:?}"
+    );
     assert!(has(&ps, "b", "methd", "unknown field"), "{ps:?}");
     assert!(has(&ps, "c", "url", "missing field"), "{ps:?}");
 }
@@ -108,7 +126,10 @@ fn bad_expressions_and_templates() {
     assert!(has(&ps, "a", "output", "does not parse"), "{ps:?}");
     assert!(has(&ps, "b", "when", "not a valid CEL"), "{ps:?}");
     assert!(has(&ps, "c", "for_each.items", "not a valid CEL"), "{ps:?}");
-    assert!(has(&ps, "c", "for_each.concurrency", "at least 1"), "{ps:?}");
+    assert!(
+        has(&ps, "c", "for_each.concurrency", "at least 1"),
+        "{ps:?}"
+    );
 }
 
 #[test]
@@ -116,7 +137,10 @@ fn reads_of_steps_that_may_not_have_run() {
     let ps = problems(
         "name: x\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, output: '{{ steps.a.output }}'}\n  - {id: c, type: transform, output: 1, needs: [a], when: 'steps.nope.output'}\n",
     );
-    assert!(has(&ps, "b", "output", "not among this step's needs"), "{ps:?}");
+    assert!(
+        has(&ps, "b", "output", "not among this step's needs"),
+        "{ps:?}"
+    );
     assert!(has(&ps, "c", "when", "no step `nope`"), "{ps:?}");
 }
 
@@ -127,7 +151,10 @@ fn unreachable_steps() {
     );
     assert!(has(&ps, "a", "when", "never run"), "{ps:?}");
     assert!(has(&ps, "b", "needs", "never run"), "{ps:?}");
-    assert!(has(&ps, "d", "needs", "only runs as a compensation"), "{ps:?}");
+    assert!(
+        has(&ps, "d", "needs", "only runs as a compensation"),
+        "{ps:?}"
+    );
     assert!(!ps.iter().any(|p| p.step.as_deref() == Some("c")), "{ps:?}");
 }
 
@@ -136,30 +163,68 @@ fn schema_invalid_fields() {
     let ps = problems(
         "name: 'bad name'\nsteps:\n  - {id: a-b, type: wait}\n  - {id: c, type: transform, output: 1, retry: {max_attempts: 0}, loop: {until: 'true', max_iterations: 0}}\n",
     );
-    assert!(ps.iter().any(|p| p.field == "name" && p.step.is_none()), "{ps:?}");
+    assert!(
+        ps.iter().any(|p| p.field == "name" && p.step.is_none()),
+        "{ps:?}"
+    );
     assert!(has(&ps, "a-b", "id", "starts with a letter"), "{ps:?}");
-    assert!(has(&ps, "a-b", "duration", "needs `duration` or `until`"), "{ps:?}");
+    assert!(
+        has(&ps, "a-b", "duration", "needs `duration` or `until`"),
+        "{ps:?}"
+    );
     assert!(has(&ps, "c", "retry.max_attempts", "at least 1"), "{ps:?}");
     assert!(has(&ps, "c", "loop.max_iterations", "at least 1"), "{ps:?}");
     // Wrong types are parse errors with a location.
-    assert!(matches!(load_str("name: x\nsteps:\n  - {id: a, type: wait, duration: 5s, timeout: soon}\n", "wf.yaml"), Err(Error::Parse { .. })));
+    assert!(matches!(
+        load_str(
+            "name: x\nsteps:\n  - {id: a, type: wait, duration: 5s, timeout: soon}\n",
+            "wf.yaml"
+        ),
+        Err(Error::Parse { .. })
+    ));
 }
 
 #[test]
 fn compensate_is_parsed_and_checked() {
-    let ps = problems("name: x\nsteps:\n  - {id: a, type: transform, output: 1, compensate: {step: ghost}}\n  - {id: b, type: transform, output: 1, compensate: {type: http}}\n");
-    assert!(has(&ps, "a", "compensate.step", "no step `ghost`"), "{ps:?}");
+    let ps = problems(
+        "name: x\nsteps:\n  - {id: a, type: transform, output: 1, compensate: {step: ghost}}\n  - {id: b, type: transform, output: 1, compensate: {type: http}}\n",
+    );
+    assert!(
+        has(&ps, "a", "compensate.step", "no step `ghost`"),
+        "{ps:?}"
+    );
     assert!(has(&ps, "b", "compensate.url", "missing field"), "{ps:?}");
 }
 
 #[test]
 fn the_published_schema_matches_the_generated_one() {
     let generated = serde_json::to_string_pretty(&definition_schema()).unwrap();
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../schemas/workflow.schema.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../schemas/workflow.schema.json"
+    );
     let on_disk = std::fs::read_to_string(path).unwrap_or_default();
     if std::env::var_os("AOB_BLESS").is_some() {
         std::fs::write(path, format!("{generated}\n")).unwrap();
         return;
     }
-    assert_eq!(on_disk.trim_end(), generated, "schemas/workflow.schema.json is stale: run `AOB_BLESS=1 cargo test -p aob-model`");
+    assert_eq!(
+        on_disk.trim_end(),
+        generated,
+        "schemas/workflow.schema.json is stale: run `AOB_BLESS=1 cargo test -p aob-model`"
+    );
+}
+
+#[test]
+fn every_example_is_valid() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path().join("workflow.yaml");
+        if path.is_file() {
+            load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "expected the five examples, found {n}");
 }

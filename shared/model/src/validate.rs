@@ -51,7 +51,10 @@ impl Checker<'_> {
 }
 
 fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn valid_step_id(s: &str) -> bool {
@@ -68,15 +71,22 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
         problems: Vec::new(),
     };
     if !valid_name(&wf.name, 64) {
-        c.add(None, "name", format!("`{}` is not a valid workflow name: use letters, digits, `_` or `-` (at most 64)", wf.name));
+        c.add(
+            None,
+            "name",
+            format!(
+                "`{}` is not a valid workflow name: use letters, digits, `_` or `-` (at most 64)",
+                wf.name
+            ),
+        );
     }
     if wf.version == Some(0) {
         c.add(None, "version", "versions start at 1");
     }
-    if let Some(schema) = &wf.input {
-        if let Err(e) = jsonschema::validator_for(schema) {
-            c.add(None, "input", format!("not a valid JSON Schema: {e}"));
-        }
+    if let Some(schema) = &wf.input
+        && let Err(e) = jsonschema::validator_for(schema)
+    {
+        c.add(None, "input", format!("not a valid JSON Schema: {e}"));
     }
     if wf.steps.is_empty() {
         c.add(None, "steps", "a workflow needs at least one step");
@@ -102,7 +112,11 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
     // Cycles: report each once, with its path.
     if let Some(cycle) = find_cycle(&wf.steps, &ids) {
         let first = cycle.first().cloned().unwrap_or_default();
-        c.add(Some(&first), "needs", format!("dependency cycle: {}", cycle.join(" -> ")));
+        c.add(
+            Some(&first),
+            "needs",
+            format!("dependency cycle: {}", cycle.join(" -> ")),
+        );
         return c.problems;
     }
 
@@ -113,11 +127,19 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
         for (field, source) in expressions_of(s) {
             for r in expr::referenced_steps(&source) {
                 if !ids.contains_key(r.as_str()) {
-                    c.add(Some(&s.id), &field, format!("reads `steps.{r}`, but there is no step `{r}`"));
+                    c.add(
+                        Some(&s.id),
+                        &field,
+                        format!("reads `steps.{r}`, but there is no step `{r}`"),
+                    );
                 } else if r != s.id && !own.contains(r.as_str()) {
                     c.add(Some(&s.id), &field, format!("reads `steps.{r}`, but `{r}` is not among this step's needs (directly or through them), so it may not have run"));
                 } else if r == s.id && s.loop_.is_none() {
-                    c.add(Some(&s.id), &field, "a step can read its own output only in `loop.until`");
+                    c.add(
+                        Some(&s.id),
+                        &field,
+                        "a step can read its own output only in `loop.until`",
+                    );
                 }
             }
         }
@@ -141,7 +163,11 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
                 .map(|n| format!("it needs `{n}`, which can never run"))
         };
         if let Some(why) = why {
-            let field = if why.starts_with("its `when`") { "when" } else { "needs" };
+            let field = if why.starts_with("its `when`") {
+                "when"
+            } else {
+                "needs"
+            };
             c.add(Some(&s.id), field, format!("step can never run: {why}"));
             unreachable.insert(s.id.as_str(), why);
         }
@@ -157,7 +183,11 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
     let mut needs = BTreeSet::new();
     for n in &s.needs {
         if !ids.contains_key(n.as_str()) {
-            c.add(id, "needs", format!("needs `{n}`, but there is no step `{n}`"));
+            c.add(
+                id,
+                "needs",
+                format!("needs `{n}`, but there is no step `{n}`"),
+            );
         } else if n == &s.id {
             c.add(id, "needs", "a step cannot need itself");
         }
@@ -173,28 +203,40 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
             c.add(id, "retry.max_attempts", "must be at least 1");
         }
         if !(r.backoff.multiplier >= 1.0 && r.backoff.multiplier.is_finite()) {
-            c.add(id, "retry.backoff.multiplier", "must be a number of at least 1.0");
+            c.add(
+                id,
+                "retry.backoff.multiplier",
+                "must be a number of at least 1.0",
+            );
         }
         if r.backoff.initial > r.backoff.max {
-            c.add(id, "retry.backoff.initial", "is larger than `retry.backoff.max`");
+            c.add(
+                id,
+                "retry.backoff.initial",
+                "is larger than `retry.backoff.max`",
+            );
         }
     }
-    if let Some(t) = &s.timeout {
-        if t.0.is_zero() {
-            c.add(id, "timeout", "must be longer than zero");
-        }
+    if let Some(t) = &s.timeout
+        && t.0.is_zero()
+    {
+        c.add(id, "timeout", "must be longer than zero");
     }
-    if let Some(fe) = &s.for_each {
-        if fe.concurrency == 0 {
-            c.add(id, "for_each.concurrency", "must be at least 1");
-        }
+    if let Some(fe) = &s.for_each
+        && fe.concurrency == 0
+    {
+        c.add(id, "for_each.concurrency", "must be at least 1");
     }
     if let Some(l) = &s.loop_ {
         if l.max_iterations == 0 {
             c.add(id, "loop.max_iterations", "must be at least 1");
         }
         if s.for_each.is_some() {
-            c.add(id, "loop", "a step cannot have both `loop` and `for_each`; put the loop in a step of its own");
+            c.add(
+                id,
+                "loop",
+                "a step cannot have both `loop` and `for_each`; put the loop in a step of its own",
+            );
         }
     }
     match &s.compensate {
@@ -207,7 +249,11 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
         }
         Some(Compensate::Action { kind, config }) => {
             if let Err((field, msg)) = nodes::check_config(kind, config) {
-                let f = if field.is_empty() { "compensate".to_string() } else { format!("compensate.{field}") };
+                let f = if field.is_empty() {
+                    "compensate".to_string()
+                } else {
+                    format!("compensate.{field}")
+                };
                 c.add(id, &f, msg);
             }
         }
@@ -215,7 +261,12 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
     }
     // Expressions and templates must parse.
     for (field, source) in expressions_of(s) {
-        let res = if field.starts_with("when") || field.starts_with("for_each") || field.starts_with("loop") || field.starts_with("assert") || field == "expr" {
+        let res = if field.starts_with("when")
+            || field.starts_with("for_each")
+            || field.starts_with("loop")
+            || field.starts_with("assert")
+            || field == "expr"
+        {
             Expr::parse(&source).map(|_| ())
         } else {
             expr::check_template(&source)
@@ -295,10 +346,10 @@ fn find_cycle(steps: &[Step], ids: &BTreeMap<&str, &Step>) -> Option<Vec<String>
         stack.push(id);
         if let Some(step) = ids.get(id) {
             for n in &step.needs {
-                if let Some((k, _)) = ids.get_key_value(n.as_str()) {
-                    if let Some(c) = visit(k, ids, mark, stack) {
-                        return Some(c);
-                    }
+                if let Some((k, _)) = ids.get_key_value(n.as_str())
+                    && let Some(c) = visit(k, ids, mark, stack)
+                {
+                    return Some(c);
                 }
             }
         }
@@ -323,7 +374,9 @@ pub fn topo_order<'a>(steps: &'a [Step], ids: &BTreeMap<&str, &'a Step>) -> Vec<
         let before = out.len();
         for s in steps {
             if !done.contains(s.id.as_str())
-                && s.needs.iter().all(|n| done.contains(n.as_str()) || !ids.contains_key(n.as_str()))
+                && s.needs
+                    .iter()
+                    .all(|n| done.contains(n.as_str()) || !ids.contains_key(n.as_str()))
             {
                 done.insert(s.id.as_str());
                 out.push(s);
@@ -336,7 +389,10 @@ pub fn topo_order<'a>(steps: &'a [Step], ids: &BTreeMap<&str, &'a Step>) -> Vec<
     out
 }
 
-fn ancestors<'a>(steps: &'a [Step], ids: &BTreeMap<&'a str, &'a Step>) -> BTreeMap<&'a str, BTreeSet<&'a str>> {
+fn ancestors<'a>(
+    steps: &'a [Step],
+    ids: &BTreeMap<&'a str, &'a Step>,
+) -> BTreeMap<&'a str, BTreeSet<&'a str>> {
     let mut out: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for s in topo_order(steps, ids) {
         let mut set = BTreeSet::new();

@@ -254,7 +254,10 @@ impl HistoryKind {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            HistoryKind::Completed | HistoryKind::Failed | HistoryKind::Cancelled | HistoryKind::Rejected
+            HistoryKind::Completed
+                | HistoryKind::Failed
+                | HistoryKind::Cancelled
+                | HistoryKind::Rejected
         )
     }
 }

@@ -9,7 +9,12 @@ use aob_model::wire::DeadLetter;
 use crate::{Error, Result, now_ms};
 
 /// Publishes with a `Nats-Msg-Id`; await the returned future for the server's ack.
-pub async fn publish(js: &jetstream::Context, subject: String, msg_id: &str, body: Bytes) -> Result<PublishAckFuture> {
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    body: Bytes,
+) -> Result<PublishAckFuture> {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
     js.publish_with_headers(subject.clone(), headers, body)
@@ -18,7 +23,12 @@ pub async fn publish(js: &jetstream::Context, subject: String, msg_id: &str, bod
 }
 
 /// Publishes and waits for the server's ack.
-pub async fn publish_acked(js: &jetstream::Context, subject: String, msg_id: &str, body: Bytes) -> Result<()> {
+pub async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    body: Bytes,
+) -> Result<()> {
     let subj = subject.clone();
     publish(js, subject, msg_id, body)
         .await?
@@ -29,7 +39,13 @@ pub async fn publish_acked(js: &jetstream::Context, subject: String, msg_id: &st
 
 /// Records a message a component could not use on `aob.<tenant>.dlq.<component>`.
 /// The tenant is taken from the subject (`unknown` when it has none).
-pub async fn dead_letter(js: &jetstream::Context, component: &str, subject: &str, body: &[u8], reason: &str) {
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    component: &str,
+    subject: &str,
+    body: &[u8],
+    reason: &str,
+) {
     let tenant = aob_streams::subjects::tenant_of(subject)
         .filter(|t| aob_streams::subjects::is_token(t))
         .unwrap_or("unknown");
@@ -43,7 +59,9 @@ pub async fn dead_letter(js: &jetstream::Context, component: &str, subject: &str
         ts_ms: now_ms(),
     };
     tracing::warn!(component, subject, reason, "dead-lettered a message");
-    let Ok(bytes) = serde_json::to_vec(&letter) else { return };
+    let Ok(bytes) = serde_json::to_vec(&letter) else {
+        return;
+    };
     let dlq = aob_streams::subjects::dlq(tenant, component.replace('.', "_").as_str());
     if let Err(e) = publish_acked(js, dlq, &ulid::Ulid::new().to_string(), bytes.into()).await {
         tracing::error!("could not dead-letter a message from {subject}: {e}");

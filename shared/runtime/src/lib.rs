@@ -46,7 +46,9 @@ pub enum Error {
         version: Option<u32>,
     },
     /// A definition already exists under this version (versions are immutable).
-    #[error("workflow `{name}` version {version} already exists in tenant `{tenant}`; versions are immutable")]
+    #[error(
+        "workflow `{name}` version {version} already exists in tenant `{tenant}`; versions are immutable"
+    )]
     VersionExists {
         /// Tenant.
         tenant: String,
@@ -62,7 +64,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A function: turns one task (config rendered, references resolved) into an outcome.
@@ -97,11 +102,15 @@ pub fn render_config(node_type: &str, config: &Value, context: &Value) -> Result
     };
     let mut out = serde_json::Map::with_capacity(map.len());
     for (k, v) in map {
-        let keep = matches!((node_type, k.as_str()), ("validate", "assert" | "schema") | ("transform", "expr"));
+        let keep = matches!(
+            (node_type, k.as_str()),
+            ("validate", "assert" | "schema") | ("transform", "expr")
+        );
         let rendered = if keep {
             v.clone()
         } else {
-            expr::render(v, context).map_err(|e| StepError::terminal(format!("field `{k}`: {e}")))?
+            expr::render(v, context)
+                .map_err(|e| StepError::terminal(format!("field `{k}`: {e}")))?
         };
         out.insert(k.clone(), rendered);
     }
@@ -110,18 +119,28 @@ pub fn render_config(node_type: &str, config: &Value, context: &Value) -> Result
 
 /// Runs one task through a handler: prepare, enforce the deadline, honour `cancel`, and
 /// offload a large output. Returns `None` when cancelled (the run was aborted).
-pub async fn execute<H: Handler>(handler: &H, task: Task, payloads: &PayloadStore, cancel: &CancellationToken) -> Option<StepResult> {
+pub async fn execute<H: Handler>(
+    handler: &H,
+    task: Task,
+    payloads: &PayloadStore,
+    cancel: &CancellationToken,
+) -> Option<StepResult> {
     let started = std::time::Instant::now();
     let tenant = task.tenant.clone();
     let run_id = task.run_id.clone();
     let at = task.at.clone();
-    let deadline = task.deadline_ms.map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+    let deadline = task
+        .deadline_ms
+        .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
     let work = async {
         let task = prepare(task, payloads).await?;
         match deadline {
             Some(limit) => match tokio::time::timeout(limit, handler.handle(task)).await {
                 Ok(r) => r,
-                Err(_) => Err(StepError::retryable(format!("step timed out after {}", humantime::format_duration(limit)))),
+                Err(_) => Err(StepError::retryable(format!(
+                    "step timed out after {}",
+                    humantime::format_duration(limit)
+                ))),
             },
             None => handler.handle(task).await,
         }
@@ -223,9 +242,11 @@ impl Env {
             }
         };
         let offload_threshold = match std::env::var("AOB_OFFLOAD_THRESHOLD") {
-            Ok(v) => v
-                .parse()
-                .map_err(|_| Error::Config(format!("AOB_OFFLOAD_THRESHOLD=`{v}` is not a number of bytes")))?,
+            Ok(v) => v.parse().map_err(|_| {
+                Error::Config(format!(
+                    "AOB_OFFLOAD_THRESHOLD=`{v}` is not a number of bytes"
+                ))
+            })?,
             Err(_) => payload::DEFAULT_THRESHOLD,
         };
         Ok(Env {
@@ -250,35 +271,14 @@ impl Env {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn config_rendering_leaves_cel_and_schemas_alone() {
-        let ctx = json!({"input": {"n": 2}});
-        let cfg = json!({"value": "{{ input.n }}", "assert": ["value > 1"], "schema": {"pattern": "{{x}}"}});
-        let out = render_config("validate", &cfg, &ctx).unwrap();
-        assert_eq!(out["value"], json!(2));
-        assert_eq!(out["assert"], json!(["value > 1"]));
-        assert_eq!(out["schema"], json!({"pattern": "{{x}}"}));
-        let err = render_config("transform", &json!({"output": "{{ input.nope.x }}"}), &ctx).unwrap_err();
-        assert_eq!(err.class, aob_model::wire::ErrorClass::Terminal);
-        assert!(err.message.contains("field `output`"), "{}", err.message);
-    }
-
-    #[test]
-    fn credentials_are_redacted() {
-        assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
-    }
-}
-
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The whole `main` of a function binary: read [`Env`], connect, serve until SIGTERM, drain.
@@ -295,6 +295,34 @@ pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
         shutdown_on_signal(),
     )
     .await?;
-    client.flush().await.map_err(|e| Error::Nats(e.to_string()))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_rendering_leaves_cel_and_schemas_alone() {
+        let ctx = json!({"input": {"n": 2}});
+        let cfg = json!({"value": "{{ input.n }}", "assert": ["value > 1"], "schema": {"pattern": "{{x}}"}});
+        let out = render_config("validate", &cfg, &ctx).unwrap();
+        assert_eq!(out["value"], json!(2));
+        assert_eq!(out["assert"], json!(["value > 1"]));
+        assert_eq!(out["schema"], json!({"pattern": "{{x}}"}));
+        let err =
+            render_config("transform", &json!({"output": "{{ input.nope.x }}"}), &ctx).unwrap_err();
+        assert_eq!(err.class, aob_model::wire::ErrorClass::Terminal);
+        assert!(err.message.contains("field `output`"), "{}", err.message);
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
+    }
 }

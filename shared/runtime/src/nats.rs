@@ -26,17 +26,20 @@ pub struct ServeConfig {
     pub concurrency: usize,
     /// Interval of in-progress acks while a task runs (default 10 s; below the consumer's ack wait).
     pub heartbeat: Duration,
-    /// Largest task body accepted, in bytes (default 1 MiB); larger ones are dead-lettered.
+    /// Largest task body accepted, in bytes (default 768 KiB); larger ones are dead-lettered.
     pub max_message_bytes: usize,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        let concurrency = std::env::var("AOB_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        let concurrency = std::env::var("AOB_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
         ServeConfig {
             concurrency,
             heartbeat: Duration::from_secs(10),
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 768 * 1024,
         }
     }
 }
@@ -67,7 +70,12 @@ pub async fn serve<H: Handler>(
     let js = jetstream::new(client.clone());
     let node_type = handler.node_type();
     let component = format!("fn.{node_type}");
-    let consumer = bind(&js, aob_streams::TASKS, &aob_streams::function_consumer(node_type)).await?;
+    let consumer = bind(
+        &js,
+        aob_streams::TASKS,
+        &aob_streams::function_consumer(node_type),
+    )
+    .await?;
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(cfg.concurrency.max(1))
@@ -156,7 +164,9 @@ async fn handle_message<H: Handler>(
     let cancel = CancellationToken::new();
     let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Ok(mut map) = inflight.lock() {
-        map.entry(key.clone()).or_default().push((id, cancel.clone()));
+        map.entry(key.clone())
+            .or_default()
+            .push((id, cancel.clone()));
     }
     let heartbeat = {
         let every = cfg.heartbeat;
@@ -172,12 +182,12 @@ async fn handle_message<H: Handler>(
     };
     let result = execute(handler, task, payloads, &cancel).await;
     heartbeat.abort();
-    if let Ok(mut map) = inflight.lock() {
-        if let Some(list) = map.get_mut(&key) {
-            list.retain(|(i, _)| *i != id);
-            if list.is_empty() {
-                map.remove(&key);
-            }
+    if let Ok(mut map) = inflight.lock()
+        && let Some(list) = map.get_mut(&key)
+    {
+        list.retain(|(i, _)| *i != id);
+        if list.is_empty() {
+            map.remove(&key);
         }
     }
     let Some(result) = result else {
@@ -191,7 +201,9 @@ async fn handle_message<H: Handler>(
         }
         Err(e) => {
             tracing::warn!("result not published, task will be redelivered: {e}");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
@@ -199,15 +211,26 @@ async fn handle_message<H: Handler>(
 /// Parses and checks a task body; the error is the reason for the dead letter.
 pub fn parse_task(body: &[u8], subject: &str, max: usize) -> std::result::Result<Task, String> {
     if body.len() > max {
-        return Err(format!("task of {} bytes is larger than the limit of {max}", body.len()));
+        return Err(format!(
+            "task of {} bytes is larger than the limit of {max}",
+            body.len()
+        ));
     }
     let task: Task = serde_json::from_slice(body).map_err(|e| format!("not a task: {e}"))?;
     let tenant = aob_streams::subjects::tenant_of(subject).unwrap_or_default();
     if task.tenant != tenant {
-        return Err(format!("task for tenant `{}` arrived on a subject of tenant `{tenant}`", task.tenant));
+        return Err(format!(
+            "task for tenant `{}` arrived on a subject of tenant `{tenant}`",
+            task.tenant
+        ));
     }
-    if !aob_streams::subjects::is_token(&task.run_id) || !aob_streams::subjects::is_token(&task.tenant) {
-        return Err(format!("run id `{}` or tenant `{}` is not a valid subject token", task.run_id, task.tenant));
+    if !aob_streams::subjects::is_token(&task.run_id)
+        || !aob_streams::subjects::is_token(&task.tenant)
+    {
+        return Err(format!(
+            "run id `{}` or tenant `{}` is not a valid subject token",
+            task.run_id, task.tenant
+        ));
     }
     Ok(task)
 }

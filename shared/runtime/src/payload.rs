@@ -29,7 +29,10 @@ pub struct PayloadStore {
 
 impl std::fmt::Debug for PayloadStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PayloadStore").field("prefix", &self.prefix).field("threshold", &self.threshold).finish()
+        f.debug_struct("PayloadStore")
+            .field("prefix", &self.prefix)
+            .field("threshold", &self.threshold)
+            .finish()
     }
 }
 
@@ -37,10 +40,15 @@ impl PayloadStore {
     /// Opens a store from a URL (`file:///abs/dir`, `memory:///`); values larger than
     /// `threshold` bytes are offloaded.
     pub fn from_url(url: &str, threshold: usize) -> Result<Self> {
-        let parsed = url::Url::parse(url).map_err(|e| Error::Config(format!("payload store URL `{url}`: {e}")))?;
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::Config(format!("payload store URL `{url}`: {e}")))?;
         if parsed.scheme() == "file" {
-            std::fs::create_dir_all(parsed.path())
-                .map_err(|e| Error::Config(format!("payload store `{url}`: cannot create {}: {e}", parsed.path())))?;
+            std::fs::create_dir_all(parsed.path()).map_err(|e| {
+                Error::Config(format!(
+                    "payload store `{url}`: cannot create {}: {e}",
+                    parsed.path()
+                ))
+            })?;
         }
         let (store, prefix) = object_store::parse_url(&parsed)
             .map_err(|e| Error::Config(format!("payload store URL `{url}`: {e}")))?;
@@ -59,15 +67,22 @@ impl PayloadStore {
     /// Returns `value` unchanged when small, or a reference after writing it under `key`
     /// (a `/`-separated relative name such as `default/<run>/fetch-a1.output`).
     pub async fn offload(&self, value: Value, key: &str) -> Result<Value> {
-        self.offload_with_threshold(value, key, self.threshold).await
+        self.offload_with_threshold(value, key, self.threshold)
+            .await
     }
 
     /// Like [`PayloadStore::offload`] with another threshold (0 = always offload).
-    pub async fn offload_with_threshold(&self, value: Value, key: &str, threshold: usize) -> Result<Value> {
+    pub async fn offload_with_threshold(
+        &self,
+        value: Value,
+        key: &str,
+        threshold: usize,
+    ) -> Result<Value> {
         if reference(&value).is_some() {
             return Ok(value);
         }
-        let bytes = serde_json::to_vec(&value).map_err(|e| Error::Payload(format!("serializing {key}: {e}")))?;
+        let bytes = serde_json::to_vec(&value)
+            .map_err(|e| Error::Payload(format!("serializing {key}: {e}")))?;
         if bytes.len() <= threshold {
             return Ok(value);
         }
@@ -82,7 +97,11 @@ impl PayloadStore {
     }
 
     fn path(&self, rel: &str) -> Path {
-        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        let mut parts: Vec<String> = self
+            .prefix
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .collect();
         parts.extend(rel.split('/').filter(|s| !s.is_empty()).map(str::to_string));
         Path::from_iter(parts)
     }
@@ -105,12 +124,20 @@ impl PayloadStore {
                         .get(&path)
                         .await
                         .map_err(|e| Error::Payload(format!("reading {path}: {e}")))?;
-                    let bytes = got.bytes().await.map_err(|e| Error::Payload(format!("reading {path}: {e}")))?;
-                    return serde_json::from_slice(&bytes).map_err(|e| Error::Payload(format!("{path} is not JSON: {e}")));
+                    let bytes = got
+                        .bytes()
+                        .await
+                        .map_err(|e| Error::Payload(format!("reading {path}: {e}")))?;
+                    return serde_json::from_slice(&bytes)
+                        .map_err(|e| Error::Payload(format!("{path} is not JSON: {e}")));
                 }
                 let mut out = serde_json::Map::with_capacity(map.len());
                 for (k, v) in map {
-                    let v = if contains_ref(&v) { Box::pin(self.hydrate_inner(v)).await? } else { v };
+                    let v = if contains_ref(&v) {
+                        Box::pin(self.hydrate_inner(v)).await?
+                    } else {
+                        v
+                    };
                     out.insert(k, v);
                 }
                 Ok(Value::Object(out))
@@ -118,7 +145,11 @@ impl PayloadStore {
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for v in items {
-                    out.push(if contains_ref(&v) { Box::pin(self.hydrate_inner(v)).await? } else { v });
+                    out.push(if contains_ref(&v) {
+                        Box::pin(self.hydrate_inner(v)).await?
+                    } else {
+                        v
+                    });
                 }
                 Ok(Value::Array(out))
             }
@@ -155,7 +186,10 @@ mod tests {
         let dir = tempfile_dir();
         let store = PayloadStore::from_url(&format!("file://{}", dir.display()), 1024).unwrap();
         let small = json!({"a": 1});
-        assert_eq!(store.offload(small.clone(), "t/r/small").await.unwrap(), small);
+        assert_eq!(
+            store.offload(small.clone(), "t/r/small").await.unwrap(),
+            small
+        );
         let big = json!({"blob": "x".repeat(5000)});
         let r = store.offload(big.clone(), "t/r/big").await.unwrap();
         assert_eq!(reference(&r).as_deref(), Some("payloads/t/r/big.json"));

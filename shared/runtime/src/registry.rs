@@ -72,7 +72,11 @@ impl Registry {
                 Some((v, _)) if v >= version => return Ok(version),
                 Some((_, rev)) => self
                     .kv
-                    .update(latest_key(tenant, &wf.name), version.to_string().into(), rev)
+                    .update(
+                        latest_key(tenant, &wf.name),
+                        version.to_string().into(),
+                        rev,
+                    )
                     .await
                     .map(|_| ())
                     .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
@@ -86,7 +90,12 @@ impl Registry {
             match res {
                 Ok(()) => return Ok(version),
                 Err(true) => continue,
-                Err(false) => return Err(Error::Nats(format!("moving the latest version of {}", wf.name))),
+                Err(false) => {
+                    return Err(Error::Nats(format!(
+                        "moving the latest version of {}",
+                        wf.name
+                    )));
+                }
             }
         }
     }
@@ -99,11 +108,21 @@ impl Registry {
             .map_err(|e| Error::Nats(format!("reading latest version of {name}: {e}")))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| std::str::from_utf8(&e.value).ok().and_then(|s| s.parse().ok()).map(|v| (v, e.revision))))
+            .and_then(|e| {
+                std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map(|v| (v, e.revision))
+            }))
     }
 
     /// A definition: the given version, or the latest. Returns it with its version.
-    pub async fn get(&self, tenant: &str, name: &str, version: Option<u32>) -> Result<(Workflow, u32)> {
+    pub async fn get(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<(Workflow, u32)> {
         let not_found = || Error::WorkflowNotFound {
             tenant: tenant.to_string(),
             name: name.to_string(),
@@ -122,21 +141,28 @@ impl Registry {
             .await
             .map_err(|e| Error::Nats(format!("reading {name} v{version}: {e}")))?
             .ok_or_else(not_found)?;
-        let wf = serde_json::from_slice(&body).map_err(|e| Error::Payload(format!("stored {name} v{version}: {e}")))?;
+        let wf = serde_json::from_slice(&body)
+            .map_err(|e| Error::Payload(format!("stored {name} v{version}: {e}")))?;
         Ok((wf, version))
     }
 
     /// Workflows of a tenant with their latest version, by name.
     pub async fn list(&self, tenant: &str) -> Result<Vec<(String, u32)>> {
-        let mut keys = self.kv.keys().await.map_err(|e| Error::Nats(format!("listing workflows: {e}")))?;
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| Error::Nats(format!("listing workflows: {e}")))?;
         let prefix = format!("{tenant}.");
         let mut out = Vec::new();
         while let Some(k) = keys.next().await {
             let k = k.map_err(|e| Error::Nats(format!("listing workflows: {e}")))?;
-            if let Some(name) = k.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".latest")) {
-                if let Some((v, _)) = self.latest(tenant, name).await? {
-                    out.push((name.to_string(), v));
-                }
+            if let Some(name) = k
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".latest"))
+                && let Some((v, _)) = self.latest(tenant, name).await?
+            {
+                out.push((name.to_string(), v));
             }
         }
         out.sort();

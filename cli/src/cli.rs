@@ -1,0 +1,289 @@
+//! Command-line arguments of `aob` (clap derive). Each command's `--help` ends with examples.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The `aob` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "aob",
+    version,
+    about = "AOB: workflows as serverless functions on NATS JetStream",
+    long_about = "AOB: workflows as serverless functions on NATS JetStream.\n\n\
+        Without --nats-url or NATS_URL, commands connect to the URL that `aob dev` wrote to \
+        .aob/nats.url in the current directory, else to nats://127.0.0.1:4222.",
+    after_help = "EXAMPLES:\n  \
+        aob dev                                          # NATS, engine and functions in one process\n  \
+        aob workflow publish examples/chain/workflow.yaml\n  \
+        aob run start greeting --input '{\"name\": \"Ada\"}' --wait\n  \
+        aob run list\n  \
+        aob --tenant acme run get 01JAB3XYZ --json"
+)]
+pub struct Cli {
+    /// Tenant whose workflows and runs are used.
+    #[arg(long, global = true, env = "AOB_TENANT", default_value = "default")]
+    pub tenant: String,
+    /// NATS server URL (default: the URL in .aob/nats.url written by `aob dev`, else nats://127.0.0.1:4222).
+    #[arg(long, global = true, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run NATS, the engine and all functions in one process, for development.
+    #[command(
+        long_about = "Runs everything in one process: a local nats-server with JetStream (unless \
+            --nats-url or NATS_URL points to one), the topology, the engine with its timer service, \
+            and the transform, validate, http and wait functions. Payloads larger than the offload \
+            threshold go to <data>/payloads unless AOB_PAYLOAD_URL is set. The server's URL is \
+            written to <data>/nats.url so that other shells can use it. Ctrl-C stops everything.",
+        after_help = "EXAMPLES:\n  \
+            aob dev\n  \
+            aob dev --data /tmp/aobdev\n  \
+            aob dev --example examples/chain/workflow.yaml --input '{\"name\": \"Ada\"}'\n  \
+            # in another shell:\n  \
+            export NATS_URL=$(cat .aob/nats.url)"
+    )]
+    Dev(DevArgs),
+    /// Create or check the NATS streams, buckets and consumers.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob streams apply\n  \
+            aob streams apply --replicas 3\n  \
+            aob streams diff || echo 'drift!'"
+    )]
+    Streams(StreamsCommand),
+    /// Validate, publish and inspect workflow definitions.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob workflow validate examples/*/workflow.yaml\n  \
+            aob workflow publish examples/chain/workflow.yaml\n  \
+            aob workflow list\n  \
+            aob workflow show greeting --version 1"
+    )]
+    Workflow(WorkflowCommand),
+    /// Start, inspect, follow and cancel runs.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob run start greeting --input '{\"name\": \"Ada\"}' --wait\n  \
+            aob run get 01JAB3XYZ\n  \
+            aob run watch 01JAB3XYZ\n  \
+            aob run list --limit 5\n  \
+            aob run cancel 01JAB3XYZ --reason 'wrong input'"
+    )]
+    Run(RunCommand),
+    /// Measure throughput and latency of runs (not yet implemented).
+    #[command(after_help = "EXAMPLES:\n  aob bench")]
+    Bench(crate::bench::BenchArgs),
+}
+
+/// `aob dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Directory for the NATS store, payloads and nats.url.
+    #[arg(long, default_value = ".aob", value_name = "DIR")]
+    pub data: PathBuf,
+    /// Once ready, publish this workflow, start one run of it and show its progress.
+    #[arg(long, value_name = "FILE")]
+    pub example: Option<PathBuf>,
+    /// Input of the example run: JSON, or @file.json.
+    #[arg(long, value_name = "JSON", requires = "example")]
+    pub input: Option<String>,
+}
+
+/// `aob streams ...`.
+#[derive(Debug, Subcommand)]
+pub enum StreamsCommand {
+    /// Create what is missing and update what drifted (safe to repeat).
+    #[command(after_help = "EXAMPLES:\n  \
+        aob streams apply\n  \
+        NATS_URL=nats://nats.prod:4222 aob streams apply --replicas 3")]
+    Apply(ReplicasArg),
+    /// Show differences between the wanted topology and the server's; exit code 1 on drift.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob streams diff\n  \
+        aob streams diff --replicas 3 || aob streams apply --replicas 3")]
+    Diff(ReplicasArg),
+}
+
+/// Replicas of the topology.
+#[derive(Debug, Args)]
+pub struct ReplicasArg {
+    /// Replicas of every stream and bucket (1 for a single server, 3 for a cluster).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub replicas: u16,
+}
+
+/// `aob workflow ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Check definition files without a server; prints every problem, exit code 1 if any.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob workflow validate workflow.yaml\n  \
+        aob workflow validate examples/*/workflow.yaml")]
+    Validate {
+        /// Definition files (YAML or JSON).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Validate a definition and publish it as a new version (or the version it names).
+    #[command(after_help = "EXAMPLES:\n  \
+        aob workflow publish examples/chain/workflow.yaml\n  \
+        aob --tenant acme workflow publish order.json")]
+    Publish {
+        /// Definition file (YAML or JSON).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List the tenant's workflows with their latest version.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob workflow list\n  \
+        aob --tenant acme workflow list")]
+    List,
+    /// Show a published definition: its steps with their type and needs.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob workflow show greeting\n  \
+        aob workflow show greeting --version 2 --json")]
+    Show {
+        /// Workflow name.
+        name: String,
+        /// Version (default: the latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Print the stored definition as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `aob run ...`.
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Start a run; prints its id (with --wait, its progress until it ends).
+    #[command(
+        long_about = "Starts a run of a published workflow and prints its id. The run id is \
+            chosen here (a new ULID unless --run-id is given) and sent as the message id, so \
+            repeating the same command with the same --run-id starts the run once. An input \
+            larger than the offload threshold goes to the payload store (AOB_PAYLOAD_URL). \
+            With --wait the exit code is 0 only when the run completes.",
+        after_help = "EXAMPLES:\n  \
+            aob run start greeting --input '{\"name\": \"Ada\"}'\n  \
+            aob run start greeting --input @input.json --wait\n  \
+            aob run start greeting --version 2 --run-id order-1234 --wait --timeout 5m\n  \
+            echo '{\"name\": \"Ada\"}' | aob run start greeting --input @-"
+    )]
+    Start(StartArgs),
+    /// Show a run's status and its steps.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run get 01JAB3XYZ\n  \
+        aob run get 01JAB3XYZ --json | jq .steps")]
+    Get {
+        /// Run id.
+        id: String,
+        /// Print the run state as JSON, with offloaded values loaded.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's history so far, then follow it until it ends.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run watch 01JAB3XYZ\n  \
+        aob run watch 01JAB3XYZ --timeout 10m")]
+    Watch {
+        /// Run id.
+        id: String,
+        /// Give up after this long (e.g. `30s`, `5m`).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Option<Duration>,
+    },
+    /// List the tenant's runs, newest first.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run list\n  \
+        aob run list --limit 100")]
+    List {
+        /// Most runs shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Ask a run to stop: running steps are told, pending ones are skipped.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run cancel 01JAB3XYZ\n  \
+        aob run cancel 01JAB3XYZ --reason 'wrong input'")]
+    Cancel {
+        /// Run id.
+        id: String,
+        /// Why, shown in the history.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+}
+
+/// `aob run start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Workflow name.
+    pub name: String,
+    /// Version to run (default: the latest).
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Run input: JSON text, @file.json, or @- for standard input (default `{}`).
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub input: Option<String>,
+    /// Run id (`[A-Za-z0-9_-]`, at most 128); default: a new ULID.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// Show the run's progress until it ends; exit code 0 only when it completes.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long (e.g. `30s`, `5m`).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write it like `30s` or `5m`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_has_examples() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_name() != "help" {
+                let after = cmd.get_after_help().map(|s| s.to_string()).unwrap_or_default();
+                assert!(after.contains("EXAMPLES:"), "`{path}` has no EXAMPLES in its help");
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path);
+            }
+        }
+        walk(&Cli::command(), "");
+    }
+
+    #[test]
+    fn global_flags_and_start_args() {
+        let cli = Cli::try_parse_from(["aob", "run", "start", "greeting", "--input", "{}", "--wait", "--timeout", "5s", "--tenant", "acme"]).unwrap();
+        assert_eq!(cli.tenant, "acme");
+        let Command::Run(RunCommand::Start(args)) = cli.command else { panic!("not run start") };
+        assert!(args.wait);
+        assert_eq!(args.timeout, Some(Duration::from_secs(5)));
+        assert!(Cli::try_parse_from(["aob", "run", "start", "greeting", "--timeout", "5s"]).is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Local HTTP endpoints the tests' `http` steps call.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+
+/// What the endpoints saw.
+pub struct Counters {
+    /// Requests per path.
+    pub hits: Mutex<HashMap<String, usize>>,
+    /// Requests in flight right now, and the most seen at once.
+    pub in_flight: AtomicUsize,
+    /// Most requests in flight at once.
+    pub max_in_flight: AtomicUsize,
+    /// Idempotency keys whose effect was applied.
+    pub applied: Mutex<HashSet<String>>,
+    /// `/hold` requests wait for a permit of this (none until the test releases them).
+    pub release: Semaphore,
+    /// Signalled when a `/hold` request arrives.
+    pub arrived: Notify,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            hits: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            applied: Mutex::default(),
+            release: Semaphore::new(0),
+            arrived: Notify::new(),
+        }
+    }
+}
+
+impl Counters {
+    /// Lets every held `/hold` request (and later ones) go on.
+    pub fn release_all(&self) {
+        self.release.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Requests seen on a path.
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .map(|m| m.get(path).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+fn hit(c: &Counters, path: &str) -> usize {
+    let mut m = c.hits.lock().unwrap_or_else(|e| e.into_inner());
+    let n = m.entry(path.to_string()).or_default();
+    *n += 1;
+    *n
+}
+
+/// Starts the endpoints on a free local port:
+/// - `/flaky/<name>`: 503 for the first two requests, then 200 `{"ok": true, "attempt": n}`;
+/// - `/ok`: 200 `{"ok": true}`; `/missing`: 404;
+/// - `/slow/<ms>`: 200 after a delay, tracking requests in flight;
+/// - `/big/<bytes>`: 200 with a JSON body `{"data": "xxxx…"}` of about that size;
+/// - `/hold`: waits for [`Counters::release`], then applies the effect named by the
+///   `aob-idempotency-key` header once.
+pub async fn serve() -> (SocketAddr, Arc<Counters>) {
+    let counters = Arc::new(Counters::default());
+    let app = Router::new()
+        .route(
+            "/ok",
+            get(|State(c): State<Arc<Counters>>| async move {
+                hit(&c, "/ok");
+                axum::Json(json!({"ok": true}))
+            }),
+        )
+        .route(
+            "/missing",
+            get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
+        )
+        .route("/flaky/{name}", get(flaky))
+        .route("/slow/{ms}", get(slow))
+        .route("/big/{bytes}", get(big))
+        .route("/hold", get(hold))
+        .with_state(counters.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, counters)
+}
+
+async fn flaky(State(c): State<Arc<Counters>>, Path(name): Path<String>) -> Response {
+    let n = hit(&c, &format!("/flaky/{name}"));
+    if n <= 2 {
+        (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+    } else {
+        axum::Json(json!({"ok": true, "attempt": n})).into_response()
+    }
+}
+
+async fn slow(State(c): State<Arc<Counters>>, Path(ms): Path<u64>) -> Response {
+    hit(&c, "/slow");
+    let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    c.in_flight.fetch_sub(1, Ordering::SeqCst);
+    axum::Json(json!({"slept_ms": ms})).into_response()
+}
+
+async fn big(Path(bytes): Path<usize>) -> Response {
+    axum::Json(json!({"data": "x".repeat(bytes)})).into_response()
+}
+
+async fn hold(State(c): State<Arc<Counters>>, headers: HeaderMap) -> Response {
+    hit(&c, "/hold");
+    c.arrived.notify_one();
+    if let Ok(p) = c.release.acquire().await {
+        p.forget();
+    }
+    let key = headers
+        .get("aob-idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string();
+    let fresh = c.applied.lock().map(|mut s| s.insert(key)).unwrap_or(false);
+    axum::Json(json!({"applied": fresh})).into_response()
+}

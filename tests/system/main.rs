@@ -1,0 +1,6 @@
+//! Whole-system tests: each starts its own nats-server on a free port with a temporary
+//! store, the topology, the engine and the functions, and drives real runs.
+
+mod flow;
+mod robustness;
+mod topology;

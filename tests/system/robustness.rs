@@ -1,0 +1,409 @@
+//! Duplicates, garbage, crashes and races.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aob_engine::Engine;
+use aob_engine::store::{Conflict, NatsStore, RunStore, StoreError};
+use aob_model::state::RunStatus;
+use aob_model::wire::{HistoryKind, Outcome, StepRef, StepResult};
+use aob_streams::subjects;
+use aob_tests::{Fns, Stack, binary, endpoints};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::Barrier;
+
+const T: &str = "default";
+const ONE_STEP: &str = "name: one\nsteps:\n  - {id: a, type: transform, output: {ok: true}}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_msg_id_twice_gives_one_run() {
+    let s = Stack::start().await.unwrap();
+    s.publish(T, ONE_STEP).await.unwrap();
+    // No run_id in the body: the run id comes from the Nats-Msg-Id.
+    let body = serde_json::to_vec(&json!({"workflow": "one", "input": {}})).unwrap();
+    s.publish_raw(&subjects::start(T), Some("order-17"), body.clone())
+        .await
+        .unwrap();
+    s.publish_raw(&subjects::start(T), Some("order-17"), body)
+        .await
+        .unwrap();
+    let (state, _) = s.wait_run(T, "order-17").await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    assert_eq!(
+        s.count(aob_streams::CMD, &subjects::start(T))
+            .await
+            .unwrap(),
+        1,
+        "JetStream dropped the duplicate"
+    );
+    assert_eq!(
+        s.count(
+            aob_streams::HISTORY,
+            &subjects::history(T, "order-17", "started")
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    // Beyond dedup: a second start naming the same run id is ignored by the engine.
+    let again =
+        serde_json::to_vec(&json!({"workflow": "one", "input": {}, "run_id": "order-17"})).unwrap();
+    s.publish_raw(&subjects::start(T), Some("another-id"), again)
+        .await
+        .unwrap();
+    s.publish(
+        T,
+        "name: one\nversion: 9\nsteps:\n  - {id: a, type: transform, output: 1}\n",
+    )
+    .await
+    .unwrap();
+    let marker = s.start_run(T, "one", json!({})).await.unwrap();
+    s.wait_run(T, &marker).await.unwrap();
+    assert_eq!(
+        s.count(
+            aob_streams::HISTORY,
+            &subjects::history(T, "order-17", "started")
+        )
+        .await
+        .unwrap(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_starts_are_rejected_on_the_history_subject() {
+    let s = Stack::start().await.unwrap();
+    s.publish(T, "name: typed\ninput: {type: object, required: [n], properties: {n: {type: integer}}}\nsteps:\n  - {id: a, type: transform, output: 1}\n")
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "unknown-wf",
+            json!({"workflow": "nope", "run_id": "unknown-wf"}),
+            "not found",
+        ),
+        (
+            "bad-input",
+            json!({"workflow": "typed", "run_id": "bad-input", "input": {"n": "three"}}),
+            "input does not match",
+        ),
+        (
+            "bad-field",
+            json!({"workflow": "typed", "run_id": "bad-field", "inputs": {}}),
+            "unknown field",
+        ),
+    ];
+    for (run, body, _) in &cases {
+        s.publish_raw(
+            &subjects::start(T),
+            Some(run),
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    s.publish_raw(
+        &subjects::start(T),
+        Some("not-json"),
+        b"{{{ garbage".to_vec(),
+    )
+    .await
+    .unwrap();
+    for (run, _, needle) in &cases {
+        let events = s
+            .history_until(T, run, |e| e.kind.is_terminal(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(last.kind, HistoryKind::Rejected);
+        assert!(
+            last.message.as_ref().unwrap().contains(needle),
+            "{run}: {:?}",
+            last.message
+        );
+        assert!(
+            s.run_state(T, run).await.unwrap().is_none(),
+            "a rejected start creates no run"
+        );
+    }
+    // Garbage with only a message id: rejected under that id.
+    let events = s
+        .history_until(
+            T,
+            "not-json",
+            |e| e.kind.is_terminal(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(
+        events[0]
+            .message
+            .as_ref()
+            .unwrap()
+            .contains("not a start command")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_consumed_subject_is_dead_lettered_and_work_goes_on() {
+    let s = Stack::start().await.unwrap();
+    s.publish(T, ONE_STEP).await.unwrap();
+    let mut subjects_hit = vec![
+        subjects::start(T),
+        subjects::signal(T, "some-run"),
+        subjects::result(T, "some-run"),
+    ];
+    for t in aob_model::nodes::NODE_TYPES {
+        subjects_hit.push(subjects::task(T, t));
+    }
+    let garbage: Vec<Vec<u8>> = vec![
+        b"\x00\xff\xfe not json".to_vec(),
+        b"{\"task\": 1}".to_vec(),
+        vec![b'x'; 900 * 1024],
+    ];
+    let mut n = 0;
+    for subject in &subjects_hit {
+        for (i, g) in garbage.iter().enumerate() {
+            s.publish_raw(subject, Some(&format!("g{n}-{i}")), g.clone())
+                .await
+                .unwrap();
+            n += 1;
+        }
+    }
+    // A real run after the garbage still completes: no consumer is blocked.
+    let run = s.start_run(T, "one", json!({})).await.unwrap();
+    let (state, _) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    // Every garbage message is recorded with its reason.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let letters = s
+            .messages(aob_streams::DLQ, &subjects::dlq_of_tenant(T))
+            .await
+            .unwrap();
+        if letters.len() >= n {
+            assert_eq!(letters.len(), n, "one dead letter per bad message");
+            for l in &letters {
+                assert!(!l["reason"].as_str().unwrap().is_empty());
+                assert!(subjects_hit.contains(&l["subject"].as_str().unwrap().to_string()));
+            }
+            assert!(letters.iter().any(|l| {
+                l["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("larger than the limit")
+            }));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} dead letters",
+            letters.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing is left unacked or waiting for redelivery.
+    for (stream, consumer) in [
+        (aob_streams::CMD, "engine-cmd"),
+        (aob_streams::RESULTS, "engine-results"),
+        (aob_streams::TASKS, "fn-http"),
+    ] {
+        let st = s.js.get_stream(stream).await.unwrap();
+        let mut c = st
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        assert_eq!(info.num_ack_pending, 0, "{consumer} holds messages");
+    }
+}
+
+/// Kill the `http` function process mid-step: the task is redelivered to a new process and
+/// the run completes; the endpoint applies the effect once (by the idempotency key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_killed_mid_step_loses_nothing_and_applies_once() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let (addr, counters) = endpoints::serve().await;
+    s.publish(T, &format!("name: held\nsteps:\n  - {{id: call, type: http, url: 'http://{addr}/hold'}}\n  - {{id: after, type: transform, needs: [call], output: ok}}\n"))
+        .await
+        .unwrap();
+    let spawn = || {
+        std::process::Command::new(binary("aob-http").unwrap())
+            .env("NATS_URL", s.server.url())
+            .env("AOB_PAYLOAD_URL", &s.payload_url)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let run = s.start_run(T, "held", json!({})).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), counters.arrived.notified())
+        .await
+        .expect("first attempt reached the endpoint");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = spawn();
+    tokio::time::timeout(Duration::from_secs(30), counters.arrived.notified())
+        .await
+        .expect("the task was redelivered");
+    counters.release_all();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    second.kill().unwrap();
+    let _ = second.wait();
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    assert_eq!(counters.hits("/hold"), 2, "delivered twice");
+    assert_eq!(
+        counters.applied.lock().unwrap().len(),
+        1,
+        "effect applied once"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == HistoryKind::StepCompleted && e.step.as_deref() == Some("call"))
+            .count(),
+        1
+    );
+}
+
+/// A run store that makes two writers read the same revision before either writes.
+struct Racing {
+    inner: NatsStore,
+    barrier: Barrier,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl RunStore for Racing {
+    async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+        let r = self.inner.get(key).await;
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.barrier.wait().await;
+        }
+        r
+    }
+    async fn create(&self, key: &str, value: Bytes) -> Result<Result<u64, Conflict>, StoreError> {
+        self.inner.create(key, value).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<Result<u64, Conflict>, StoreError> {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.inner.update(key, value, revision).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_results_racing_on_a_join_fire_it_once() {
+    let s = Stack::bare().await.unwrap();
+    s.publish(T, "name: join\nsteps:\n  - {id: a, type: wait, duration: 1h}\n  - {id: b, type: wait, duration: 1h}\n  - {id: j, type: transform, needs: [a, b], output: joined}\n")
+        .await
+        .unwrap();
+    let kv = s.js.get_key_value(aob_streams::RUNS).await.unwrap();
+    let racing = Racing {
+        inner: NatsStore(kv.clone()),
+        barrier: Barrier::new(2),
+        armed: false.into(),
+    };
+    let e1 = Arc::new(
+        Engine::with_store(
+            s.js.clone(),
+            racing,
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let e2 = Arc::new(
+        Engine::connect(
+            s.client.clone(),
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    // Start the run through e2 (no functions run: the tasks just sit in the stream); e1 has
+    // not seen the run, so it reads it from the store and waits at the barrier.
+    let run = s.start_run(T, "join", json!({})).await.unwrap();
+    let cmd = aob_runtime::nats::bind(&s.js, aob_streams::CMD, aob_streams::ENGINE_CMD)
+        .await
+        .unwrap();
+    let mut batch = cmd.fetch().max_messages(1).messages().await.unwrap();
+    let msg = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
+    e2.on_message(msg).await;
+    assert!(s.run_state(T, &run).await.unwrap().is_some());
+    // Both parents' results arrive together; each engine handles one, racing.
+    for step in ["a", "b"] {
+        let r = StepResult {
+            tenant: T.into(),
+            run_id: run.clone(),
+            at: StepRef {
+                step: step.into(),
+                item: None,
+                iteration: None,
+                attempt: 1,
+            },
+            outcome: Outcome::Completed {
+                output: json!(step),
+            },
+            duration_ms: 0,
+        };
+        s.publish_raw(
+            &subjects::result(T, &run),
+            None,
+            serde_json::to_vec(&r).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let res = aob_runtime::nats::bind(&s.js, aob_streams::RESULTS, aob_streams::ENGINE_RESULTS)
+        .await
+        .unwrap();
+    let mut batch = res.fetch().max_messages(2).messages().await.unwrap();
+    let m1 = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
+    let m2 = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
+    e1.store()
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let racer = {
+        let e1 = e1.clone();
+        tokio::spawn(async move { e1.on_message(m1).await })
+    };
+    // e2 applies the other result and writes; then e1, holding the older revision, goes on.
+    e2.on_message(m2).await;
+    e1.store().barrier.wait().await;
+    racer.await.unwrap();
+    assert!(
+        e1.metrics
+            .cas_conflicts
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1,
+        "the stale write lost and was retried"
+    );
+    let state = s.run_state(T, &run).await.unwrap().unwrap();
+    assert_eq!(
+        state.steps["a"].status,
+        aob_model::state::StepStatus::Completed
+    );
+    assert_eq!(
+        state.steps["b"].status,
+        aob_model::state::StepStatus::Completed
+    );
+    assert_eq!(
+        state.steps["j"].status,
+        aob_model::state::StepStatus::Running
+    );
+    assert_eq!(
+        s.count(aob_streams::TASKS, &subjects::task(T, "transform"))
+            .await
+            .unwrap(),
+        1,
+        "the join fired once"
+    );
+}

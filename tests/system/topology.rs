@@ -1,0 +1,58 @@
+//! The topology applies idempotently and reports drift; the NATS run store passes the
+//! same battery as its memory twin.
+
+use aob_streams::Topology;
+use aob_tests::Stack;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_twice_changes_nothing_and_diff_shows_drift() {
+    let s = Stack::bare().await.unwrap();
+    // Stack::bare applied it once already.
+    assert!(
+        s.topology.apply(&s.js).await.unwrap().is_empty(),
+        "second apply changes nothing"
+    );
+    assert!(s.topology.diff(&s.js).await.unwrap().is_empty());
+    // Someone changes a stream by hand: diff names it, apply puts it back.
+    let mut cfg =
+        s.js.get_stream(aob_streams::HISTORY)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+    cfg.max_age = std::time::Duration::from_secs(3600);
+    s.js.update_stream(cfg).await.unwrap();
+    let drift = s.topology.diff(&s.js).await.unwrap();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].object, "stream AOB_HISTORY");
+    assert!(drift[0].change.starts_with("max_age"));
+    assert_eq!(s.topology.apply(&s.js).await.unwrap().len(), 1);
+    assert!(s.topology.diff(&s.js).await.unwrap().is_empty());
+    // A missing consumer is drift too.
+    s.js.get_stream(aob_streams::TASKS)
+        .await
+        .unwrap()
+        .delete_consumer("fn-http")
+        .await
+        .unwrap();
+    let drift = s.topology.diff(&s.js).await.unwrap();
+    assert_eq!(
+        drift.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        ["consumer AOB_TASKS/fn-http: missing"]
+    );
+    let other = Topology {
+        replicas: 1,
+        ..Topology::default()
+    };
+    assert!(!other.diff(&s.js).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_run_store_passes_the_battery() {
+    let s = Stack::bare().await.unwrap();
+    let kv = s.js.get_key_value(aob_streams::RUNS).await.unwrap();
+    aob_engine::store::battery(&aob_engine::store::NatsStore(kv), "t").await;
+}
