@@ -26,7 +26,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "AOB_TENANT", default_value = "default")]
     pub tenant: String,
     /// NATS server URL (default: the URL in .aob/nats.url written by `aob dev`, else nats://127.0.0.1:4222).
-    #[arg(long, global = true, env = "NATS_URL")]
+    #[arg(long, global = true, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
     /// What to do.
     #[command(subcommand)]
@@ -249,7 +249,8 @@ pub struct StartArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write it like `30s` or `5m`"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write it like `30s` or `5m`"))
 }
 
 #[cfg(test)]
@@ -267,8 +268,14 @@ mod tests {
         fn walk(cmd: &clap::Command, path: &str) {
             let path = format!("{path} {}", cmd.get_name());
             if cmd.get_name() != "help" {
-                let after = cmd.get_after_help().map(|s| s.to_string()).unwrap_or_default();
-                assert!(after.contains("EXAMPLES:"), "`{path}` has no EXAMPLES in its help");
+                let after = cmd
+                    .get_after_help()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    after.contains("EXAMPLES:"),
+                    "`{path}` has no EXAMPLES in its help"
+                );
             }
             for sub in cmd.get_subcommands() {
                 walk(sub, &path);
@@ -279,11 +286,28 @@ mod tests {
 
     #[test]
     fn global_flags_and_start_args() {
-        let cli = Cli::try_parse_from(["aob", "run", "start", "greeting", "--input", "{}", "--wait", "--timeout", "5s", "--tenant", "acme"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "aob",
+            "run",
+            "start",
+            "greeting",
+            "--input",
+            "{}",
+            "--wait",
+            "--timeout",
+            "5s",
+            "--tenant",
+            "acme",
+        ])
+        .unwrap();
         assert_eq!(cli.tenant, "acme");
-        let Command::Run(RunCommand::Start(args)) = cli.command else { panic!("not run start") };
+        let Command::Run(RunCommand::Start(args)) = cli.command else {
+            panic!("not run start")
+        };
         assert!(args.wait);
         assert_eq!(args.timeout, Some(Duration::from_secs(5)));
-        assert!(Cli::try_parse_from(["aob", "run", "start", "greeting", "--timeout", "5s"]).is_err());
+        assert!(
+            Cli::try_parse_from(["aob", "run", "start", "greeting", "--timeout", "5s"]).is_err()
+        );
     }
 }

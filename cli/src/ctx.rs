@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use aob_runtime::{Env, PayloadStore};
 
 /// The file `aob dev` writes the server URL to, relative to the current directory.
@@ -62,15 +62,18 @@ pub async fn connect(url: &str, source: &str) -> Result<async_nats::Client> {
         .connection_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .with_context(|| {
+        .map_err(|e| {
             let hint = if source == DEV_URL_FILE {
-                format!(" (from {DEV_URL_FILE}: is `aob dev` still running? delete the file if not)")
+                format!(
+                    " (from {DEV_URL_FILE}: is `aob dev` still running? delete the file if not)"
+                )
             } else if source == "default" {
                 " (default; start a server with `aob dev` or set NATS_URL)".to_string()
             } else {
                 format!(" (from {source})")
             };
-            format!("cannot connect to NATS at {}{hint}", redact(url))
+            // The error already quotes its cause; no chain needed.
+            anyhow::anyhow!("cannot connect to NATS at {}{hint}: {e}", redact(url))
         })
 }
 
@@ -97,7 +100,9 @@ mod tests {
     #[test]
     fn tenants_are_tokens() {
         assert!(Ctx::new("acme", Some("nats://x:4222")).is_ok());
-        let err = Ctx::new("a.b", Some("nats://x:4222")).unwrap_err().to_string();
+        let err = Ctx::new("a.b", Some("nats://x:4222"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tenant `a.b`"), "{err}");
     }
 

@@ -30,7 +30,8 @@ pub fn parse_input(arg: Option<&str>) -> Result<Value> {
 
 /// Reads a JSON input file.
 pub fn read_input_file(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--input @{}: cannot read the file", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--input @{}: cannot read the file", path.display()))?;
     parse_json(&text, &format!("--input @{}", path.display()))
 }
 
@@ -72,12 +73,20 @@ mod tests {
 
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"name\": }\n").unwrap();
-        let err = parse_input(Some(&format!("@{}", bad.display()))).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("--input @{} is not valid JSON", bad.display())), "{err}");
+        let err = parse_input(Some(&format!("@{}", bad.display())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("--input @{} is not valid JSON", bad.display())),
+            "{err}"
+        );
         assert!(err.contains("`{\"name\": }`"), "{err}");
 
         let missing = dir.path().join("missing.json");
-        let err = format!("{:#}", parse_input(Some(&format!("@{}", missing.display()))).unwrap_err());
+        let err = format!(
+            "{:#}",
+            parse_input(Some(&format!("@{}", missing.display()))).unwrap_err()
+        );
         assert!(err.contains("cannot read the file"), "{err}");
         assert!(err.contains("missing.json"), "{err}");
     }

@@ -1,1 +1,57 @@
+//! The `aob` command line as a library: the binary only parses arguments and calls
+//! [`execute`]; tests and tools can use [`dev::run_stack`], [`runs::start_and_wait`],
+//! [`progress::format_event`] and the rest directly.
 
+#[macro_use]
+pub mod out;
+
+pub mod bench;
+pub mod cli;
+pub mod ctx;
+pub mod dev;
+pub mod input;
+pub mod progress;
+pub mod runs;
+pub mod table;
+pub mod topology;
+pub mod workflows;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command, RunCommand, StreamsCommand, WorkflowCommand};
+use crate::ctx::Ctx;
+
+/// Runs one parsed command line; the exit code says how it went.
+pub async fn execute(cli: Cli) -> Result<ExitCode> {
+    let ctx = Ctx::new(&cli.tenant, cli.nats_url.as_deref())?;
+    if !matches!(cli.command, Command::Dev(_)) && std::env::var_os("RUST_LOG").is_some() {
+        aob_runtime::init_logging();
+    }
+    match cli.command {
+        Command::Dev(args) => dev::cmd_dev(&ctx, cli.nats_url.as_deref(), args).await,
+        Command::Streams(StreamsCommand::Apply(r)) => topology::apply(&ctx, r.replicas).await,
+        Command::Streams(StreamsCommand::Diff(r)) => topology::diff(&ctx, r.replicas).await,
+        Command::Workflow(WorkflowCommand::Validate { files }) => Ok(workflows::validate(&files)),
+        Command::Workflow(WorkflowCommand::Publish { file }) => {
+            workflows::publish(&ctx, &file).await
+        }
+        Command::Workflow(WorkflowCommand::List) => workflows::list(&ctx).await,
+        Command::Workflow(WorkflowCommand::Show {
+            name,
+            version,
+            json,
+        }) => workflows::show(&ctx, &name, version, json).await,
+        Command::Run(RunCommand::Start(args)) => runs::cmd_start(&ctx, args).await,
+        Command::Run(RunCommand::Get { id, json }) => runs::cmd_get(&ctx, &id, json).await,
+        Command::Run(RunCommand::Watch { id, timeout }) => {
+            runs::cmd_watch(&ctx, &id, timeout).await
+        }
+        Command::Run(RunCommand::List { limit }) => runs::cmd_list(&ctx, limit).await,
+        Command::Run(RunCommand::Cancel { id, reason }) => {
+            runs::cmd_cancel(&ctx, &id, reason).await
+        }
+        Command::Bench(args) => bench::run(args, &ctx).await.map(|()| ExitCode::SUCCESS),
+    }
+}

@@ -28,7 +28,10 @@ pub fn duration(ms: u64) -> String {
 
 /// One line of text: newlines and tabs become spaces, and very long text is cut with `…`.
 pub fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() <= max {
         flat
     } else {
@@ -55,11 +58,17 @@ pub fn step_label(ev: &HistoryEvent) -> String {
 }
 
 fn message(ev: &HistoryEvent) -> String {
-    one_line(ev.message.as_deref().unwrap_or("no reason given"), MAX_MESSAGE)
+    one_line(
+        ev.message.as_deref().unwrap_or("no reason given"),
+        MAX_MESSAGE,
+    )
 }
 
 fn data_u64(ev: &HistoryEvent, key: &str) -> Option<u64> {
-    ev.data.as_ref().and_then(|d| d.get(key)).and_then(Value::as_u64)
+    ev.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(Value::as_u64)
 }
 
 /// The status word of a terminal event: `COMPLETED`, `FAILED`, `CANCELLED`, `REJECTED`.
@@ -80,7 +89,9 @@ pub fn terminal_word(kind: HistoryKind) -> Option<&'static str> {
 /// by the reason or, for a completed run, the outputs of its last steps on a second line.
 pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
     let label = step_label(ev);
-    let took = took_ms.map(|ms| format!(" ({})", duration(ms))).unwrap_or_default();
+    let took = took_ms
+        .map(|ms| format!(" ({})", duration(ms)))
+        .unwrap_or_default();
     match ev.kind {
         HistoryKind::Started => {
             let data = ev.data.as_ref();
@@ -100,7 +111,10 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
                 .and_then(Value::as_str)
                 .map(|t| format!(" {t}"))
                 .unwrap_or_default();
-            format!("  ▸ {label}{kind} scheduled (attempt {})", ev.attempt.unwrap_or(1))
+            format!(
+                "  ▸ {label}{kind} scheduled (attempt {})",
+                ev.attempt.unwrap_or(1)
+            )
         }
         HistoryKind::StepWaiting => {
             let until = data_u64(ev, "until_ms")
@@ -110,8 +124,9 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
         }
         HistoryKind::StepCompleted => format!("  ✓ {label} completed{took}"),
         HistoryKind::StepRetrying => {
-            let next = data_u64(ev, "next_attempt").or(ev.attempt.map(|a| a + 1));
-            let delay = data_u64(ev, "delay_ms").map(|d| humantime::format_duration(Duration::from_millis(d)).to_string());
+            let next = data_u64(ev, "next_attempt").or(ev.attempt.map(|a| u64::from(a) + 1));
+            let delay = data_u64(ev, "delay_ms")
+                .map(|d| humantime::format_duration(Duration::from_millis(d)).to_string());
             let when = match (next, delay) {
                 (Some(n), Some(d)) => format!(" (attempt {n} in {d})"),
                 (Some(n), None) => format!(" (attempt {n} next)"),
@@ -123,15 +138,21 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
         HistoryKind::StepFailed => format!("  ✗ {label} failed: {}", message(ev)),
         HistoryKind::StepSkipped => format!("  ⤼ {label} skipped: {}", message(ev)),
         HistoryKind::LoopIteration => {
-            let next = data_u64(ev, "next").map(|n| format!(", next is {n}")).unwrap_or_default();
-            format!("  ↺ {label} iteration done{next}")
+            let next = data_u64(ev, "next")
+                .map(|n| format!("; next iteration {n}"))
+                .unwrap_or_default();
+            format!("  ↺ {label} done{next}")
         }
         HistoryKind::Abort => format!("  ■ stopping running steps: {}", message(ev)),
         HistoryKind::Completed => {
             let outputs = ev.data.as_ref().and_then(|d| d.get("outputs"));
             match outputs {
                 Some(o) if o.as_object().is_some_and(|m| !m.is_empty()) => {
-                    format!("run {} COMPLETED{took}\n  outputs: {}", ev.run_id, compact_json(o, MAX_JSON))
+                    format!(
+                        "run {} COMPLETED{took}\n  outputs: {}",
+                        ev.run_id,
+                        compact_json(o, MAX_JSON)
+                    )
                 }
                 _ => format!("run {} COMPLETED{took}", ev.run_id),
             }
@@ -174,7 +195,8 @@ impl Progress {
             HistoryKind::StepScheduled => {
                 let step = ev.step.clone().unwrap_or_default();
                 self.first_scheduled.entry(step.clone()).or_insert(ev.ts_ms);
-                self.scheduled.insert((step, ev.item, ev.iteration), ev.ts_ms);
+                self.scheduled
+                    .insert((step, ev.item, ev.iteration), ev.ts_ms);
                 None
             }
             HistoryKind::StepCompleted => {
@@ -216,7 +238,13 @@ mod tests {
         }
     }
 
-    fn step(kind: HistoryKind, seq: u64, ts_ms: u64, id: &str, attempt: Option<u32>) -> HistoryEvent {
+    fn step(
+        kind: HistoryKind,
+        seq: u64,
+        ts_ms: u64,
+        id: &str,
+        attempt: Option<u32>,
+    ) -> HistoryEvent {
         HistoryEvent {
             step: Some(id.into()),
             attempt,
@@ -236,13 +264,19 @@ mod tests {
             data: Some(json!({"type": "http"})),
             ..step(HistoryKind::StepScheduled, 2, 0, "fetch", Some(1))
         };
-        assert_eq!(format_event(&scheduled, None), "  ▸ fetch http scheduled (attempt 1)");
+        assert_eq!(
+            format_event(&scheduled, None),
+            "  ▸ fetch http scheduled (attempt 1)"
+        );
 
         let waiting = HistoryEvent {
             data: Some(json!({"until_ms": 5_000})),
             ..step(HistoryKind::StepWaiting, 3, 1_000, "pause", Some(1))
         };
-        assert_eq!(format_event(&waiting, None), "  ⏸ pause waiting (resumes in 4.0 s)");
+        assert_eq!(
+            format_event(&waiting, None),
+            "  ⏸ pause waiting (resumes in 4.0 s)"
+        );
 
         let done = step(HistoryKind::StepCompleted, 4, 0, "fetch", Some(1));
         assert_eq!(format_event(&done, Some(12)), "  ✓ fetch completed (12 ms)");
@@ -253,38 +287,56 @@ mod tests {
             data: Some(json!({"next_attempt": 2, "delay_ms": 100})),
             ..step(HistoryKind::StepRetrying, 5, 0, "fetch", Some(1))
         };
-        assert_eq!(format_event(&retrying, None), "  ↻ fetch retrying: HTTP 503 from https://x (attempt 2 in 100ms)");
+        assert_eq!(
+            format_event(&retrying, None),
+            "  ↻ fetch retrying: HTTP 503 from https://x (attempt 2 in 100ms)"
+        );
 
         let failed = HistoryEvent {
             message: Some("boom\nsecond line".into()),
             ..step(HistoryKind::StepFailed, 6, 0, "c", Some(2))
         };
-        assert_eq!(format_event(&failed, None), "  ✗ c failed: boom second line");
+        assert_eq!(
+            format_event(&failed, None),
+            "  ✗ c failed: boom second line"
+        );
 
         let skipped = HistoryEvent {
             message: Some("needs `a`, which failed".into()),
             ..step(HistoryKind::StepSkipped, 7, 0, "b", None)
         };
-        assert_eq!(format_event(&skipped, None), "  ⤼ b skipped: needs `a`, which failed");
+        assert_eq!(
+            format_event(&skipped, None),
+            "  ⤼ b skipped: needs `a`, which failed"
+        );
 
         let iteration = HistoryEvent {
             iteration: Some(0),
             data: Some(json!({"output": {}, "next": 1})),
             ..step(HistoryKind::LoopIteration, 8, 0, "poll", Some(1))
         };
-        assert_eq!(format_event(&iteration, None), "  ↺ poll[iteration 0] iteration done, next is 1");
+        assert_eq!(
+            format_event(&iteration, None),
+            "  ↺ poll[iteration 0] done; next iteration 1"
+        );
 
         let abort = HistoryEvent {
             message: Some("cancelled by ada".into()),
             ..ev(HistoryKind::Abort, 9, 0)
         };
-        assert_eq!(format_event(&abort, None), "  ■ stopping running steps: cancelled by ada");
+        assert_eq!(
+            format_event(&abort, None),
+            "  ■ stopping running steps: cancelled by ada"
+        );
 
         let completed = HistoryEvent {
             data: Some(json!({"outputs": {"b": {"x": 1}}})),
             ..ev(HistoryKind::Completed, 10, 0)
         };
-        assert_eq!(format_event(&completed, Some(45)), "run r1 COMPLETED (45 ms)\n  outputs: {\"b\":{\"x\":1}}");
+        assert_eq!(
+            format_event(&completed, Some(45)),
+            "run r1 COMPLETED (45 ms)\n  outputs: {\"b\":{\"x\":1}}"
+        );
         let empty = HistoryEvent {
             data: Some(json!({"outputs": {}})),
             ..ev(HistoryKind::Completed, 10, 0)
@@ -295,19 +347,28 @@ mod tests {
             message: Some("step `c` failed: boom".into()),
             ..ev(HistoryKind::Failed, 11, 0)
         };
-        assert_eq!(format_event(&run_failed, Some(1500)), "run r1 FAILED (1.5 s): step `c` failed: boom");
+        assert_eq!(
+            format_event(&run_failed, Some(1500)),
+            "run r1 FAILED (1.5 s): step `c` failed: boom"
+        );
 
         let cancelled = HistoryEvent {
             message: Some("cancelled by ada: no longer needed".into()),
             ..ev(HistoryKind::Cancelled, 12, 0)
         };
-        assert_eq!(format_event(&cancelled, None), "run r1 CANCELLED: cancelled by ada: no longer needed");
+        assert_eq!(
+            format_event(&cancelled, None),
+            "run r1 CANCELLED: cancelled by ada: no longer needed"
+        );
 
         let rejected = HistoryEvent {
             message: Some("workflow `nope` not found in tenant `default`".into()),
             ..ev(HistoryKind::Rejected, 1, 0)
         };
-        assert_eq!(format_event(&rejected, None), "run r1 REJECTED: workflow `nope` not found in tenant `default`");
+        assert_eq!(
+            format_event(&rejected, None),
+            "run r1 REJECTED: workflow `nope` not found in tenant `default`"
+        );
     }
 
     #[test]
@@ -323,9 +384,15 @@ mod tests {
     fn tracker_measures_steps_and_drops_duplicates() {
         let mut p = Progress::new();
         assert!(p.line(&ev(HistoryKind::Started, 1, 1_000)).is_some());
-        assert!(p.line(&step(HistoryKind::StepScheduled, 2, 1_000, "a", Some(1))).is_some());
+        assert!(
+            p.line(&step(HistoryKind::StepScheduled, 2, 1_000, "a", Some(1)))
+                .is_some()
+        );
         // A redelivered event is shown once.
-        assert_eq!(p.line(&step(HistoryKind::StepScheduled, 2, 1_000, "a", Some(1))), None);
+        assert_eq!(
+            p.line(&step(HistoryKind::StepScheduled, 2, 1_000, "a", Some(1))),
+            None
+        );
         let done = p.line(&step(HistoryKind::StepCompleted, 3, 1_012, "a", Some(1)));
         assert_eq!(done.as_deref(), Some("  ✓ a completed (12 ms)"));
         let end = p.line(&ev(HistoryKind::Completed, 4, 1_050));

@@ -36,7 +36,16 @@ mod tests {
 
     #[test]
     fn columns_line_up() {
-        let t = render(&["ID", "STATUS", "NOTE"], &[vec!["a".into(), "COMPLETED".into(), "".into()], vec!["long_id".into(), "FAILED".into(), "boom".into()]]);
-        assert_eq!(t, "ID       STATUS     NOTE\na        COMPLETED\nlong_id  FAILED     boom\n");
+        let t = render(
+            &["ID", "STATUS", "NOTE"],
+            &[
+                vec!["a".into(), "COMPLETED".into(), "".into()],
+                vec!["long_id".into(), "FAILED".into(), "boom".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "ID       STATUS     NOTE\na        COMPLETED\nlong_id  FAILED     boom\n"
+        );
     }
 }

@@ -28,12 +28,15 @@ pub fn applied_line(d: &Drift) -> String {
 pub async fn apply(ctx: &Ctx, replicas: u16) -> Result<ExitCode> {
     let client = ctx.connect().await?;
     let js = async_nats::jetstream::new(client);
-    let changes = topology(replicas).apply(&js).await.context("applying the topology")?;
+    let changes = topology(replicas)
+        .apply(&js)
+        .await
+        .context("applying the topology")?;
     if changes.is_empty() {
-        println!("in sync: nothing to change");
+        say!("in sync: nothing to change");
     }
     for d in &changes {
-        println!("{}", applied_line(d));
+        say!("{}", applied_line(d));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -42,14 +45,20 @@ pub async fn apply(ctx: &Ctx, replicas: u16) -> Result<ExitCode> {
 pub async fn diff(ctx: &Ctx, replicas: u16) -> Result<ExitCode> {
     let client = ctx.connect().await?;
     let js = async_nats::jetstream::new(client);
-    let drift = topology(replicas).diff(&js).await.context("comparing the topology")?;
+    let drift = topology(replicas)
+        .diff(&js)
+        .await
+        .context("comparing the topology")?;
     if drift.is_empty() {
-        println!("in sync");
+        say!("in sync");
         return Ok(ExitCode::SUCCESS);
     }
     for d in &drift {
-        println!("{d}");
+        say!("{d}");
     }
-    println!("{} difference(s); `aob streams apply` fixes them", drift.len());
+    say!(
+        "{} difference(s); `aob streams apply` fixes them",
+        drift.len()
+    );
     Ok(ExitCode::from(1))
 }

@@ -18,10 +18,17 @@ pub fn check_file(path: &Path) -> std::result::Result<(Workflow, String), Vec<St
     match aob_model::load_file(path) {
         Ok(wf) => {
             let n = wf.steps.len();
-            let line = format!("ok: {} ({}, {n} step{})", path.display(), wf.name, if n == 1 { "" } else { "s" });
+            let line = format!(
+                "ok: {} ({}, {n} step{})",
+                path.display(),
+                wf.name,
+                if n == 1 { "" } else { "s" }
+            );
             Ok((wf, line))
         }
-        Err(aob_model::Error::Invalid { problems }) => Err(problems.iter().map(|p| p.to_string()).collect()),
+        Err(aob_model::Error::Invalid { problems }) => {
+            Err(problems.iter().map(|p| p.to_string()).collect())
+        }
         Err(e) => Err(vec![e.to_string()]),
     }
 }
@@ -31,16 +38,20 @@ pub fn validate(files: &[PathBuf]) -> ExitCode {
     let mut bad = false;
     for f in files {
         match check_file(f) {
-            Ok((_, line)) => println!("{line}"),
+            Ok((_, line)) => say!("{line}"),
             Err(problems) => {
                 bad = true;
                 for p in problems {
-                    println!("{p}");
+                    say!("{p}");
                 }
             }
         }
     }
-    if bad { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if bad {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// How a publish went.
@@ -55,7 +66,11 @@ pub enum Published {
 /// Publishes a validated definition. A file without a version whose definition equals the
 /// latest published one is not published again, so that republishing an unchanged file
 /// does not mint versions.
-pub async fn publish_workflow(js: &async_nats::jetstream::Context, tenant: &str, wf: &Workflow) -> Result<Published> {
+pub async fn publish_workflow(
+    js: &async_nats::jetstream::Context,
+    tenant: &str,
+    wf: &Workflow,
+) -> Result<Published> {
     let registry = Registry::open(js).await?;
     if wf.version.is_none() {
         match registry.get(tenant, &wf.name, None).await {
@@ -88,9 +103,14 @@ pub async fn publish(ctx: &Ctx, file: &Path) -> Result<ExitCode> {
     };
     let client = ctx.connect().await?;
     let js = async_nats::jetstream::new(client);
-    match publish_workflow(&js, &ctx.tenant, &wf).await.with_context(|| format!("publishing {}", file.display()))? {
-        Published::New(v) => println!("published {} v{v}", wf.name),
-        Published::Unchanged(v) => println!("unchanged: {} v{v} is already this definition", wf.name),
+    match publish_workflow(&js, &ctx.tenant, &wf)
+        .await
+        .with_context(|| format!("publishing {}", file.display()))?
+    {
+        Published::New(v) => say!("published {} v{v}", wf.name),
+        Published::Unchanged(v) => {
+            say!("unchanged: {} v{v} is already this definition", wf.name)
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -101,11 +121,14 @@ pub async fn list(ctx: &Ctx) -> Result<ExitCode> {
     let registry = Registry::open(&async_nats::jetstream::new(client)).await?;
     let all = registry.list(&ctx.tenant).await?;
     if all.is_empty() {
-        println!("no workflows in tenant `{}`", ctx.tenant);
+        say!("no workflows in tenant `{}`", ctx.tenant);
         return Ok(ExitCode::SUCCESS);
     }
-    let rows: Vec<Vec<String>> = all.into_iter().map(|(name, v)| vec![name, format!("v{v}")]).collect();
-    print!("{}", crate::table::render(&["NAME", "LATEST"], &rows));
+    let rows: Vec<Vec<String>> = all
+        .into_iter()
+        .map(|(name, v)| vec![name, format!("v{v}")])
+        .collect();
+    crate::out::text(&crate::table::render(&["NAME", "LATEST"], &rows));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -115,9 +138,9 @@ pub async fn show(ctx: &Ctx, name: &str, version: Option<u32>, json: bool) -> Re
     let registry = Registry::open(&async_nats::jetstream::new(client)).await?;
     let (wf, v) = registry.get(&ctx.tenant, name, version).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&wf)?);
+        say!("{}", serde_json::to_string_pretty(&wf)?);
     } else {
-        print!("{}", summary(&wf, v));
+        crate::out::text(&summary(&wf, v));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,7 +174,10 @@ pub fn summary(wf: &Workflow, version: u32) -> String {
         if !s.needs.is_empty() {
             let _ = writeln!(out, "    needs: [{}]", s.needs.join(", "));
         }
-        let trigger = serde_json::to_value(s.trigger).ok().map(|t| text(&t)).unwrap_or_default();
+        let trigger = serde_json::to_value(s.trigger)
+            .ok()
+            .map(|t| text(&t))
+            .unwrap_or_default();
         if trigger != "all_success" && !trigger.is_empty() {
             let _ = writeln!(out, "    trigger: {trigger}");
         }
@@ -159,14 +185,26 @@ pub fn summary(wf: &Workflow, version: u32) -> String {
             let _ = writeln!(out, "    when: {w}");
         }
         if let Some(f) = &s.for_each {
-            let _ = writeln!(out, "    for_each: {} (concurrency {})", f.items, f.concurrency);
+            let _ = writeln!(
+                out,
+                "    for_each: {} (concurrency {})",
+                f.items, f.concurrency
+            );
         }
         if let Some(l) = &s.loop_ {
-            let _ = writeln!(out, "    loop: until {} (at most {} iterations)", l.until, l.max_iterations);
+            let _ = writeln!(
+                out,
+                "    loop: until {} (at most {} iterations)",
+                l.until, l.max_iterations
+            );
         }
         if let Some(r) = &s.retry {
             let b = &r.backoff;
-            let _ = writeln!(out, "    retry: {} attempts, backoff {} ×{} up to {}", r.max_attempts, b.initial, b.multiplier, b.max);
+            let _ = writeln!(
+                out,
+                "    retry: {} attempts, backoff {} ×{} up to {}",
+                r.max_attempts, b.initial, b.multiplier, b.max
+            );
         }
         if let Some(t) = &s.timeout {
             let _ = writeln!(out, "    timeout: {t}");
@@ -207,13 +245,25 @@ mod tests {
         assert_eq!(line, format!("ok: {} (pair, 2 steps)", good.display()));
 
         let s = summary(&wf, 1);
-        assert!(s.contains("  - id: b\n    type: transform\n    needs: [a]\n"), "{s}");
+        assert!(
+            s.contains("  - id: b\n    type: transform\n    needs: [a]\n"),
+            "{s}"
+        );
 
         let bad = dir.path().join("bad.yaml");
-        std::fs::write(&bad, "name: pair\nsteps:\n  - id: a\n    type: nope\n    needs: [zzz]\n").unwrap();
+        std::fs::write(
+            &bad,
+            "name: pair\nsteps:\n  - id: a\n    type: nope\n    needs: [zzz]\n",
+        )
+        .unwrap();
         let problems = check_file(&bad).unwrap_err();
         assert!(problems.len() >= 2, "{problems:?}");
-        assert!(problems.iter().all(|p| p.starts_with(&bad.display().to_string())), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.starts_with(&bad.display().to_string())),
+            "{problems:?}"
+        );
 
         let broken = dir.path().join("broken.yaml");
         std::fs::write(&broken, "name: [").unwrap();

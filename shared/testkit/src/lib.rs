@@ -86,7 +86,12 @@ impl NatsServer {
         } else {
             self.port.to_string()
         };
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        // Its own process group: a terminal's Ctrl-C goes to `aob dev`, which drains its
+        // work before the server is stopped.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(&self.store)
             .stdout(Stdio::null())
