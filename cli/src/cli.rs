@@ -81,9 +81,6 @@ pub enum Command {
             aob run cancel 01JAB3XYZ --reason 'wrong input'"
     )]
     Run(RunCommand),
-    /// Measure throughput and latency of runs (not yet implemented).
-    #[command(after_help = "EXAMPLES:\n  aob bench")]
-    Bench(crate::bench::BenchArgs),
 }
 
 /// `aob dev`.

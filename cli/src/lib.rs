@@ -5,7 +5,6 @@
 #[macro_use]
 pub mod out;
 
-pub mod bench;
 pub mod cli;
 pub mod ctx;
 pub mod dev;
@@ -52,6 +51,5 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Run(RunCommand::Cancel { id, reason }) => {
             runs::cmd_cancel(&ctx, &id, reason).await
         }
-        Command::Bench(args) => bench::run(args, &ctx).await.map(|()| ExitCode::SUCCESS),
     }
 }
