@@ -10,7 +10,6 @@ use aob_model::nodes::HttpConfig;
 use aob_model::wire::{Outcome, StepError, Task};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 /// Largest response body read, in bytes (10 MiB).
@@ -120,7 +119,7 @@ impl aob_runtime::Handler for HttpHandler {
     }
 
     async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
-        let mut config: HttpConfig = parse_config("http", &task.config)?;
+        let mut config: HttpConfig = aob_runtime::parse_config("http", &task.config)?;
         // At-least-once delivery: let the endpoint recognise a repeat of the same attempt.
         if !config
             .headers
@@ -277,37 +276,6 @@ fn error_body(bytes: &[u8], truncated: bool) -> Value {
     let mut text = String::from_utf8_lossy(cut).into_owned();
     text.push('…');
     Value::String(text)
-}
-
-/// Deserializes a step config; the error is terminal and names the offending field.
-fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
-    let err = match serde_json::from_value::<T>(config.clone()) {
-        Ok(c) => return Ok(c),
-        Err(e) => e.to_string(),
-    };
-    let message = match culprit::<T>(config, &err) {
-        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
-        None => format!("invalid {kind} config: {err}"),
-    };
-    Err(StepError::terminal(message))
-}
-
-/// The field responsible for a deserialization error: the one whose removal changes the
-/// error, or the one serde names as missing.
-fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
-    if let Value::Object(map) = config {
-        for key in map.keys() {
-            let mut without = map.clone();
-            without.remove(key);
-            match serde_json::from_value::<T>(Value::Object(without)) {
-                Ok(_) => return Some(key.clone()),
-                Err(e) if e.to_string() != err => return Some(key.clone()),
-                Err(_) => {}
-            }
-        }
-    }
-    let rest = err.split("missing field `").nth(1)?;
-    rest.split('`').next().map(str::to_string)
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use aob_model::expr::Expr;
 use aob_model::nodes::TransformConfig;
 use aob_model::wire::{Outcome, StepError, Task};
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// The `transform` function.
@@ -19,7 +18,7 @@ impl TransformHandler {
 
     /// Computes the output of one task.
     pub fn transform(&self, task: &Task) -> Result<Value, StepError> {
-        let config: TransformConfig = parse_config("transform", &task.config)?;
+        let config: TransformConfig = aob_runtime::parse_config("transform", &task.config)?;
         // `output: null` is a legitimate output, so look at the key, not the Option.
         let has_output = task.config.get("output").is_some();
         match (has_output, &config.expr) {
@@ -46,37 +45,6 @@ impl aob_runtime::Handler for TransformHandler {
         self.transform(&task)
             .map(|output| Outcome::Completed { output })
     }
-}
-
-/// Deserializes a step config; the error is terminal and names the offending field.
-fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
-    let err = match serde_json::from_value::<T>(config.clone()) {
-        Ok(c) => return Ok(c),
-        Err(e) => e.to_string(),
-    };
-    let message = match culprit::<T>(config, &err) {
-        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
-        None => format!("invalid {kind} config: {err}"),
-    };
-    Err(StepError::terminal(message))
-}
-
-/// The field responsible for a deserialization error: the one whose removal changes the
-/// error, or the one serde names as missing.
-fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
-    if let Value::Object(map) = config {
-        for key in map.keys() {
-            let mut without = map.clone();
-            without.remove(key);
-            match serde_json::from_value::<T>(Value::Object(without)) {
-                Ok(_) => return Some(key.clone()),
-                Err(e) if e.to_string() != err => return Some(key.clone()),
-                Err(_) => {}
-            }
-        }
-    }
-    let rest = err.split("missing field `").nth(1)?;
-    rest.split('`').next().map(str::to_string)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 use aob_model::expr::Expr;
 use aob_model::nodes::ValidateConfig;
 use aob_model::wire::{Outcome, StepError, Task};
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 /// The `validate` function.
@@ -48,7 +47,7 @@ impl ValidateHandler {
 
     /// Checks one task; the output is `{"valid": true, "value": <value>}`.
     pub fn validate(&self, task: &Task) -> Result<Value, StepError> {
-        let config: ValidateConfig = parse_config("validate", &task.config)?;
+        let config: ValidateConfig = aob_runtime::parse_config("validate", &task.config)?;
         // `value: null` (e.g. a template that gave null) is checked as null, not replaced
         // by the input, so look at the key rather than the Option.
         let value = match task.config.get("value") {
@@ -131,37 +130,6 @@ fn assertion_context(context: &Value, value: &Value) -> Value {
     };
     map.insert("value".into(), value.clone());
     Value::Object(map)
-}
-
-/// Deserializes a step config; the error is terminal and names the offending field.
-fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
-    let err = match serde_json::from_value::<T>(config.clone()) {
-        Ok(c) => return Ok(c),
-        Err(e) => e.to_string(),
-    };
-    let message = match culprit::<T>(config, &err) {
-        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
-        None => format!("invalid {kind} config: {err}"),
-    };
-    Err(StepError::terminal(message))
-}
-
-/// The field responsible for a deserialization error: the one whose removal changes the
-/// error, or the one serde names as missing.
-fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
-    if let Value::Object(map) = config {
-        for key in map.keys() {
-            let mut without = map.clone();
-            without.remove(key);
-            match serde_json::from_value::<T>(Value::Object(without)) {
-                Ok(_) => return Some(key.clone()),
-                Err(e) if e.to_string() != err => return Some(key.clone()),
-                Err(_) => {}
-            }
-        }
-    }
-    let rest = err.split("missing field `").nth(1)?;
-    rest.split('`').next().map(str::to_string)
 }
 
 #[cfg(test)]

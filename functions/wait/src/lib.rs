@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aob_model::nodes::WaitConfig;
 use aob_model::wire::{Outcome, StepError, StepResult, Task};
 use aob_runtime::timers::{Timer, Timers};
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// First instant (ms since the Unix epoch) that cannot be written as RFC 3339: year 10000.
@@ -32,7 +31,7 @@ impl aob_runtime::Handler for WaitHandler {
     }
 
     async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
-        let config: WaitConfig = parse_config("wait", &task.config)?;
+        let config: WaitConfig = aob_runtime::parse_config("wait", &task.config)?;
         match plan(&task, &config, aob_runtime::now_ms())? {
             Plan::Done { output } => Ok(Outcome::Completed { output }),
             Plan::Park { key, timer } => {
@@ -174,37 +173,6 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Deserializes a step config; the error is terminal and names the offending field.
-fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
-    let err = match serde_json::from_value::<T>(config.clone()) {
-        Ok(c) => return Ok(c),
-        Err(e) => e.to_string(),
-    };
-    let message = match culprit::<T>(config, &err) {
-        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
-        None => format!("invalid {kind} config: {err}"),
-    };
-    Err(StepError::terminal(message))
-}
-
-/// The field responsible for a deserialization error: the one whose removal changes the
-/// error, or the one serde names as missing.
-fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
-    if let Value::Object(map) = config {
-        for key in map.keys() {
-            let mut without = map.clone();
-            without.remove(key);
-            match serde_json::from_value::<T>(Value::Object(without)) {
-                Ok(_) => return Some(key.clone()),
-                Err(e) if e.to_string() != err => return Some(key.clone()),
-                Err(_) => {}
-            }
-        }
-    }
-    let rest = err.split("missing field `").nth(1)?;
-    rest.split('`').next().map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +202,7 @@ mod tests {
     }
 
     fn config(v: Value) -> WaitConfig {
-        parse_config("wait", &v).unwrap()
+        aob_runtime::parse_config("wait", &v).unwrap()
     }
 
     #[test]
@@ -290,10 +258,11 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Terminal);
         assert!(e.message.contains("9999"), "{}", e.message);
 
-        let e = parse_config::<WaitConfig>("wait", &json!({"duration": "soon"})).unwrap_err();
+        let e = aob_runtime::parse_config::<WaitConfig>("wait", &json!({"duration": "soon"}))
+            .unwrap_err();
         assert_eq!(e.class, ErrorClass::Terminal);
         assert!(e.message.contains("field `duration`"), "{}", e.message);
-        let e = parse_config::<WaitConfig>("wait", &json!({"for": "1s"})).unwrap_err();
+        let e = aob_runtime::parse_config::<WaitConfig>("wait", &json!({"for": "1s"})).unwrap_err();
         assert!(e.message.contains("field `for`"), "{}", e.message);
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aob_model::expr;
 use aob_model::wire::{Outcome, StepError, StepResult, Task};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -302,6 +303,37 @@ pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
     Ok(())
 }
 
+/// Deserializes a step config; the error is terminal and names the offending field.
+pub fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
+    let err = match serde_json::from_value::<T>(config.clone()) {
+        Ok(c) => return Ok(c),
+        Err(e) => e.to_string(),
+    };
+    let message = match culprit::<T>(config, &err) {
+        Some(field) => format!("invalid {kind} config: field `{field}`: {err}"),
+        None => format!("invalid {kind} config: {err}"),
+    };
+    Err(StepError::terminal(message))
+}
+
+/// The field responsible for a deserialization error: the one whose removal changes the
+/// error, or the one serde names as missing.
+fn culprit<T: DeserializeOwned>(config: &Value, err: &str) -> Option<String> {
+    if let Value::Object(map) = config {
+        for key in map.keys() {
+            let mut without = map.clone();
+            without.remove(key);
+            match serde_json::from_value::<T>(Value::Object(without)) {
+                Ok(_) => return Some(key.clone()),
+                Err(e) if e.to_string() != err => return Some(key.clone()),
+                Err(_) => {}
+            }
+        }
+    }
+    let rest = err.split("missing field `").nth(1)?;
+    rest.split('`').next().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +351,19 @@ mod tests {
             render_config("transform", &json!({"output": "{{ input.nope.x }}"}), &ctx).unwrap_err();
         assert_eq!(err.class, aob_model::wire::ErrorClass::Terminal);
         assert!(err.message.contains("field `output`"), "{}", err.message);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let e = parse_config::<aob_model::nodes::HttpConfig>(
+            "http",
+            &json!({"url": "http://x", "timeout": "soon"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, aob_model::wire::ErrorClass::Terminal);
+        assert!(e.message.contains("field `timeout`"), "{}", e.message);
+        let e = parse_config::<aob_model::nodes::HttpConfig>("http", &json!({})).unwrap_err();
+        assert!(e.message.contains("field `url`"), "{}", e.message);
     }
 
     #[test]
