@@ -913,7 +913,7 @@ impl<'a> Machine<'a> {
     /// Cancel or run timeout: running steps are told to stop, nothing new is scheduled.
     fn end_early(&mut self, status: RunStatus, why: String) {
         let mut running = false;
-        for (id, st) in self.s.steps.iter_mut() {
+        for st in self.s.steps.values_mut() {
             match st.status {
                 StepStatus::Running | StepStatus::Waiting => {
                     running = true;
@@ -928,7 +928,6 @@ impl<'a> Machine<'a> {
                 }
                 _ => {}
             }
-            let _ = id;
         }
         if running {
             self.history(HistoryKind::Abort, None, Some(why.clone()), None);

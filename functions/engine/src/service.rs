@@ -525,8 +525,7 @@ impl<S: RunStore> Engine<S> {
             if let Some(s) = &state {
                 self.resolve_for_conditions(&def, s, &event).await;
             }
-            let resolved = self.resolved.lock().map(|m| m.clone()).unwrap_or_default();
-            let lookup = |p: &str| resolved.get(p).cloned();
+            let lookup = |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
             let Some((mut next, effects)) =
                 machine::apply(&def, state.clone(), event.clone(), now_ms(), &lookup)
             else {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::wire::{StepError, StepRef, Task, TimerKind};
+use crate::wire::{StepError, Task, TimerKind};
 
 /// Status of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,9 +207,4 @@ impl RunState {
             .filter_map(|(id, s)| s.output.as_ref().map(|o| (id.as_str(), o)))
             .collect()
     }
-}
-
-/// Who answered which attempt: used to match results to slots.
-pub fn slot_of<'a>(step: &'a mut StepState, at: &StepRef) -> Option<&'a mut Slot> {
-    at.item.and_then(|i| step.slots.get_mut(i as usize))
 }
