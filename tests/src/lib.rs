@@ -100,15 +100,17 @@ impl Stack {
     /// Server, topology, engine and the chosen functions.
     pub async fn start_with(fns: Fns) -> Result<Stack> {
         let mut s = Stack::bare().await?;
+        // Each component on its own connection, as when deployed apart.
+        let client = s.server.connect().await?;
         let engine = Arc::new(
             Engine::connect(
-                s.client.clone(),
+                client.clone(),
                 s.payloads.clone(),
                 aob_engine::Config::default(),
             )
             .await?,
         );
-        s.spawn_engine(engine);
+        s.spawn_engine_on(engine, client);
         s.spawn_functions(fns).await?;
         Ok(s)
     }
@@ -116,6 +118,10 @@ impl Stack {
     /// Runs an engine (and the timer service) until the stack stops.
     pub fn spawn_engine<S: RunStore>(&mut self, engine: Arc<Engine<S>>) {
         let client = self.client.clone();
+        self.spawn_engine_on(engine, client);
+    }
+
+    fn spawn_engine_on<S: RunStore>(&mut self, engine: Arc<Engine<S>>, client: async_nats::Client) {
         let token = self.shutdown.child_token();
         self.tasks.push(tokio::spawn(async move {
             if let Err(e) = aob_engine::run_with(engine, client, token).await {
@@ -127,17 +133,18 @@ impl Stack {
     /// Runs the functions in-process.
     pub async fn spawn_functions(&mut self, fns: Fns) -> Result<()> {
         let timers = aob_runtime::timers::Timers::open(&self.js).await?;
-        self.spawn_fn(aob_transform::TransformHandler::new());
-        self.spawn_fn(aob_validate::ValidateHandler::new());
-        self.spawn_fn(aob_wait::WaitHandler::new(timers));
+        self.spawn_fn(aob_transform::TransformHandler::new())
+            .await?;
+        self.spawn_fn(aob_validate::ValidateHandler::new()).await?;
+        self.spawn_fn(aob_wait::WaitHandler::new(timers)).await?;
         if fns == Fns::All {
-            self.spawn_fn(aob_http::HttpHandler::new()?);
+            self.spawn_fn(aob_http::HttpHandler::new()?).await?;
         }
         Ok(())
     }
 
-    fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H) {
-        let client = self.client.clone();
+    async fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H) -> Result<()> {
+        let client = self.server.connect().await?;
         let payloads = self.payloads.clone();
         let token = self.shutdown.child_token();
         self.tasks.push(tokio::spawn(async move {
@@ -147,6 +154,7 @@ impl Stack {
                 eprintln!("function stopped: {e}");
             }
         }));
+        Ok(())
     }
 
     /// Stops every in-process component and waits for them to drain.

@@ -29,6 +29,8 @@ pub struct Compiled {
     items: HashMap<String, Expr>,
     untils: HashMap<String, Expr>,
     reads: HashMap<String, BTreeSet<String>>,
+    /// Position of each step in `wf.steps`.
+    index: HashMap<String, usize>,
     /// Forward-path steps (compensation-only steps excluded), dependencies first.
     order: Vec<String>,
     leaves: Vec<String>,
@@ -79,7 +81,14 @@ impl Compiled {
             .filter(|id| !needed.contains(id.as_str()))
             .cloned()
             .collect();
+        let index = wf
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
         Ok(Compiled {
+            index,
             wf,
             version,
             whens,
@@ -93,7 +102,7 @@ impl Compiled {
     }
 
     fn step(&self, id: &str) -> Option<&Step> {
-        self.wf.step(id)
+        self.index.get(id).and_then(|i| self.wf.steps.get(*i))
     }
 }
 
@@ -126,6 +135,46 @@ pub fn apply(
     now: u64,
     resolve: Resolve<'_>,
 ) -> Option<(RunState, Vec<Effect>)> {
+    match transition(def, state, event, now, resolve) {
+        Transition::Changed(state, effects) => Some((state, effects)),
+        Transition::Unchanged(_) => None,
+    }
+}
+
+/// What [`transition`] did.
+#[derive(Debug)]
+pub enum Transition {
+    /// The next state and the effects to publish.
+    Changed(RunState, Vec<Effect>),
+    /// Nothing changed; the state given, untouched.
+    Unchanged(Option<RunState>),
+}
+
+/// Like [`apply`], but when nothing changed the state comes back, so a caller that owns
+/// it need not clone it first.
+pub fn transition(
+    def: &Compiled,
+    state: Option<RunState>,
+    event: Event,
+    now: u64,
+    resolve: Resolve<'_>,
+) -> Transition {
+    use Transition::{Changed, Unchanged};
+    let (state, effects) = match step_run(def, state, event, now, resolve) {
+        Ok(x) => x,
+        Err(unchanged) => return Unchanged(unchanged),
+    };
+    Changed(state, effects)
+}
+
+#[allow(clippy::result_large_err)]
+fn step_run(
+    def: &Compiled,
+    state: Option<RunState>,
+    event: Event,
+    now: u64,
+    resolve: Resolve<'_>,
+) -> Result<(RunState, Vec<Effect>), Option<RunState>> {
     match (state, event) {
         (
             None,
@@ -168,13 +217,17 @@ pub fn apply(
                 });
             }
             m.advance();
-            Some(m.finish())
+            Ok(m.finish())
         }
-        (Some(_), Event::Start { .. }) | (None, _) => None,
-        (Some(state), _) if state.status.is_terminal() => None,
+        (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Err(state),
+        (Some(state), _) if state.status.is_terminal() => Err(Some(state)),
         (Some(state), Event::Result(r)) => {
             let mut m = Machine::new(def, state, now, resolve);
-            m.on_result(r).then(|| m.finish())
+            if m.on_result(r) {
+                Ok(m.finish())
+            } else {
+                Err(Some(m.s))
+            }
         }
         (Some(state), Event::Signal(Signal::Cancel { reason, by })) => {
             let mut m = Machine::new(def, state, now, resolve);
@@ -185,11 +238,15 @@ pub fn apply(
                 (None, None) => "cancelled".to_string(),
             };
             m.end_early(RunStatus::Cancelled, why);
-            Some(m.finish())
+            Ok(m.finish())
         }
         (Some(state), Event::Signal(Signal::Timer { timer })) => {
             let mut m = Machine::new(def, state, now, resolve);
-            m.on_timer(timer).then(|| m.finish())
+            if m.on_timer(timer) {
+                Ok(m.finish())
+            } else {
+                Err(Some(m.s))
+            }
         }
     }
 }
@@ -333,22 +390,23 @@ impl<'a> Machine<'a> {
     /// Schedules whatever became ready, skips what cannot run, and ends the run when all
     /// steps are done. Repeats until nothing changes, since skips cascade.
     fn advance(&mut self) {
+        let def = self.def;
         loop {
             let mut changed = false;
-            for id in self.def.order.clone() {
-                let Some(st) = self.s.steps.get(&id) else {
+            for id in &def.order {
+                let Some(st) = self.s.steps.get(id) else {
                     continue;
                 };
                 if st.status != StepStatus::Pending || st.attempt > 0 {
                     continue;
                 }
-                let Some(step) = self.def.step(&id) else {
+                let Some(step) = def.step(id) else {
                     continue;
                 };
                 match self.readiness(step) {
                     Ready::Wait => {}
                     Ready::Skip(reason) => {
-                        self.skip(&id, reason);
+                        self.skip(id, reason);
                         changed = true;
                     }
                     Ready::Go => {

@@ -472,13 +472,10 @@ impl<S: RunStore> Engine<S> {
     }
 
     async fn load(&self, key: &str) -> Result<Option<(RunState, u64, bool)>> {
-        if let Some(c) = self
-            .runs
-            .lock()
-            .ok()
-            .and_then(|m| m.get(key).map(|c| (c.state.clone(), c.revision)))
-        {
-            return Ok(Some((c.0, c.1, true)));
+        // Taken out of the cache: only this run's worker touches it, and a successful
+        // write puts the next state back.
+        if let Some(c) = self.runs.lock().ok().and_then(|mut m| m.remove(key)) {
+            return Ok(Some((c.state, c.revision, true)));
         }
         match self.store.get(key).await? {
             None => Ok(None),
@@ -526,17 +523,30 @@ impl<S: RunStore> Engine<S> {
                 self.resolve_for_conditions(&def, s, &event).await;
             }
             let lookup = |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
-            let Some((mut next, effects)) =
-                machine::apply(&def, state.clone(), event.clone(), now_ms(), &lookup)
-            else {
-                return Ok(());
-            };
+            let existed = state.is_some();
+            let (mut next, effects) =
+                match machine::transition(&def, state, event.clone(), now_ms(), &lookup) {
+                    machine::Transition::Changed(next, effects) => (next, effects),
+                    machine::Transition::Unchanged(unchanged) => {
+                        // Stale or duplicate: keep the state cached as it was.
+                        if let (Some(state), Ok(mut m)) = (unchanged, self.runs.lock()) {
+                            m.insert(
+                                key.clone(),
+                                Cached {
+                                    state,
+                                    revision: rev,
+                                },
+                            );
+                        }
+                        return Ok(());
+                    }
+                };
             next.outbox = effects.clone();
             let body = serde_json::to_vec(&next).map_err(|e| Error::Corrupt {
                 what: format!("run state {key}"),
                 message: e.to_string(),
             })?;
-            let written = if state.is_none() {
+            let written = if !existed {
                 self.store.create(&key, body.into()).await?
             } else {
                 self.store.update(&key, body.into(), rev).await?
@@ -544,29 +554,25 @@ impl<S: RunStore> Engine<S> {
             match written {
                 Ok(new_rev) => {
                     self.metrics.events.fetch_add(1, Ordering::Relaxed);
-                    let terminal = next.status.is_terminal();
-                    if let Ok(mut m) = self.runs.lock() {
-                        if terminal {
-                            m.remove(&key);
-                        } else {
-                            m.insert(
-                                key.clone(),
-                                Cached {
-                                    state: next,
-                                    revision: new_rev,
-                                },
-                            );
-                        }
-                    }
+                    // Cached only once published: if publishing fails, the redelivered
+                    // event loads the stored state and publishes its outbox again.
                     self.publish(&effects).await?;
+                    if !next.status.is_terminal()
+                        && let Ok(mut m) = self.runs.lock()
+                    {
+                        m.insert(
+                            key.clone(),
+                            Cached {
+                                state: next,
+                                revision: new_rev,
+                            },
+                        );
+                    }
                     return Ok(());
                 }
                 Err(_conflict) => {
                     self.metrics.cas_conflicts.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut m) = self.runs.lock() {
-                        m.remove(&key);
-                    }
-                    if state.is_none() {
+                    if !existed {
                         // Someone created this run already: a duplicate start.
                         if matches!(event, Event::Start { .. }) {
                             return Ok(());

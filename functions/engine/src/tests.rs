@@ -7,7 +7,7 @@ use aob_model::wire::{
     HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef, StepResult, Task, TimerKind,
 };
 
-use crate::machine::{Compiled, Event, apply};
+use crate::machine::{Compiled, Event, Transition, transition};
 
 struct Sim {
     def: Compiled,
@@ -36,9 +36,13 @@ impl Sim {
     }
 
     fn send(&mut self, ev: Event) -> bool {
-        match apply(&self.def, self.state.clone(), ev, self.now, &no_resolve) {
-            None => false,
-            Some((s, effects)) => {
+        match transition(&self.def, self.state.clone(), ev, self.now, &no_resolve) {
+            Transition::Unchanged(back) => {
+                // A caller that gave up its only copy gets it back as it was.
+                assert_eq!(back, self.state, "an unchanged run must come back untouched");
+                false
+            }
+            Transition::Changed(s, effects) => {
                 for e in effects {
                     match e {
                         Effect::Task { task } => self.tasks.push(*task),
