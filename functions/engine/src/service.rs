@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use aob_model::audit::DecisionRecord;
 use aob_model::state::{Effect, RunState};
 use aob_model::wire::{HistoryEvent, Outcome, Signal, StartCommand, StepResult};
 use aob_runtime::registry::Registry;
@@ -280,11 +281,26 @@ impl<S: RunStore> Engine<S> {
                 .and_then(|v| v.get("run_id").and_then(Value::as_str).map(str::to_string))
                 .filter(|r| subjects::is_token(r))
                 .unwrap_or_else(|| derived_run_id(msg));
-            self.reject(tenant, &run_id, reason, None).await;
+            let workflow = serde_json::from_slice::<Value>(&msg.payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("workflow")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
+            self.reject(tenant, &run_id, workflow.as_deref(), reason, None)
+                .await;
         }
     }
 
-    async fn reject(&self, tenant: &str, run_id: &str, reason: &str, details: Option<Value>) {
+    async fn reject(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        workflow: Option<&str>,
+        reason: &str,
+        details: Option<Value>,
+    ) {
         self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
         if let Ok(body) = serde_json::to_vec(&ev) {
@@ -299,6 +315,15 @@ impl<S: RunStore> Engine<S> {
             {
                 tracing::error!("could not publish a rejection: {e}");
             }
+        }
+        let mut record = DecisionRecord::of_history(&ev, workflow, None);
+        record.record_id = format!("{tenant}.{run_id}.rejected");
+        let audited = match self.publish_record(&record).await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = audited {
+            tracing::error!("could not audit a rejection: {e}");
         }
     }
 
@@ -366,15 +391,19 @@ impl<S: RunStore> Engine<S> {
                 run_id,
                 cmd,
             } => {
-                let (wf, version) =
-                    match self.registry.get(&tenant, &cmd.workflow, cmd.version).await {
-                        Ok(x) => x,
-                        Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
-                            self.reject(&tenant, &run_id, &e.to_string(), None).await;
-                            return Ok(());
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
+                let (wf, version) = match self
+                    .registry
+                    .get(&tenant, &cmd.workflow, cmd.version)
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
+                        self.reject(&tenant, &run_id, Some(&cmd.workflow), &e.to_string(), None)
+                            .await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let def = self.compiled(&tenant, wf, version)?;
                 if let Some(schema) = &def.wf.input {
                     let input = self.payloads.hydrate(cmd.input.clone()).await?;
@@ -385,8 +414,14 @@ impl<S: RunStore> Engine<S> {
                             def.wf.name,
                             problems.join("; ")
                         );
-                        self.reject(&tenant, &run_id, &reason, Some(json!({"errors": problems})))
-                            .await;
+                        self.reject(
+                            &tenant,
+                            &run_id,
+                            Some(&cmd.workflow),
+                            &reason,
+                            Some(json!({"errors": problems})),
+                        )
+                        .await;
                         return Ok(());
                     }
                 }
@@ -505,7 +540,8 @@ impl<S: RunStore> Engine<S> {
                 Some((state, rev, from_cache)) => {
                     if !from_cache && !state.outbox.is_empty() {
                         // The last writer may have died before publishing.
-                        self.publish(&state.outbox).await?;
+                        self.publish(&state.workflow, state.version, &state.outbox)
+                            .await?;
                     }
                     (Some(state), rev)
                 }
@@ -556,7 +592,7 @@ impl<S: RunStore> Engine<S> {
                     self.metrics.events.fetch_add(1, Ordering::Relaxed);
                     // Cached only once published: if publishing fails, the redelivered
                     // event loads the stored state and publishes its outbox again.
-                    self.publish(&effects).await?;
+                    self.publish(&next.workflow, next.version, &effects).await?;
                     if !next.status.is_terminal()
                         && let Ok(mut m) = self.runs.lock()
                     {
@@ -632,7 +668,7 @@ impl<S: RunStore> Engine<S> {
     }
 
     /// Publishes effects; all publishes are sent first, then their acks awaited together.
-    async fn publish(&self, effects: &[Effect]) -> Result<()> {
+    async fn publish(&self, workflow: &str, version: u32, effects: &[Effect]) -> Result<()> {
         let mut acks = Vec::new();
         for e in effects {
             match e {
@@ -658,6 +694,8 @@ impl<S: RunStore> Engine<S> {
                 Effect::History { event } => {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
+                    let record = DecisionRecord::of_history(event, Some(workflow), Some(version));
+                    acks.push(self.publish_record(&record).await?);
                 }
                 Effect::Timer { .. } => {}
             }
@@ -672,6 +710,23 @@ impl<S: RunStore> Engine<S> {
                 .map_err(|e| aob_runtime::Error::Nats(format!("publish not acknowledged: {e}")))?;
         }
         Ok(())
+    }
+
+    async fn publish_record(
+        &self,
+        record: &DecisionRecord,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture> {
+        let body = serde_json::to_vec(record).map_err(|e| Error::Corrupt {
+            what: format!("audit record {}", record.record_id),
+            message: e.to_string(),
+        })?;
+        Ok(bus::publish(
+            &self.js,
+            subjects::audit(&record.tenant),
+            &record.record_id,
+            body.into(),
+        )
+        .await?)
     }
 
     async fn set_timer(

@@ -39,7 +39,10 @@ impl Sim {
         match transition(&self.def, self.state.clone(), ev, self.now, &no_resolve) {
             Transition::Unchanged(back) => {
                 // A caller that gave up its only copy gets it back as it was.
-                assert_eq!(back, self.state, "an unchanged run must come back untouched");
+                assert_eq!(
+                    back, self.state,
+                    "an unchanged run must come back untouched"
+                );
                 false
             }
             Transition::Changed(s, effects) => {

@@ -118,6 +118,10 @@ impl aob_runtime::Handler for HttpHandler {
         "http"
     }
 
+    fn audit_kind(&self) -> aob_model::audit::AuditKind {
+        aob_model::audit::AuditKind::ToolCall
+    }
+
     async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
         let mut config: HttpConfig = aob_runtime::parse_config("http", &task.config)?;
         // At-least-once delivery: let the endpoint recognise a repeat of the same attempt.

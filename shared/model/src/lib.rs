@@ -1,6 +1,7 @@
 //! The AOB data model: workflow definitions (YAML or JSON) and their validation, the
 //! expression and template languages, the messages on the bus, and run state.
 
+pub mod audit;
 pub mod definition;
 pub mod expr;
 pub mod nodes;

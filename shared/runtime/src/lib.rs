@@ -12,8 +12,9 @@ pub mod timers;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aob_model::audit::{AuditKind, DecisionRecord};
 use aob_model::expr;
-use aob_model::wire::{Outcome, StepError, StepResult, Task};
+use aob_model::wire::{ErrorClass, Outcome, StepError, StepResult, Task};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +64,14 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -80,6 +89,10 @@ pub trait Handler: Send + Sync + 'static {
     fn node_type(&self) -> &'static str;
     /// Runs one attempt.
     fn handle(&self, task: Task) -> impl Future<Output = Result<Outcome, StepError>> + Send;
+    /// The kind of the audit record of one attempt (a call to an outside tool is a `tool_call`).
+    fn audit_kind(&self) -> AuditKind {
+        AuditKind::TaskExecuted
+    }
 }
 
 /// Resolves references in the task and renders its config templates with its context.
@@ -126,6 +139,37 @@ pub async fn execute<H: Handler>(
     payloads: &PayloadStore,
     cancel: &CancellationToken,
 ) -> Option<StepResult> {
+    execute_audited(handler, task, payloads, cancel)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// Like [`execute`], and also returns the attempt's audit record: who ran it, the rendered
+/// input, the output or error, and when.
+pub async fn execute_audited<H: Handler>(
+    handler: &H,
+    task: Task,
+    payloads: &PayloadStore,
+    cancel: &CancellationToken,
+) -> Option<(StepResult, DecisionRecord)> {
+    let started_us = now_us();
+    let mut record = DecisionRecord::new(
+        format!("{}.{}.{}.task", task.tenant, task.run_id, task.at.token()),
+        &task.tenant,
+        &task.run_id,
+        handler.audit_kind(),
+        &format!("fn.{}", handler.node_type()),
+        started_us,
+    );
+    record.workflow = Some(task.workflow.clone());
+    record.workflow_version = Some(task.version);
+    record.step_id = Some(task.at.step.clone());
+    record.node_type = Some(task.node_type.clone());
+    record.attempt = Some(task.at.attempt);
+    record.item = task.at.item;
+    record.iteration = task.at.iteration;
+    record.started_at_us = Some(started_us);
+    let mut rendered: Option<Value> = None;
     let started = std::time::Instant::now();
     let tenant = task.tenant.clone();
     let run_id = task.run_id.clone();
@@ -135,6 +179,7 @@ pub async fn execute<H: Handler>(
         .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
     let work = async {
         let task = prepare(task, payloads).await?;
+        rendered = Some(task.config.clone());
         match deadline {
             Some(limit) => match tokio::time::timeout(limit, handler.handle(task)).await {
                 Ok(r) => r,
@@ -163,13 +208,42 @@ pub async fn execute<H: Handler>(
         Ok(other) => other,
         Err(error) => Outcome::Failed { error },
     };
-    Some(StepResult {
-        tenant,
-        run_id,
-        at,
-        outcome,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    let finished_us = now_us();
+    record.finished_at_us = finished_us;
+    record.duration_us = Some(finished_us - started_us);
+    if let Some(input) = &rendered {
+        record = record.with_input(input);
+    }
+    record = match &outcome {
+        Outcome::Completed { output } => {
+            record.status = Some("COMPLETED".into());
+            record.decision = Some("completed".into());
+            record.with_output(output)
+        }
+        Outcome::Failed { error } => {
+            record.status = Some("FAILED".into());
+            record.decision = Some(match error.class {
+                ErrorClass::Retryable => "failed, retryable".into(),
+                ErrorClass::Terminal => "failed, terminal".into(),
+            });
+            record.with_error(error)
+        }
+        Outcome::Waiting { .. } => {
+            record.status = Some("WAITING".into());
+            record.decision = Some("wait".into());
+            record
+        }
+    };
+    Some((
+        StepResult {
+            tenant,
+            run_id,
+            at,
+            outcome,
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+        record,
+    ))
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C, for graceful drain.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use aob_model::wire::{Outcome, StepResult, Task};
 
-use crate::{Error, Handler, PayloadStore, Result, bus, execute};
+use crate::{Error, Handler, PayloadStore, Result, bus, execute_audited};
 
 /// Settings of the NATS transport.
 #[derive(Debug, Clone)]
@@ -180,7 +180,7 @@ async fn handle_message<H: Handler>(
             }
         })
     };
-    let result = execute(handler, task, payloads, &cancel).await;
+    let result = execute_audited(handler, task, payloads, &cancel).await;
     heartbeat.abort();
     if let Ok(mut map) = inflight.lock()
         && let Some(list) = map.get_mut(&key)
@@ -190,12 +190,27 @@ async fn handle_message<H: Handler>(
             map.remove(&key);
         }
     }
-    let Some(result) = result else {
+    let Some((result, record)) = result else {
         // The run was aborted: nobody waits for this result.
         let _ = msg.ack().await;
         return;
     };
-    match publish_result(js, &result).await {
+    // The audit record goes out with the result; the task is acked only when both are stored.
+    let audited = async {
+        bus::publish(
+            js,
+            aob_streams::subjects::audit(&record.tenant),
+            &record.record_id,
+            serde_json::to_vec(&record)
+                .map_err(|e| Error::Payload(e.to_string()))?
+                .into(),
+        )
+        .await?
+        .await
+        .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))
+    };
+    let (published, audited) = tokio::join!(publish_result(js, &result), audited);
+    match published.and(audited.map(|_| ())) {
         Ok(()) => {
             let _ = msg.ack().await;
         }
