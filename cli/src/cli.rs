@@ -81,6 +81,60 @@ pub enum Command {
             aob run cancel 01JAB3XYZ --reason 'wrong input'"
     )]
     Run(RunCommand),
+    /// Follow decision records, flush the audit sink, list the audit's Parquet files.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob audit tail\n  \
+            aob audit tail --all --run 01JAB3XYZ --json\n  \
+            aob audit flush\n  \
+            aob audit ls\n  \
+            duckdb -c \"SELECT event_kind, count(*) FROM read_parquet('.aob/audit/**/*.parquet', hive_partitioning = true) GROUP BY 1\""
+    )]
+    Audit(AuditCommand),
+}
+
+/// `aob audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print decision records of the tenant as they are published.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob audit tail\n  \
+        aob audit tail --all --limit 20\n  \
+        aob audit tail --run 01JAB3XYZ --json")]
+    Tail {
+        /// Start from the oldest record kept, not from now.
+        #[arg(long)]
+        all: bool,
+        /// Only this run's records.
+        #[arg(long, value_name = "ID")]
+        run: Option<String>,
+        /// Print each record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many records.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Ask the running audit sink to write its current batch now.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob audit flush\n  \
+        aob audit flush --timeout 1m")]
+    Flush {
+        /// How long to wait for the sink's answer.
+        #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Duration,
+    },
+    /// List the audit's Parquet files with their row counts.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob audit ls\n  \
+        aob audit ls --url s3://audit-bucket/aob\n  \
+        AOB_AUDIT_URL=file:///var/lib/aob/audit aob audit ls")]
+    Ls {
+        /// Where the files are (default: AOB_AUDIT_URL, else .aob/audit as written by `aob dev`).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }
 
 /// `aob dev`.

@@ -1,8 +1,8 @@
 //! `aob dev`: the whole system in one process.
 //!
 //! [`run_stack`] is the reusable part: given a connection to a NATS server whose topology
-//! is applied, it runs the engine (with its timer service) and the four functions until
-//! the shutdown token is cancelled.
+//! is applied, it runs the engine (with its timer service), the four functions and, when
+//! given an audit URL, the audit sink, until the shutdown token is cancelled.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,6 +55,7 @@ fn spawn_function<H: Handler>(
 pub async fn run_stack(
     client: async_nats::Client,
     payloads: PayloadStore,
+    audit_url: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let js = jetstream::new(client.clone());
@@ -69,6 +70,14 @@ pub async fn run_stack(
         set.spawn(async move {
             let res = aob_engine::run(client, payloads, aob_engine::Config::default(), stop).await;
             ("engine", res.map_err(anyhow::Error::from))
+        });
+    }
+    if let Some(url) = audit_url {
+        let (client, stop) = (client.clone(), stop.clone());
+        let cfg = aob_audit::sink::SinkConfig::from_env().context("audit sink settings")?;
+        set.spawn(async move {
+            let res = aob_fn_audit::run(client, &url, cfg, stop).await;
+            ("audit sink", res.map_err(|e| anyhow!("{e}")))
         });
     }
     spawn_function(
@@ -121,14 +130,16 @@ struct Handoff {
 }
 
 impl Handoff {
-    fn write(data: &Path, url: &str, payload_url: &str) -> Result<Self> {
+    fn write(data: &Path, url: &str, payload_url: &str, audit_url: &str) -> Result<Self> {
         let url_file = data.join("nats.url");
         std::fs::write(&url_file, format!("{url}\n"))
             .with_context(|| format!("writing {}", url_file.display()))?;
         let env_file = data.join("env");
         std::fs::write(
             &env_file,
-            format!("export NATS_URL={url}\nexport AOB_PAYLOAD_URL={payload_url}\n"),
+            format!(
+                "export NATS_URL={url}\nexport AOB_PAYLOAD_URL={payload_url}\nexport AOB_AUDIT_URL={audit_url}\n"
+            ),
         )
         .with_context(|| format!("writing {}", env_file.display()))?;
         Ok(Handoff {
@@ -232,18 +243,21 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
     let payload_url =
         std::env::var("AOB_PAYLOAD_URL").unwrap_or_else(|_| ctx::file_url(&data.join("payloads")));
     let payloads = PayloadStore::from_url(&payload_url, env.offload_threshold)?;
+    let audit_url =
+        std::env::var("AOB_AUDIT_URL").unwrap_or_else(|_| ctx::file_url(&data.join("audit")));
     let handoff = match &server {
-        Some(_) => Some(Handoff::write(&data, &url, &payload_url)?),
+        Some(_) => Some(Handoff::write(&data, &url, &payload_url, &audit_url)?),
         None => None,
     };
 
     let stack = tokio::spawn(run_stack(
         client.clone(),
         payloads.clone(),
+        Some(audit_url.clone()),
         shutdown.clone(),
     ));
     say!(
-        "aob dev: ready — NATS {} ({where_}), payloads {payload_url}; Ctrl-C to stop",
+        "aob dev: ready — NATS {} ({where_}), payloads {payload_url}, audit {audit_url}; Ctrl-C to stop",
         ctx::redact(&url)
     );
     if server.is_some() {
@@ -252,7 +266,7 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
             data.display()
         );
         say!(
-            "         (or `source {}/env` to also set AOB_PAYLOAD_URL)",
+            "         (or `source {}/env` to also set AOB_PAYLOAD_URL and AOB_AUDIT_URL)",
             data.display()
         );
     }

@@ -5,6 +5,7 @@
 #[macro_use]
 pub mod out;
 
+pub mod audit;
 pub mod cli;
 pub mod ctx;
 pub mod dev;
@@ -19,7 +20,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, RunCommand, StreamsCommand, WorkflowCommand};
+use crate::cli::{AuditCommand, Cli, Command, RunCommand, StreamsCommand, WorkflowCommand};
 use crate::ctx::Ctx;
 
 /// Runs one parsed command line; the exit code says how it went.
@@ -50,6 +51,16 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Run(RunCommand::List { limit }) => runs::cmd_list(&ctx, limit).await,
         Command::Run(RunCommand::Cancel { id, reason }) => {
             runs::cmd_cancel(&ctx, &id, reason).await
+        }
+        Command::Audit(AuditCommand::Tail {
+            all,
+            run,
+            json,
+            limit,
+        }) => audit::cmd_tail(&ctx, all, run.as_deref(), json, limit).await,
+        Command::Audit(AuditCommand::Flush { timeout }) => audit::cmd_flush(&ctx, timeout).await,
+        Command::Audit(AuditCommand::Ls { url }) => {
+            audit::cmd_ls(&audit::audit_url(url.as_deref())?).await
         }
     }
 }

@@ -33,11 +33,19 @@ pub const WORKFLOWS: &str = "AOB_WORKFLOWS";
 pub const RUNS: &str = "AOB_RUNS";
 /// KV: durable timers.
 pub const TIMERS: &str = "AOB_TIMERS";
+/// KV: the audit sink's intent log (key `intent`), which makes its Parquet rows exactly-once.
+pub const AUDIT_SINK_BUCKET: &str = "AOB_AUDIT_SINK";
 
 /// Engine consumer of [`CMD`].
 pub const ENGINE_CMD: &str = "engine-cmd";
 /// Engine consumer of [`RESULTS`].
 pub const ENGINE_RESULTS: &str = "engine-results";
+/// Audit sink consumer of [`AUDIT`].
+pub const AUDIT_SINK: &str = "audit-sink";
+
+/// Most unacknowledged audit records: several sink batches (50,000 rows by default), since
+/// the sink acks a batch only once its Parquet objects are written.
+pub const AUDIT_SINK_MAX_ACK_PENDING: i64 = 200_000;
 
 /// Durable consumer name of a function type.
 pub fn function_consumer(node_type: &str) -> String {
@@ -154,7 +162,7 @@ impl Topology {
             ),
             s(
                 AUDIT,
-                "aob.*.audit",
+                subjects::AUDIT_ALL_TENANTS,
                 RetentionPolicy::Limits,
                 self.retention,
             ),
@@ -171,7 +179,12 @@ impl Topology {
             num_replicas: self.replicas,
             ..Default::default()
         };
-        vec![b(WORKFLOWS, 1), b(RUNS, 1), b(TIMERS, 1)]
+        vec![
+            b(WORKFLOWS, 1),
+            b(RUNS, 1),
+            b(TIMERS, 1),
+            b(AUDIT_SINK_BUCKET, 1),
+        ]
     }
 
     /// Durable pull consumers, with their stream.
@@ -200,6 +213,19 @@ impl Topology {
                 c(function_consumer(t), subjects::task_all_tenants(t), 10_000),
             ));
         }
+        // The audit sink never gives up on a record: a record must not be dropped because
+        // the sink was down for a while, and bad records are dead-lettered by the sink.
+        out.push((
+            AUDIT,
+            consumer::pull::Config {
+                max_deliver: -1,
+                ..c(
+                    AUDIT_SINK.into(),
+                    subjects::AUDIT_ALL_TENANTS.into(),
+                    AUDIT_SINK_MAX_ACK_PENDING,
+                )
+            },
+        ));
         out
     }
 
@@ -388,5 +414,39 @@ impl Topology {
 fn cmp<T: PartialEq + std::fmt::Debug>(out: &mut Vec<String>, field: &str, have: &T, want: &T) {
     if have != want {
         out.push(format!("{field}: {have:?} → {want:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_sink_never_gives_up_and_has_its_bucket() {
+        let t = Topology::default();
+        let consumers = t.consumers();
+        let (stream, sink) = consumers
+            .iter()
+            .find(|(_, c)| c.durable_name.as_deref() == Some(AUDIT_SINK))
+            .unwrap();
+        assert_eq!(*stream, AUDIT);
+        assert_eq!(sink.filter_subject, "aob.*.audit");
+        assert_eq!(sink.ack_policy, AckPolicy::Explicit);
+        assert_eq!(sink.ack_wait, t.ack_wait);
+        assert_eq!(sink.max_deliver, -1);
+        assert!(sink.max_ack_pending >= 50_000);
+        // Other consumers keep the topology's limit.
+        assert!(
+            consumers
+                .iter()
+                .filter(|(_, c)| c.durable_name.as_deref() != Some(AUDIT_SINK))
+                .all(|(_, c)| c.max_deliver == t.max_deliver)
+        );
+        let bucket = t
+            .buckets()
+            .into_iter()
+            .find(|b| b.bucket == AUDIT_SINK_BUCKET)
+            .unwrap();
+        assert_eq!(bucket.history, 1);
     }
 }

@@ -49,6 +49,14 @@ pub fn audit(tenant: &str) -> String {
     format!("aob.{tenant}.audit")
 }
 
+/// Audit records of every tenant.
+pub const AUDIT_ALL_TENANTS: &str = "aob.*.audit";
+
+/// Core NATS request subject asking the audit sink to write its batch now. The reply, sent
+/// once the objects are durable and the batch acknowledged, is JSON:
+/// `{"files": [<object paths>], "rows": <n>, "pending": <records not yet acknowledged>}`.
+pub const AUDIT_FLUSH: &str = "aob.audit.flush";
+
 /// Dead letters of a component: `aob.<tenant>.dlq.<component>`.
 pub fn dlq(tenant: &str, component: &str) -> String {
     format!("aob.{tenant}.dlq.{component}")
@@ -84,5 +92,34 @@ mod tests {
         assert_eq!(tenant_of("nats.acme.cmd"), None);
         assert!(is_token("run-01_AB"));
         assert!(!is_token("a.b") && !is_token("*") && !is_token(""));
+    }
+
+    #[test]
+    fn audit_subjects() {
+        assert_eq!(audit("acme"), "aob.acme.audit");
+        assert_eq!(tenant_of(&audit("acme")), Some("acme"));
+        // The flush request is core NATS: no stream may capture it.
+        fn matches(filter: &str, subject: &str) -> bool {
+            let (f, s): (Vec<_>, Vec<_>) =
+                (filter.split('.').collect(), subject.split('.').collect());
+            for (i, tok) in f.iter().enumerate() {
+                match *tok {
+                    ">" => return s.len() > i,
+                    "*" if i < s.len() => {}
+                    t if s.get(i) == Some(&t) => {}
+                    _ => return false,
+                }
+            }
+            f.len() == s.len()
+        }
+        assert!(matches(AUDIT_ALL_TENANTS, &audit("acme")));
+        for stream in crate::Topology::default().streams() {
+            for filter in &stream.subjects {
+                assert!(
+                    !matches(filter, AUDIT_FLUSH),
+                    "{filter} captures {AUDIT_FLUSH}"
+                );
+            }
+        }
     }
 }

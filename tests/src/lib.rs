@@ -2,6 +2,7 @@
 //! engine and every function running in-process (or as child processes), and helpers to
 //! publish workflows, start runs and wait for their history.
 
+pub mod audit;
 pub mod endpoints;
 
 use std::path::{Path, PathBuf};

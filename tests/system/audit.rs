@@ -2,23 +2,25 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aob_audit::sink::SinkConfig;
 use aob_model::audit::{AuditKind, DecisionRecord, sha256_hex};
 use aob_model::state::RunStatus;
 use aob_tests::Stack;
-use serde_json::json;
+use aob_tests::audit::{S3Server, SinkProcess};
+use serde_json::{Value, json};
 
 const T: &str = "default";
 
 /// The records of one run, as published.
-async fn records_of(s: &Stack, run: &str) -> Vec<DecisionRecord> {
+async fn records_of(s: &Stack, run: &str) -> anyhow::Result<Vec<DecisionRecord>> {
     let all = s
         .messages(aob_streams::AUDIT, &aob_streams::subjects::audit(T))
-        .await
-        .unwrap();
-    all.into_iter()
-        .map(|v| serde_json::from_value::<DecisionRecord>(v).unwrap())
+        .await?;
+    Ok(all
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<DecisionRecord>(v).ok())
         .filter(|r| r.run_id == run)
-        .collect()
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +31,7 @@ async fn every_history_event_and_every_task_becomes_one_record() {
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed);
 
-    let records = records_of(&s, &run).await;
+    let records = records_of(&s, &run).await.unwrap();
     let ids: BTreeSet<_> = records.iter().map(|r| r.record_id.clone()).collect();
     assert_eq!(ids.len(), records.len(), "record ids are unique");
     // One record per history event (engine) and one per task (function).
@@ -88,7 +90,7 @@ async fn a_rejected_start_is_audited_and_an_http_call_is_a_tool_call() {
     // Input that fails the schema: a rejection, audited with the workflow named.
     let run = s.start_run(T, &wf, json!({"name": 5})).await.unwrap();
     let records = loop {
-        let r = records_of(&s, &run).await;
+        let r = records_of(&s, &run).await.unwrap();
         if !r.is_empty() {
             break r;
         }
@@ -109,9 +111,259 @@ async fn a_rejected_start_is_audited_and_an_http_call_is_a_tool_call() {
     let run = s.start_run(T, "call", json!({})).await.unwrap();
     let (state, _) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Failed);
-    let records = records_of(&s, &run).await;
+    let records = records_of(&s, &run).await.unwrap();
     let call = records.iter().find(|r| r.actor == "fn.http").unwrap();
     assert_eq!(call.event_kind, AuditKind::ToolCall);
     assert_eq!(call.error_class.as_deref(), Some("terminal"));
     assert!(call.error_message.as_deref().unwrap().contains("404"));
+}
+
+/// A model call as the llm function reports it: the columns an auditor asks about.
+fn model_call(id: &str, run: &str) -> DecisionRecord {
+    let mut r = DecisionRecord::new(
+        id.to_string(),
+        T,
+        run,
+        AuditKind::ModelCall,
+        "fn.llm",
+        aob_runtime::now_us(),
+    );
+    r.step_id = Some("summarize".into());
+    r.model = Some("gpt-4o-mini".into());
+    r.provider = Some("openai".into());
+    r.tokens_in = Some(1200);
+    r.tokens_out = Some(85);
+    r.cost_usd = Some(0.00023);
+    r.policy_id = Some("pii-redaction".into());
+    r.policy_result = Some("allow".into());
+    r.with_input(&json!({"prompt": "Summarize"}))
+        .with_output(&json!({"text": "Short."}))
+}
+
+async fn publish_record(s: &Stack, r: &DecisionRecord) -> anyhow::Result<()> {
+    s.publish_raw(
+        &aob_streams::subjects::audit(&r.tenant),
+        Some(&r.record_id),
+        serde_json::to_vec(r)?,
+    )
+    .await
+}
+
+/// Waits until the sink has written everything published, then runs the query.
+async fn settle(s: &Stack, query: &str) -> anyhow::Result<Vec<Vec<Value>>> {
+    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60)).await?;
+    aob_tests::audit::duckdb(query)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_the_trail_of_real_runs_from_local_files() {
+    let s = Stack::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sink = {
+        let (client, stop) = (s.client.clone(), stop.clone());
+        tokio::spawn(
+            async move { aob_fn_audit::run(client, &url, SinkConfig::default(), stop).await },
+        )
+    };
+    let wf = s.publish_example(T, "chain").await.unwrap();
+    let mut runs = Vec::new();
+    for name in ["Ada", "Grace"] {
+        let run = s.start_run(T, &wf, json!({"name": name})).await.unwrap();
+        let (state, _) = s.wait_run(T, &run).await.unwrap();
+        assert_eq!(state.status, RunStatus::Completed);
+        runs.push(run);
+    }
+    publish_record(&s, &model_call("acme-llm-1", &runs[0]))
+        .await
+        .unwrap();
+    // Garbage on the audit subject is dead-lettered, not fatal.
+    let subject = aob_streams::subjects::audit(T);
+    s.publish_raw(&subject, None, b"not json".to_vec())
+        .await
+        .unwrap();
+    s.publish_raw(&subject, None, br#"{"record_id": "x"}"#.to_vec())
+        .await
+        .unwrap();
+    publish_record(&s, &model_call("acme-llm-2", &runs[1]))
+        .await
+        .unwrap();
+
+    let published = s.count(aob_streams::AUDIT, &subject).await.unwrap() - 2;
+    let trail = aob_tests::audit::trail(dir.path());
+    let query = format!(
+        "SELECT count(*), count(DISTINCT record_id), min(tenant), count(DISTINCT date) FROM {trail}"
+    );
+    let got = settle(&s, &query).await.unwrap();
+    assert_eq!(got[0][0], json!(published), "every record, once");
+    assert_eq!(got[0][1], json!(published), "no record id twice");
+    assert_eq!(got[0][2], json!(T), "tenant partition");
+    // Per run: the same records as on the bus.
+    for run in &runs {
+        let on_bus = records_of(&s, run).await.unwrap().len();
+        let got = aob_tests::audit::duckdb(&format!(
+            "SELECT count(*) FROM {trail} WHERE run_id = '{run}'"
+        ))
+        .unwrap();
+        assert_eq!(got[0][0], json!(on_bus), "run {run}");
+    }
+    // The columns of a model call, typed.
+    let got = aob_tests::audit::duckdb(&format!(
+        "SELECT model, provider, tokens_in, tokens_out, cost_usd, policy_id, policy_result, \
+         typeof(tokens_in), typeof(cost_usd), typeof(finished_at), length(input_digest), error_class \
+         FROM {trail} WHERE record_id = 'acme-llm-1'"
+    ))
+    .unwrap();
+    assert_eq!(
+        got,
+        vec![vec![
+            json!("gpt-4o-mini"),
+            json!("openai"),
+            json!(1200),
+            json!(85),
+            json!(0.00023),
+            json!("pii-redaction"),
+            json!("allow"),
+            json!("BIGINT"),
+            json!("DOUBLE"),
+            json!("TIMESTAMP WITH TIME ZONE"),
+            json!(64),
+            Value::Null,
+        ]]
+    );
+    // Who decided each step of a run, in order.
+    let got = aob_tests::audit::duckdb(&format!(
+        "SELECT step_id, actor, decision FROM {trail} WHERE run_id = '{}' \
+         AND event_kind = 'step_completed' ORDER BY finished_at",
+        runs[0]
+    ))
+    .unwrap();
+    let steps: Vec<_> = got.iter().map(|r| r[0].clone()).collect();
+    assert_eq!(steps, [json!("compose"), json!("check"), json!("shape")]);
+    assert!(
+        got.iter()
+            .all(|r| r[1] == json!("engine") && r[2] == json!("accept"))
+    );
+    // Both pieces of garbage were dead-lettered with their reasons.
+    let letters = s
+        .messages(aob_streams::DLQ, &aob_streams::subjects::dlq(T, "audit"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    stop.cancel();
+    sink.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_writes_to_an_s3_compatible_server() {
+    let s3 = S3Server::start().await.unwrap();
+    s3.create_bucket("audit").await.unwrap();
+    let s = Stack::start().await.unwrap();
+    let _sink = SinkProcess::start(&s.server.url(), "s3://audit/trail", &s3.env()).unwrap();
+    let wf = s.publish_example(T, "chain").await.unwrap();
+    let run = s.start_run(T, &wf, json!({"name": "Ada"})).await.unwrap();
+    let (state, _) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    publish_record(&s, &model_call("s3-llm-1", &run))
+        .await
+        .unwrap();
+    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let local = tempfile::tempdir().unwrap();
+    let n = s3.download("audit", local.path()).await.unwrap();
+    assert!(n >= 1);
+    let names = aob_tests::audit::duckdb(&format!(
+        "SELECT DISTINCT regexp_replace(filename, '^.*/trail/', '') FROM read_parquet('{}/trail/**/*.parquet', filename = true)",
+        local.path().display()
+    ))
+    .unwrap();
+    for n in names {
+        let n = n[0].as_str().unwrap_or_default().to_string();
+        assert!(n.starts_with("tenant=default/date="), "{n}");
+    }
+    let trail = aob_tests::audit::trail(&local.path().join("trail"));
+    let on_bus = records_of(&s, &run).await.unwrap().len();
+    let got = aob_tests::audit::duckdb(&format!(
+        "SELECT count(*), count(DISTINCT record_id), max(tokens_in) FROM {trail} WHERE run_id = '{run}'"
+    ))
+    .unwrap();
+    assert_eq!(got[0], vec![json!(on_bus), json!(on_bus), json!(1200)]);
+}
+
+/// Kills the sink mid-batch and between upload and ack, over and over, while records keep
+/// coming; afterwards DuckDB counts every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_sink_loses_and_duplicates_nothing() {
+    let s = Stack::bare().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let nats = s.server.url();
+    // Small batches that flush often, so kills land in every phase.
+    let small = [
+        ("AOB_AUDIT_MAX_ROWS", "300".to_string()),
+        ("AOB_AUDIT_MAX_AGE", "150ms".to_string()),
+    ];
+    // A steady stream of records, from two tenants.
+    let total = 6_000usize;
+    let publisher = {
+        let js = s.js.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                let tenant = if i % 3 == 0 { "acme" } else { T };
+                let mut r = DecisionRecord::new(
+                    format!("crash-{i}"),
+                    tenant,
+                    &format!("run-{}", i / 50),
+                    AuditKind::TaskExecuted,
+                    "fn.transform",
+                    aob_runtime::now_us(),
+                );
+                r.step_id = Some(format!("s{}", i % 50));
+                let body = serde_json::to_vec(&r).unwrap();
+                aob_runtime::bus::publish_acked(
+                    &js,
+                    aob_streams::subjects::audit(tenant),
+                    &r.record_id,
+                    body.into(),
+                )
+                .await
+                .unwrap();
+                if i % 100 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let mut kills = 0;
+    for round in 0..8 {
+        if round % 2 == 0 {
+            // Dies right after writing its objects, before any ack.
+            let mut env = small.to_vec();
+            env.push(("AOB_AUDIT_FAILPOINT", "after_write".to_string()));
+            let mut p = SinkProcess::start(&nats, &url, &env).unwrap();
+            p.wait_exit(std::time::Duration::from_secs(20))
+                .await
+                .unwrap();
+        } else {
+            // Killed at some point of its work.
+            let mut p = SinkProcess::start(&nats, &url, &small).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(300 + 170 * round as u64)).await;
+            p.kill();
+        }
+        kills += 1;
+    }
+    publisher.await.unwrap();
+    // A last sink that is left alone, with the topology's short ack wait for redeliveries.
+    let _sink = SinkProcess::start(&nats, &url, &small).unwrap();
+    let trail = aob_tests::audit::trail(dir.path());
+    let query =
+        format!("SELECT count(DISTINCT record_id), count(*), count(DISTINCT tenant) FROM {trail}");
+    let got = settle(&s, &query).await.unwrap();
+    assert_eq!(kills, 8);
+    assert_eq!(got[0][0], json!(total), "every record is in the trail");
+    assert_eq!(got[0][1], json!(total), "and none twice");
+    assert_eq!(got[0][2], json!(2));
 }

@@ -273,12 +273,15 @@ struct Racing {
     inner: NatsStore,
     barrier: Barrier,
     armed: std::sync::atomic::AtomicBool,
+    /// Told once the armed read is done.
+    read: tokio::sync::Notify,
 }
 
 impl RunStore for Racing {
     async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
         let r = self.inner.get(key).await;
         if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.read.notify_one();
             self.barrier.wait().await;
         }
         r
@@ -308,6 +311,7 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
         inner: NatsStore(kv.clone()),
         barrier: Barrier::new(2),
         armed: false.into(),
+        read: tokio::sync::Notify::new(),
     };
     let e1 = Arc::new(
         Engine::with_store(
@@ -375,7 +379,9 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
         let e1 = e1.clone();
         tokio::spawn(async move { e1.on_message(m1).await })
     };
-    // e2 applies the other result and writes; then e1, holding the older revision, goes on.
+    // Once e1 has read, e2 applies the other result and writes; then e1, holding the older
+    // revision, goes on.
+    e1.store().read.notified().await;
     e2.on_message(m2).await;
     e1.store().barrier.wait().await;
     racer.await.unwrap();

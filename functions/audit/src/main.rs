@@ -1,0 +1,11 @@
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    aob_runtime::init_logging();
+    let env = aob_runtime::Env::from_env()?;
+    let url = aob_fn_audit::store_url(|k| std::env::var(k).ok(), None)?;
+    let cfg = aob_fn_audit::SinkConfig::from_env()?;
+    let client = env.connect().await?;
+    aob_fn_audit::run(client.clone(), &url, cfg, aob_runtime::shutdown_on_signal()).await?;
+    client.flush().await?;
+    Ok(())
+}
