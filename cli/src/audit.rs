@@ -200,3 +200,45 @@ pub async fn cmd_ls(url: &str) -> Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aob_model::audit::AuditKind;
+
+    #[test]
+    fn a_record_reads_as_one_line() {
+        let mut r = DecisionRecord::new(
+            "id".into(),
+            "default",
+            "01RUN",
+            AuditKind::ModelCall,
+            "fn.llm",
+            1_763_683_200_000_123,
+        );
+        r.step_id = Some("summarize".into());
+        r.attempt = Some(2);
+        r.decision = Some("completed".into());
+        r.model = Some("gpt-4o-mini".into());
+        r.tokens_in = Some(1200);
+        r.tokens_out = Some(85);
+        assert_eq!(
+            format_record(&r),
+            "2025-11-21T00:00:00.000123Z  model_call       fn.llm         run 01RUN step summarize #2  completed  model gpt-4o-mini  tokens 1200/85"
+        );
+        r.error_message = Some("HTTP 429".into());
+        assert!(format_record(&r).ends_with("error: HTTP 429"));
+    }
+
+    #[test]
+    fn the_audit_url_comes_from_the_flag_first() {
+        assert_eq!(audit_url(Some("s3://b/p")).unwrap(), "s3://b/p");
+        if std::env::var_os("AOB_AUDIT_URL").is_none() {
+            let u = audit_url(None).unwrap();
+            assert!(
+                u.starts_with("file://") && u.ends_with("/.aob/audit"),
+                "{u}"
+            );
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `cargo bench -p aob-tests --bench audit`: the audit sink's sustained records/s into
+//! Parquet (local folder and an S3-compatible server), bytes per record, and the delay from
+//! publish to queryable, against a baseline measured on the same server in the same run:
+//! a bare pull consumer that only acks the same records.
+//!
+//! Sizes can be lowered with AOB_BENCH_SCALE (e.g. 0.1) for a quick look.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use aob_audit::sink::SinkConfig;
+use aob_model::audit::{AuditKind, DecisionRecord};
+use aob_tests::Stack;
+use aob_tests::audit::S3Server;
+
+fn scale(n: usize) -> usize {
+    let s: f64 = std::env::var("AOB_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    ((n as f64 * s).round() as usize).max(10)
+}
+
+/// A typical function record: rendered input and output inline, digests, a duration.
+fn record(i: usize) -> DecisionRecord {
+    let tenant = if i % 4 == 0 { "acme" } else { "default" };
+    let now = aob_runtime::now_us();
+    let mut r = DecisionRecord::new(
+        format!("bench-{i}"),
+        tenant,
+        &format!("01JBENCH{:08}", i / 20),
+        AuditKind::TaskExecuted,
+        "fn.transform",
+        now,
+    );
+    r.workflow = Some("greeting".into());
+    r.workflow_version = Some(3);
+    r.step_id = Some(format!("step{}", i % 20));
+    r.node_type = Some("transform".into());
+    r.attempt = Some(1);
+    r.status = Some("COMPLETED".into());
+    r.decision = Some("completed".into());
+    r.started_at_us = Some(now - 850);
+    r.duration_us = Some(850);
+    r.with_input(&json!({"text": format!("Hello, user {i}!"), "length": i % 97}))
+        .with_output(&json!({"greeting": format!("Hello, user {i}!"), "checked": true}))
+}
+
+/// Publishes `n` records (ids from `from`), acks awaited in windows.
+async fn publish(js: &jetstream::Context, from: usize, n: usize) -> Result<()> {
+    let mut acks = Vec::with_capacity(1024);
+    for i in from..from + n {
+        let r = record(i);
+        let ack = aob_runtime::bus::publish(
+            js,
+            aob_streams::subjects::audit(&r.tenant),
+            &r.record_id,
+            serde_json::to_vec(&r)?.into(),
+        )
+        .await?;
+        acks.push(ack);
+        if acks.len() == 1024 {
+            for a in acks.drain(..) {
+                a.await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+/// The baseline: a bare pull consumer that reads and acks `n` messages of AOB_AUDIT.
+async fn baseline(js: &jetstream::Context, n: usize) -> Result<f64> {
+    let stream = js.get_stream(aob_streams::AUDIT).await?;
+    let c = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bench-baseline".into()),
+            filter_subject: aob_streams::subjects::AUDIT_ALL_TENANTS.into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 200_000,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let mut msgs = c.stream().max_messages_per_batch(1000).messages().await?;
+    for _ in 0..n {
+        let m = msgs.next().await.context("consumer ended")??;
+        let _: DecisionRecord = serde_json::from_slice(&m.payload)?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(msgs);
+    stream.delete_consumer("bench-baseline").await?;
+    Ok(rate)
+}
+
+/// Runs the sink on `store` until everything published is written; returns records/s and
+/// bytes per record.
+async fn sink_run(
+    stack: &Stack,
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    n: usize,
+) -> Result<(f64, f64, CancellationToken)> {
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    {
+        let (client, store, prefix, stop) = (
+            stack.client.clone(),
+            store.clone(),
+            prefix.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) =
+                aob_audit::sink::serve(client, store, prefix, SinkConfig::default(), stop).await
+            {
+                eprintln!("sink: {e}");
+            }
+        });
+    }
+    aob_tests::audit::drain(&stack.client, Duration::from_secs(600)).await?;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let files = aob_audit::list(&store, &prefix).await?;
+    let rows: u64 = files.iter().map(|f| f.rows).sum();
+    anyhow::ensure!(rows == n as u64, "{rows} rows written for {n} records");
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    Ok((rate, bytes as f64 / n as f64, stop))
+}
+
+/// Publishes at a steady rate with the sink at its defaults; every 500 ms a marker notes
+/// its publish time, and a poller sees when the files hold every record up to it.
+async fn delay(
+    stack: &Stack,
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    from: usize,
+) -> Result<Vec<Duration>> {
+    let per_tick = 250; // 5,000 records/s in 50 ms ticks
+    let ticks = 240; // 12 s
+    let base: u64 = aob_audit::list(&store, &prefix)
+        .await?
+        .iter()
+        .map(|f| f.rows)
+        .sum();
+    let mut markers: Vec<(u64, Instant)> = Vec::new();
+    let mut published = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let poll = {
+        let (store, prefix) = (store.clone(), prefix.clone());
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let handle = tokio::spawn(async move {
+            loop {
+                if let Ok(files) = aob_audit::list(&store, &prefix).await {
+                    let rows: u64 = files.iter().map(|f| f.rows).sum();
+                    let _ = tx.send(rows.saturating_sub(base));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        (rx, handle)
+    };
+    let (mut rows_rx, poller) = poll;
+    for t in 0..ticks {
+        tick.tick().await;
+        publish(&stack.js, from + published as usize, per_tick).await?;
+        published += per_tick as u64;
+        if t % 10 == 0 {
+            markers.push((published, Instant::now()));
+        }
+    }
+    let mut delays = Vec::new();
+    for (upto, at) in markers {
+        loop {
+            if *rows_rx.borrow() >= upto {
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(60), rows_rx.changed())
+                .await
+                .context("the sink stopped writing")??;
+        }
+        delays.push(Instant::now().saturating_duration_since(at));
+    }
+    poller.abort();
+    Ok(delays)
+}
+
+fn pick(mut v: Vec<Duration>, q: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v.get(i).map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n = scale(200_000);
+    // Local files.
+    let stack = Stack::bare().await?;
+    publish(&stack.js, 0, n).await?;
+    let base = baseline(&stack.js, n).await?;
+    let dir = tempfile::tempdir()?;
+    let (store, prefix) = aob_audit::open(&format!("file://{}", dir.path().display()))?;
+    let (local, local_bytes, stop) = sink_run(&stack, store.clone(), prefix.clone(), n).await?;
+    let delays = delay(&stack, store, prefix, n).await?;
+    stop.cancel();
+
+    // Encoding alone: records → Parquet bytes, no bus, no store.
+    let sample: Vec<DecisionRecord> = (0..scale(50_000)).map(record).collect();
+    let t = Instant::now();
+    let encoded = aob_audit::encode(&sample)?;
+    let encode_rate = sample.len() as f64 / t.elapsed().as_secs_f64();
+
+    // An S3-compatible server (moto).
+    let s3 = S3Server::start().await?;
+    s3.create_bucket("bench").await?;
+    let stack2 = Stack::bare().await?;
+    publish(&stack2.js, 0, n).await?;
+    let base2 = baseline(&stack2.js, n).await?;
+    let (s3_rate, s3_bytes, stop2) =
+        sink_run(&stack2, s3.store("bench")?, Path::from("audit"), n).await?;
+    stop2.cancel();
+
+    println!(
+        "records: {n} per run, ~{} bytes of JSON each",
+        serde_json::to_vec(&record(1))?.len()
+    );
+    println!("{:<44} {:>12} {:>10}", "benchmark", "records/s", "vs base");
+    println!(
+        "{:<44} {:>12.0} {:>10}",
+        "baseline: consume+parse+ack (local server)", base, "1.00x"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.2}x",
+        "sink → local files",
+        local,
+        local / base
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10}",
+        "baseline: consume+parse+ack (2nd server)", base2, "1.00x"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.2}x",
+        "sink → S3 (moto)",
+        s3_rate,
+        s3_rate / base2
+    );
+    println!(
+        "{:<44} {:>12.0} {:>9.2}x",
+        "encode only (records → Parquet bytes)",
+        encode_rate,
+        encode_rate / base
+    );
+    println!();
+    println!(
+        "bytes per record after compression: local {local_bytes:.1}, S3 {s3_bytes:.1}, encode-only {:.1}",
+        encoded.len() as f64 / sample.len() as f64
+    );
+    println!(
+        "publish → queryable at default settings (5,000 records/s steady): p50 {:.2} s, max {:.2} s (target <= 5 s)",
+        pick(delays.clone(), 0.5),
+        pick(delays, 1.0)
+    );
+    Ok(())
+}
