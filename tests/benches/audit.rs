@@ -31,7 +31,7 @@ fn scale(n: usize) -> usize {
 
 /// A typical function record: rendered input and output inline, digests, a duration.
 fn record(i: usize) -> DecisionRecord {
-    let tenant = if i % 4 == 0 { "acme" } else { "default" };
+    let tenant = if i.is_multiple_of(4) { "acme" } else { "default" };
     let now = aob_runtime::now_us();
     let mut r = DecisionRecord::new(
         format!("bench-{i}"),
@@ -175,7 +175,7 @@ async fn delay(
         tick.tick().await;
         publish(&stack.js, from + published as usize, per_tick).await?;
         published += per_tick as u64;
-        if t % 10 == 0 {
+        if t.is_multiple_of(10) {
             markers.push((published, Instant::now()));
         }
     }
