@@ -31,7 +31,11 @@ fn scale(n: usize) -> usize {
 
 /// A typical function record: rendered input and output inline, digests, a duration.
 fn record(i: usize) -> DecisionRecord {
-    let tenant = if i.is_multiple_of(4) { "acme" } else { "default" };
+    let tenant = if i.is_multiple_of(4) {
+        "acme"
+    } else {
+        "default"
+    };
     let now = aob_runtime::now_us();
     let mut r = DecisionRecord::new(
         format!("bench-{i}"),
@@ -147,7 +151,7 @@ async fn delay(
     from: usize,
 ) -> Result<Vec<Duration>> {
     let per_tick = 250; // 5,000 records/s in 50 ms ticks
-    let ticks = 240; // 12 s
+    let ticks: u32 = 240; // 12 s
     let base: u64 = aob_audit::list(&store, &prefix)
         .await?
         .iter()
