@@ -304,3 +304,43 @@ async fn large_input_and_output_travel_by_reference() {
         .unwrap();
     assert_eq!(hydrated["body"]["data"].as_str().unwrap().len(), 5_000_000);
 }
+
+/// The README's Python (nats-py) snippet, as written, against a test server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_snippet_starts_a_run_and_follows_it() {
+    let s = Stack::start().await.unwrap();
+    s.publish_example(T, "fanout").await.unwrap();
+    let readme = std::fs::read_to_string(aob_tests::examples_dir().join("../README.md")).unwrap();
+    let after = readme.split("With Python").nth(1).unwrap();
+    let code = after
+        .split("```python\n")
+        .nth(1)
+        .and_then(|c| c.split("```").next())
+        .unwrap()
+        .replace("nats://127.0.0.1:4222", &s.server.url());
+    let python = aob_tests::audit::venv_bin("python").unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(python)
+            .args(["-c", &code])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some("1 started  "), "{stdout}");
+    assert!(
+        lines.iter().any(|l| l.contains("step_completed notify")),
+        "{stdout}"
+    );
+    assert!(lines.last().unwrap().ends_with("completed  "), "{stdout}");
+    let (state, _) = s.wait_run(T, "order-42").await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+}
