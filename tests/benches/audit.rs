@@ -143,7 +143,8 @@ async fn sink_run(
 }
 
 /// Publishes at a steady rate with the sink at its defaults; every 500 ms a marker notes
-/// its publish time, and a poller sees when the files hold every record up to it.
+/// its publish time and the count published so far, and a poller of the files' footers
+/// notes when the rows first reach that count.
 async fn delay(
     stack: &Stack,
     store: Arc<dyn ObjectStore>,
@@ -157,45 +158,60 @@ async fn delay(
         .iter()
         .map(|f| f.rows)
         .sum();
-    let mut markers: Vec<(u64, Instant)> = Vec::new();
+    let (marks, mut marks_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let poller = tokio::spawn(async move {
+        let mut waiting = std::collections::VecDeque::new();
+        let mut delays = Vec::new();
+        let mut open = true;
+        while open || !waiting.is_empty() {
+            loop {
+                match marks_rx.try_recv() {
+                    Ok(m) => waiting.push_back(m),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            let rows: u64 = match aob_audit::list(&store, &prefix).await {
+                Ok(files) => files.iter().map(|f| f.rows).sum::<u64>() - base,
+                Err(_) => 0,
+            };
+            let now = Instant::now();
+            while waiting.front().is_some_and(|(upto, _)| *upto <= rows) {
+                if let Some((_, at)) = waiting.pop_front() {
+                    delays.push(now.saturating_duration_since(at));
+                }
+            }
+            if waiting
+                .front()
+                .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(120))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        delays
+    });
     let mut published = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let poll = {
-        let (store, prefix) = (store.clone(), prefix.clone());
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        let handle = tokio::spawn(async move {
-            loop {
-                if let Ok(files) = aob_audit::list(&store, &prefix).await {
-                    let rows: u64 = files.iter().map(|f| f.rows).sum();
-                    let _ = tx.send(rows.saturating_sub(base));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        (rx, handle)
-    };
-    let (mut rows_rx, poller) = poll;
     for t in 0..ticks {
         tick.tick().await;
         publish(&stack.js, from + published as usize, per_tick).await?;
         published += per_tick as u64;
         if t.is_multiple_of(10) {
-            markers.push((published, Instant::now()));
+            let _ = marks.send((published, Instant::now()));
         }
     }
-    let mut delays = Vec::new();
-    for (upto, at) in markers {
-        loop {
-            if *rows_rx.borrow() >= upto {
-                break;
-            }
-            tokio::time::timeout(Duration::from_secs(60), rows_rx.changed())
-                .await
-                .context("the sink stopped writing")??;
-        }
-        delays.push(Instant::now().saturating_duration_since(at));
-    }
-    poller.abort();
+    drop(marks);
+    let delays = poller.await?;
+    anyhow::ensure!(
+        delays.len() == (ticks / 10) as usize,
+        "only {} of {} markers became queryable within 2 minutes",
+        delays.len(),
+        ticks / 10
+    );
     Ok(delays)
 }
 

@@ -72,7 +72,8 @@ pub struct SinkConfig {
     pub max_rows: usize,
     /// Bytes of record JSON (`AOB_AUDIT_MAX_BYTES`, default 64 MiB).
     pub max_bytes: usize,
-    /// Age of the oldest record (`AOB_AUDIT_MAX_AGE`, default `5s`).
+    /// Longest a record waits from its publish to being in an object (`AOB_AUDIT_MAX_AGE`,
+    /// default `5s`): a batch is written when its oldest record is 4/5 of this old.
     pub max_age: Duration,
     /// For crash tests only (`AOB_AUDIT_FAILPOINT`): stop as if killed at this point of the
     /// first batch flushed.
@@ -417,6 +418,8 @@ struct Batch {
     bytes: usize,
     ranges: usize,
     oldest: Option<Instant>,
+    /// When the first record of the batch arrived here.
+    first_arrival: Option<Instant>,
 }
 
 impl Batch {
@@ -433,7 +436,22 @@ impl Batch {
             _ => {}
         }
         self.bytes += msg.payload.len();
-        self.oldest.get_or_insert_with(Instant::now);
+        // Age counts from the publish, not from the arrival here.
+        let now = Instant::now();
+        let published = msg
+            .info()
+            .ok()
+            .and_then(|i| {
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_nanos() as i128;
+                let lag = (now_ns - i.published.unix_timestamp_nanos()).max(0);
+                now.checked_sub(Duration::from_nanos(u64::try_from(lag).ok()?))
+            })
+            .unwrap_or(now);
+        self.oldest = Some(self.oldest.map_or(published, |o| o.min(published)));
+        self.first_arrival.get_or_insert(now);
         self.entries.insert(
             seq,
             Pending {
@@ -550,7 +568,17 @@ pub async fn serve(
         "audit sink serving"
     );
     loop {
-        let due = sink.batch.oldest.map(|t| t + sink.cfg.max_age);
+        // Written when the oldest record is 4/5 of max_age old, so that it is queryable
+        // within max_age of its publish; but not before the batch has gathered for 1/5 of
+        // max_age, so that a backlog of old records is written in full batches.
+        let due = sink.batch.oldest.map(|t| {
+            let by_age = t + sink.cfg.max_age.mul_f64(0.8);
+            let gathered = sink
+                .batch
+                .first_arrival
+                .map_or(by_age, |f| f + sink.cfg.max_age.mul_f64(0.2));
+            by_age.max(gathered)
+        });
         let age = async move {
             match due {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -577,7 +605,6 @@ pub async fn serve(
                 }
                 result.map(|_| ())
             }
-            _ = age => sink.flush(&shutdown).await.map(|_| ()),
             m = messages.next() => match m {
                 Some(Ok(msg)) => {
                     sink.accept(msg).await;
@@ -599,6 +626,8 @@ pub async fn serve(
                     )))
                 }
             },
+            // After messages: a backlog fills batches by size; a live stream flushes by age.
+            _ = age => sink.flush(&shutdown).await.map(|_| ()),
         };
         match step {
             Ok(()) => {}
