@@ -159,22 +159,7 @@ pub fn transition(
     now: u64,
     resolve: Resolve<'_>,
 ) -> Transition {
-    use Transition::{Changed, Unchanged};
-    let (state, effects) = match step_run(def, state, event, now, resolve) {
-        Ok(x) => x,
-        Err(unchanged) => return Unchanged(unchanged),
-    };
-    Changed(state, effects)
-}
-
-#[allow(clippy::result_large_err)]
-fn step_run(
-    def: &Compiled,
-    state: Option<RunState>,
-    event: Event,
-    now: u64,
-    resolve: Resolve<'_>,
-) -> Result<(RunState, Vec<Effect>), Option<RunState>> {
+    use Transition::Unchanged;
     match (state, event) {
         (
             None,
@@ -217,16 +202,16 @@ fn step_run(
                 });
             }
             m.advance();
-            Ok(m.finish())
+            m.finish()
         }
-        (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Err(state),
-        (Some(state), _) if state.status.is_terminal() => Err(Some(state)),
+        (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Unchanged(state),
+        (Some(state), _) if state.status.is_terminal() => Unchanged(Some(state)),
         (Some(state), Event::Result(r)) => {
             let mut m = Machine::new(def, state, now, resolve);
             if m.on_result(r) {
-                Ok(m.finish())
+                m.finish()
             } else {
-                Err(Some(m.s))
+                Unchanged(Some(m.s))
             }
         }
         (Some(state), Event::Signal(Signal::Cancel { reason, by })) => {
@@ -238,14 +223,14 @@ fn step_run(
                 (None, None) => "cancelled".to_string(),
             };
             m.end_early(RunStatus::Cancelled, why);
-            Ok(m.finish())
+            m.finish()
         }
         (Some(state), Event::Signal(Signal::Timer { timer })) => {
             let mut m = Machine::new(def, state, now, resolve);
             if m.on_timer(timer) {
-                Ok(m.finish())
+                m.finish()
             } else {
-                Err(Some(m.s))
+                Unchanged(Some(m.s))
             }
         }
     }
@@ -294,9 +279,9 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn finish(mut self) -> (RunState, Vec<Effect>) {
+    fn finish(mut self) -> Transition {
         self.s.updated_ms = self.now;
-        (self.s, self.effects)
+        Transition::Changed(self.s, self.effects)
     }
 
     fn history(
