@@ -422,8 +422,28 @@ struct Batch {
     first_arrival: Option<Instant>,
 }
 
+/// The `Instant` of a wall-clock time in nanoseconds since the Unix epoch (now, for a
+/// time in the future or one the clock cannot place).
+fn instant_of(unix_ns: i128) -> Instant {
+    let now = Instant::now();
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    u64::try_from((now_ns - unix_ns).max(0))
+        .ok()
+        .and_then(|lag| now.checked_sub(Duration::from_nanos(lag)))
+        .unwrap_or(now)
+}
+
 impl Batch {
-    fn insert(&mut self, seq: u64, msg: jetstream::Message, record: DecisionRecord) {
+    /// Adds a record; `published` is when it was published, for the age of the batch.
+    fn insert(
+        &mut self,
+        seq: u64,
+        published: Instant,
+        msg: jetstream::Message,
+        record: DecisionRecord,
+    ) {
         let before = seq
             .checked_sub(1)
             .is_some_and(|s| self.entries.contains_key(&s));
@@ -437,21 +457,8 @@ impl Batch {
         }
         self.bytes += msg.payload.len();
         // Age counts from the publish, not from the arrival here.
-        let now = Instant::now();
-        let published = msg
-            .info()
-            .ok()
-            .and_then(|i| {
-                let now_ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()?
-                    .as_nanos() as i128;
-                let lag = (now_ns - i.published.unix_timestamp_nanos()).max(0);
-                now.checked_sub(Duration::from_nanos(u64::try_from(lag).ok()?))
-            })
-            .unwrap_or(now);
         self.oldest = Some(self.oldest.map_or(published, |o| o.min(published)));
-        self.first_arrival.get_or_insert(now);
+        self.first_arrival.get_or_insert_with(Instant::now);
         self.entries.insert(
             seq,
             Pending {
@@ -746,8 +753,11 @@ impl Sink {
 
     /// Takes one delivered message: skips what is durable, dead-letters garbage, batches the rest.
     async fn accept(&mut self, msg: jetstream::Message) {
-        let seq = match msg.info() {
-            Ok(info) => info.stream_sequence,
+        let (seq, published) = match msg.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                instant_of(info.published.unix_timestamp_nanos()),
+            ),
             Err(e) => {
                 tracing::warn!("message without JetStream metadata on {}: {e}", msg.subject);
                 return;
@@ -765,7 +775,7 @@ impl Sink {
         }
         let subject = msg.subject.to_string();
         match parse_record(&subject, &msg.payload) {
-            Ok(record) => self.batch.insert(seq, msg, record),
+            Ok(record) => self.batch.insert(seq, published, msg, record),
             Err(reason) => {
                 aob_runtime::bus::dead_letter(&self.js, COMPONENT, &subject, &msg.payload, &reason)
                     .await;
