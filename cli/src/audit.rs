@@ -17,16 +17,12 @@ pub fn audit_url(flag: Option<&str>) -> Result<String> {
     if let Some(u) = flag.map(str::trim).filter(|u| !u.is_empty()) {
         return Ok(u.to_string());
     }
-    if let Ok(u) = std::env::var("AOB_AUDIT_URL")
-        && !u.trim().is_empty()
-    {
-        return Ok(u.trim().to_string());
-    }
     let dir = std::env::current_dir()
         .context("reading the current directory")?
         .join(".aob")
         .join("audit");
-    Ok(crate::ctx::file_url(&dir))
+    let default = crate::ctx::file_url(&dir);
+    aob_fn_audit::store_url(|k| std::env::var(k).ok(), Some(&default)).map_err(|e| anyhow!("{e}"))
 }
 
 /// One line of `aob audit tail`.
@@ -151,16 +147,8 @@ pub async fn cmd_flush(ctx: &Ctx, timeout: Duration) -> Result<ExitCode> {
         eprintln!("error: the audit sink could not flush: {err}");
         return Ok(ExitCode::from(1));
     }
-    let rows = answer.get("rows").and_then(|r| r.as_u64()).unwrap_or(0);
-    let files: Vec<String> = answer
-        .get("files")
-        .and_then(|f| f.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let aob_audit::sink::FlushReport { files, rows, .. } = serde_json::from_value(answer)
+        .with_context(|| "the audit sink's answer is not a flush report")?;
     if files.is_empty() {
         say!("nothing to flush");
     } else {

@@ -243,8 +243,11 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
     let payload_url =
         std::env::var("AOB_PAYLOAD_URL").unwrap_or_else(|_| ctx::file_url(&data.join("payloads")));
     let payloads = PayloadStore::from_url(&payload_url, env.offload_threshold)?;
-    let audit_url =
-        std::env::var("AOB_AUDIT_URL").unwrap_or_else(|_| ctx::file_url(&data.join("audit")));
+    let audit_url = aob_fn_audit::store_url(
+        |k| std::env::var(k).ok(),
+        Some(&ctx::file_url(&data.join("audit"))),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
     let handoff = match &server {
         Some(_) => Some(Handoff::write(&data, &url, &payload_url, &audit_url)?),
         None => None,

