@@ -22,11 +22,7 @@ use aob_tests::Stack;
 use aob_tests::audit::S3Server;
 
 fn scale(n: usize) -> usize {
-    let s: f64 = std::env::var("AOB_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
-    ((n as f64 * s).round() as usize).max(10)
+    aob_tests::bench_scale(n, 10)
 }
 
 /// A typical function record: rendered input and output inline, digests, a duration.
@@ -62,15 +58,7 @@ fn record(i: usize) -> DecisionRecord {
 async fn publish(js: &jetstream::Context, from: usize, n: usize) -> Result<()> {
     let mut acks = Vec::with_capacity(1024);
     for i in from..from + n {
-        let r = record(i);
-        let ack = aob_runtime::bus::publish(
-            js,
-            aob_streams::subjects::audit(&r.tenant),
-            &r.record_id,
-            serde_json::to_vec(&r)?.into(),
-        )
-        .await?;
-        acks.push(ack);
+        acks.push(aob_runtime::bus::publish_record(js, &record(i)).await?);
         if acks.len() == 1024 {
             for a in acks.drain(..) {
                 a.await?;

@@ -45,11 +45,7 @@ fn figures(name: &str, mut per_step: Vec<Duration>, steps: usize, elapsed: Durat
 }
 
 fn scale(n: usize) -> usize {
-    let s: f64 = std::env::var("AOB_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
-    ((n as f64 * s).round() as usize).max(2)
+    aob_tests::bench_scale(n, 2)
 }
 
 /// One chain of the floor loop: `steps` hops on subject `bench.<chain>`.

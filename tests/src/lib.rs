@@ -326,6 +326,15 @@ impl Drop for Stack {
     }
 }
 
+/// A bench size: `n` times `AOB_BENCH_SCALE` (default 1), at least `min`.
+pub fn bench_scale(n: usize, min: usize) -> usize {
+    let s: f64 = std::env::var("AOB_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    ((n as f64 * s).round() as usize).max(min)
+}
+
 /// The repository's `examples/` folder.
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")

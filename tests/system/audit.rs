@@ -141,12 +141,8 @@ fn model_call(id: &str, run: &str) -> DecisionRecord {
 }
 
 async fn publish_record(s: &Stack, r: &DecisionRecord) -> anyhow::Result<()> {
-    s.publish_raw(
-        &aob_streams::subjects::audit(&r.tenant),
-        Some(&r.record_id),
-        serde_json::to_vec(r)?,
-    )
-    .await
+    aob_runtime::bus::publish_record(&s.js, r).await?.await?;
+    Ok(())
 }
 
 /// Waits until the sink has written everything published, then runs the query.
@@ -322,15 +318,11 @@ async fn killing_the_sink_loses_and_duplicates_nothing() {
                     aob_runtime::now_us(),
                 );
                 r.step_id = Some(format!("s{}", i % 50));
-                let body = serde_json::to_vec(&r).unwrap();
-                aob_runtime::bus::publish_acked(
-                    &js,
-                    aob_streams::subjects::audit(tenant),
-                    &r.record_id,
-                    body.into(),
-                )
-                .await
-                .unwrap();
+                aob_runtime::bus::publish_record(&js, &r)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
                 if i % 100 == 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }

@@ -77,12 +77,7 @@ impl Env {
     async fn publish(&self, records: &[DecisionRecord]) {
         let mut acks = Vec::new();
         for r in records {
-            let body = serde_json::to_vec(r).unwrap();
-            acks.push(
-                aob_runtime::bus::publish(&self.js, audit(&r.tenant), &r.record_id, body.into())
-                    .await
-                    .unwrap(),
-            );
+            acks.push(aob_runtime::bus::publish_record(&self.js, r).await.unwrap());
         }
         for a in acks {
             a.await.unwrap();

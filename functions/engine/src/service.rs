@@ -276,19 +276,13 @@ impl<S: RunStore> Engine<S> {
         if subject.ends_with(".cmd.start")
             && let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t))
         {
-            let run_id = serde_json::from_slice::<Value>(&msg.payload)
-                .ok()
-                .and_then(|v| v.get("run_id").and_then(Value::as_str).map(str::to_string))
+            // What can be read of a refused body: one parse for both fields.
+            let body = serde_json::from_slice::<Value>(&msg.payload).ok();
+            let field = |name: &str| body.as_ref()?.get(name)?.as_str();
+            let run_id = field("run_id")
                 .filter(|r| subjects::is_token(r))
-                .unwrap_or_else(|| derived_run_id(msg));
-            let workflow = serde_json::from_slice::<Value>(&msg.payload)
-                .ok()
-                .and_then(|v| {
-                    v.get("workflow")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                });
-            self.reject(tenant, &run_id, workflow.as_deref(), reason, None)
+                .map_or_else(|| derived_run_id(msg), str::to_string);
+            self.reject(tenant, &run_id, field("workflow"), reason, None)
                 .await;
         }
     }
@@ -318,7 +312,7 @@ impl<S: RunStore> Engine<S> {
         }
         let mut record = DecisionRecord::of_history(&ev, workflow, None);
         record.record_id = format!("{tenant}.{run_id}.rejected");
-        let audited = match self.publish_record(&record).await {
+        let audited = match bus::publish_record(&self.js, &record).await {
             Ok(ack) => ack.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -695,7 +689,7 @@ impl<S: RunStore> Engine<S> {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
                     let record = DecisionRecord::of_history(event, Some(workflow), Some(version));
-                    acks.push(self.publish_record(&record).await?);
+                    acks.push(bus::publish_record(&self.js, &record).await?);
                 }
                 Effect::Timer { .. } => {}
             }
@@ -710,23 +704,6 @@ impl<S: RunStore> Engine<S> {
                 .map_err(|e| aob_runtime::Error::Nats(format!("publish not acknowledged: {e}")))?;
         }
         Ok(())
-    }
-
-    async fn publish_record(
-        &self,
-        record: &DecisionRecord,
-    ) -> Result<async_nats::jetstream::context::PublishAckFuture> {
-        let body = serde_json::to_vec(record).map_err(|e| Error::Corrupt {
-            what: format!("audit record {}", record.record_id),
-            message: e.to_string(),
-        })?;
-        Ok(bus::publish(
-            &self.js,
-            subjects::audit(&record.tenant),
-            &record.record_id,
-            body.into(),
-        )
-        .await?)
     }
 
     async fn set_timer(

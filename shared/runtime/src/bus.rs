@@ -4,6 +4,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 
+use aob_model::audit::DecisionRecord;
 use aob_model::wire::DeadLetter;
 
 use crate::{Error, Result, now_ms};
@@ -35,6 +36,23 @@ pub async fn publish_acked(
         .await
         .map_err(|e| Error::Nats(format!("publishing to {subj}: {e}")))?;
     Ok(())
+}
+
+/// Publishes a decision record on `aob.<tenant>.audit`, its `record_id` as the message id;
+/// await the returned future for the server's ack.
+pub async fn publish_record(
+    js: &jetstream::Context,
+    record: &DecisionRecord,
+) -> Result<PublishAckFuture> {
+    let body = serde_json::to_vec(record)
+        .map_err(|e| Error::Payload(format!("audit record {}: {e}", record.record_id)))?;
+    publish(
+        js,
+        aob_streams::subjects::audit(&record.tenant),
+        &record.record_id,
+        body.into(),
+    )
+    .await
 }
 
 /// Records a message a component could not use on `aob.<tenant>.dlq.<component>`.

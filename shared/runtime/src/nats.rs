@@ -197,17 +197,10 @@ async fn handle_message<H: Handler>(
     };
     // The audit record goes out with the result; the task is acked only when both are stored.
     let audited = async {
-        bus::publish(
-            js,
-            aob_streams::subjects::audit(&record.tenant),
-            &record.record_id,
-            serde_json::to_vec(&record)
-                .map_err(|e| Error::Payload(e.to_string()))?
-                .into(),
-        )
-        .await?
-        .await
-        .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))
+        bus::publish_record(js, &record)
+            .await?
+            .await
+            .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))
     };
     let (published, audited) = tokio::join!(publish_result(js, &result), audited);
     match published.and(audited.map(|_| ())) {
