@@ -4,6 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// As in `aob-audit`: `aob dev` runs the audit sink in this process.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = aob_cli::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

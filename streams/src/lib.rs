@@ -64,6 +64,9 @@ pub enum Error {
         /// The server's answer.
         source: async_nats::Error,
     },
+    /// A change the server cannot make in place.
+    #[error("{0}")]
+    Immutable(String),
 }
 
 /// `Result` with this crate's [`Error`].
@@ -219,6 +222,8 @@ impl Topology {
             AUDIT,
             consumer::pull::Config {
                 max_deliver: -1,
+                // One ack per batch: see the audit sink for why that is safe.
+                ack_policy: AckPolicy::All,
                 ..c(
                     AUDIT_SINK.into(),
                     subjects::AUDIT_ALL_TENANTS.into(),
@@ -273,7 +278,16 @@ impl Topology {
                     .get_stream(stream)
                     .await
                     .map_err(nats(format!("opening stream {stream}")))?;
-                if s.consumer_info(&name).await.is_ok() {
+                if let Ok(have) = s.consumer_info(&name).await {
+                    if have.config.ack_policy != cfg.ack_policy {
+                        return Err(Error::Immutable(format!(
+                            "consumer {stream}/{name} has ack policy {:?} and {:?} is wanted; \
+                             a server cannot change a consumer's ack policy: stop what reads \
+                             it, let it drain, delete it (`nats consumer rm {stream} {name}`) \
+                             and apply again",
+                            have.config.ack_policy, cfg.ack_policy
+                        )));
+                    }
                     s.update_consumer(cfg)
                         .await
                         .map_err(nats(format!("updating consumer {stream}/{name}")))?;
@@ -390,6 +404,12 @@ impl Topology {
                     cmp(&mut changes, "ack_wait", &have.ack_wait, &want.ack_wait);
                     cmp(
                         &mut changes,
+                        "ack_policy",
+                        &have.ack_policy,
+                        &want.ack_policy,
+                    );
+                    cmp(
+                        &mut changes,
                         "max_deliver",
                         &have.max_deliver,
                         &want.max_deliver,
@@ -431,7 +451,7 @@ mod tests {
             .unwrap();
         assert_eq!(*stream, AUDIT);
         assert_eq!(sink.filter_subject, "aob.*.audit");
-        assert_eq!(sink.ack_policy, AckPolicy::Explicit);
+        assert_eq!(sink.ack_policy, AckPolicy::All);
         assert_eq!(sink.ack_wait, t.ack_wait);
         assert_eq!(sink.max_deliver, -1);
         assert!(sink.max_ack_pending >= 50_000);

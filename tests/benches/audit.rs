@@ -5,6 +5,10 @@
 //!
 //! Sizes can be lowered with AOB_BENCH_SCALE (e.g. 0.1) for a quick look.
 
+// The allocator of the `aob-audit` and `aob` binaries.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,11 @@ use aob_tests::audit::S3Server;
 
 fn scale(n: usize) -> usize {
     aob_tests::bench_scale(n, 10)
+}
+
+/// Records per sink run: a whole number of default batches (50,000 rows).
+fn sink_records() -> usize {
+    scale(200_000).div_ceil(50_000) * 50_000
 }
 
 /// A typical function record: rendered input and output inline, digests, a duration.
@@ -121,7 +130,27 @@ async fn sink_run(
             }
         });
     }
-    aob_tests::audit::drain(&stack.client, Duration::from_secs(600)).await?;
+    // Watched without flush requests (a flush request writes a partial batch and waits
+    // for it): `n` is a whole number of batches, so the last one is written by size.
+    let mut consumer: jetstream::consumer::PullConsumer = stack
+        .js
+        .get_stream(aob_streams::AUDIT)
+        .await?
+        .get_consumer(aob_streams::AUDIT_SINK)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let info = consumer.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sink did not catch up in 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let files = aob_audit::list(&store, &prefix).await?;
     let rows: u64 = files.iter().map(|f| f.rows).sum();
@@ -211,7 +240,7 @@ fn pick(mut v: Vec<Duration>, q: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n = scale(200_000);
+    let n = sink_records();
     // Local files.
     let stack = Stack::bare().await?;
     publish(&stack.js, 0, n).await?;

@@ -335,9 +335,13 @@ pub fn bench_scale(n: usize, min: usize) -> usize {
     ((n as f64 * s).round() as usize).max(min)
 }
 
-/// The repository's `examples/` folder.
+/// The repository's `examples/` folder. Found from the package folder cargo gives the
+/// running test (not the one this was compiled in: a target folder shared by several
+/// clones may hold a build made in another clone).
 pub fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("../examples")
 }
 
 /// A workspace binary (`aob`, `aob-http`, ...) next to the test executable.

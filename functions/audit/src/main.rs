@@ -1,3 +1,8 @@
+// Audit records are many small allocations freed on another thread than the one that
+// made them; mimalloc handles that pattern better than the system allocator (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     aob_runtime::init_logging();

@@ -490,3 +490,84 @@ async fn every_failpoint_leaves_each_record_in_exactly_one_row() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Takes up to `n` deliveries from the sink's consumer and drops them unacknowledged, as a
+/// sink that dies (or a reconnect that loses them) would; returns how many it took.
+async fn steal(js: &jetstream::Context, n: usize, wait: Duration) -> usize {
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(aob_streams::AUDIT)
+        .await
+        .unwrap()
+        .get_consumer(aob_streams::AUDIT_SINK)
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(wait)
+        .messages()
+        .await
+        .unwrap();
+    let mut took = 0;
+    while let Some(m) = futures::StreamExt::next(&mut batch).await {
+        if m.is_ok() {
+            took += 1;
+        }
+    }
+    took
+}
+
+/// The consumer acknowledges a batch with one ack (ack policy `all`), which also
+/// acknowledges every earlier delivery. Deliveries this sink never saw, before it started
+/// and while it runs, must be written before such an ack passes them: without that, this
+/// test loses the stolen records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_the_sink_never_saw_are_written_before_an_ack_passes_them() {
+    // A long ack wait: nothing stolen comes back by redelivery during the test.
+    let env = Env::start(Duration::from_secs(120)).await;
+    let n = 600;
+    let records: Vec<DecisionRecord> = (0..n)
+        .map(|i| {
+            record(
+                if i % 3 == 0 { "acme" } else { "beta" },
+                i,
+                NOV21_US + i as i64,
+            )
+        })
+        .collect();
+    env.publish(&records[..200]).await;
+    // Delivered to a "sink" that died before this one started.
+    assert_eq!(steal(&env.js, 30, Duration::from_secs(2)).await, 30);
+    let cfg = SinkConfig {
+        max_rows: 50,
+        max_age: Duration::from_millis(100),
+        ..SinkConfig::default()
+    };
+    let (stop, task) = env.sink(cfg).await;
+    env.flush_until(200, Duration::from_secs(30)).await;
+    // While it runs, other pulls on its consumer take some deliveries and drop them.
+    let thief = {
+        let js = env.js.clone();
+        tokio::spawn(async move {
+            let mut took = 0;
+            for _ in 0..40 {
+                took += steal(&js, 3, Duration::from_millis(50)).await;
+            }
+            took
+        })
+    };
+    for chunk in records[200..].chunks(20) {
+        env.publish(chunk).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let stolen = thief.await.unwrap();
+    assert!(
+        stolen > 0,
+        "the second thief took nothing; the test proves nothing"
+    );
+    let files = env.flush_until(n as u64, Duration::from_secs(60)).await;
+    assert_eq!(files.iter().map(|f| f.rows).sum::<u64>(), n as u64);
+    assert_unique(&env.record_ids(), n);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use aob_model::audit::DecisionRecord;
 use aob_streams::subjects::{self, AUDIT_FLUSH};
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv};
+use async_nats::jetstream::{self, consumer::PullConsumer, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
@@ -405,16 +405,21 @@ pub struct FlushReport {
     pub pending: u64,
 }
 
-/// One record in the batch.
-struct Pending {
+/// One record in the batch, or a dead-lettered message whose sequence is acknowledged with
+/// the batch (`record: None`).
+struct Entry {
+    record: Option<Arc<DecisionRecord>>,
+    /// The delivery, kept only for the `mid_ack` failpoint.
     msg: Option<jetstream::Message>,
-    record: Arc<DecisionRecord>,
 }
 
 /// The records waiting for a flush, by stream sequence.
 #[derive(Default)]
 struct Batch {
-    entries: BTreeMap<u64, Pending>,
+    entries: BTreeMap<u64, Entry>,
+    /// The newest delivery of the highest sequence delivered to this sink: acknowledging it
+    /// (ack policy `all`) acknowledges the whole batch once the batch is durable.
+    top: Option<(u64, jetstream::Message)>,
     bytes: usize,
     ranges: usize,
     oldest: Option<Instant>,
@@ -435,14 +440,23 @@ fn instant_of(unix_ns: i128) -> Instant {
         .unwrap_or(now)
 }
 
+/// Keeps in `slot` whichever delivery has the higher sequence (the later one on a tie).
+fn keep_highest(slot: &mut Option<(u64, jetstream::Message)>, seq: u64, msg: jetstream::Message) {
+    if slot.as_ref().is_none_or(|(s, _)| seq >= *s) {
+        *slot = Some((seq, msg));
+    }
+}
+
 impl Batch {
-    /// Adds a record; `published` is when it was published, for the age of the batch.
+    /// Adds a record (`None`: dead-lettered); `published` is when it was published, for the
+    /// age of the batch; `len` its size in bytes.
     fn insert(
         &mut self,
         seq: u64,
         published: Instant,
-        msg: jetstream::Message,
-        record: DecisionRecord,
+        len: usize,
+        record: Option<DecisionRecord>,
+        msg: Option<jetstream::Message>,
     ) {
         let before = seq
             .checked_sub(1)
@@ -455,15 +469,15 @@ impl Batch {
             (false, false) => self.ranges += 1,
             _ => {}
         }
-        self.bytes += msg.payload.len();
+        self.bytes += len;
         // Age counts from the publish, not from the arrival here.
         self.oldest = Some(self.oldest.map_or(published, |o| o.min(published)));
         self.first_arrival.get_or_insert_with(Instant::now);
         self.entries.insert(
             seq,
-            Pending {
-                msg: Some(msg),
-                record: Arc::new(record),
+            Entry {
+                record: record.map(Arc::new),
+                msg,
             },
         );
     }
@@ -498,9 +512,22 @@ impl Backoff {
     }
 }
 
-struct Sink {
+/// A batch taken for writing.
+#[derive(Default)]
+struct Cut {
+    rows: Vec<Row>,
+    /// Every sequence of the batch, dead-lettered ones included.
+    seqs: Ranges,
+    /// The delivery whose acknowledgement acknowledges the batch.
+    ack: Option<jetstream::Message>,
+    /// For the `mid_ack` failpoint: a delivery from the middle of the batch.
+    mid: Option<jetstream::Message>,
+}
+
+/// Writes batches and keeps the intent log. It works on one batch at a time, on a task of
+/// its own, while the sink gathers the next batch.
+struct Writer {
     client: async_nats::Client,
-    js: jetstream::Context,
     consumer: PullConsumer,
     kv: kv::Store,
     store: Arc<dyn ObjectStore>,
@@ -513,7 +540,50 @@ struct Sink {
     /// The consumer's ack floor when last read: every sequence up to it is acknowledged.
     floor: u64,
     done_upto: u64,
+}
+
+/// A flush running on its own task; it hands the writer back. Dropping it (the sink
+/// stopped or was dropped) aborts the task, so that a flush never outlives its sink.
+struct Flight(tokio::task::JoinHandle<(Writer, Result<FlushReport>)>);
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Gathers records from the consumer into batches and hands them to the [`Writer`].
+///
+/// Acknowledgements use the consumer's ack policy `all`: acknowledging sequence `s`
+/// acknowledges every delivered message up to `s`, so one ack covers a batch. That is only
+/// safe if every message at or below `s` that the server counts as delivered is durable.
+/// The sink keeps a horizon: every stream sequence at or below it has been seen here (read,
+/// adopted from the stream, or known durable), and every seen sequence is durable once the
+/// batches before it are written. A batch's ack sequence never exceeds the horizon when
+/// the batch was cut. Deliveries this sink never saw (delivered to a sink that died, or
+/// lost on a reconnect) are found by their consumer sequence: the server numbers every
+/// delivery of the consumer, so a gap means a delivery went elsewhere, and the sink then
+/// reads every sequence up to the consumer's delivered sequence from the stream itself
+/// ("adopts" it) before it acks past it.
+struct Sink {
+    writer: Option<Writer>,
+    flight: Option<Flight>,
+    /// Sequences of the batch in flight.
+    flying: Ranges,
+    /// The writer's durable set and ack floor when it last came back.
+    durable: Ranges,
+    floor: u64,
+    cfg: SinkConfig,
+    js: jetstream::Context,
+    consumer: PullConsumer,
+    stream: jetstream::stream::Stream,
     batch: Batch,
+    /// A redelivery of a durable record, acknowledged with the next batch.
+    held: Option<(u64, jetstream::Message)>,
+    /// Every stream sequence up to here has been seen by this sink.
+    horizon: u64,
+    /// Highest consumer (delivery) sequence seen.
+    last_delivery: u64,
 }
 
 /// Serves the audit sink until `shutdown`: pulls `audit-sink`, writes Parquet objects under
@@ -532,27 +602,52 @@ pub async fn serve(
     let js = jetstream::new(client.clone());
     let consumer =
         aob_runtime::nats::bind(&js, aob_streams::AUDIT, aob_streams::AUDIT_SINK).await?;
+    let topology = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Runtime(aob_runtime::Error::Topology(format!("{what}: {e}")))
+    };
     let kv = js
         .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
         .await
-        .map_err(|e| {
-            aob_runtime::Error::Topology(format!("bucket {}: {e}", aob_streams::AUDIT_SINK_BUCKET))
-        })?;
-    let mut sink = Sink {
+        .map_err(|e| topology(&format!("bucket {}", aob_streams::AUDIT_SINK_BUCKET), &e))?;
+    let stream = js
+        .get_stream(aob_streams::AUDIT)
+        .await
+        .map_err(|e| topology(&format!("stream {}", aob_streams::AUDIT), &e))?;
+    let mut writer = Writer {
         client: client.clone(),
-        js,
-        consumer,
+        consumer: consumer.clone(),
         kv,
         store,
         prefix,
-        cfg,
+        cfg: cfg.clone(),
         revision: None,
         written: Ranges::default(),
         floor: 0,
         done_upto: 0,
-        batch: Batch::default(),
     };
-    match sink.recover(&shutdown).await {
+    match writer.recover(&stream, &shutdown).await {
+        Ok(()) => {}
+        Err(Error::Shutdown) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let mut sink = Sink {
+        durable: writer.written.clone(),
+        floor: writer.floor,
+        writer: Some(writer),
+        flight: None,
+        flying: Ranges::default(),
+        cfg,
+        js,
+        consumer,
+        stream,
+        batch: Batch::default(),
+        held: None,
+        horizon: 0,
+        last_delivery: 0,
+    };
+    // What the last sink was given but did not acknowledge is read from the stream now, so
+    // that this sink's acknowledgements never pass a record that is not durable.
+    match sink.catch_up(&shutdown).await {
         Ok(()) => {}
         Err(Error::Shutdown) => return Ok(()),
         Err(e) => return Err(e),
@@ -572,6 +667,7 @@ pub async fn serve(
         max_rows = sink.cfg.max_rows,
         max_bytes = sink.cfg.max_bytes,
         max_age = %humantime::format_duration(sink.cfg.max_age),
+        horizon = sink.horizon,
         "audit sink serving"
     );
     loop {
@@ -592,14 +688,24 @@ pub async fn serve(
                 None => std::future::pending().await,
             }
         };
+        let flight = async {
+            match sink.flight.as_mut() {
+                Some(f) => (&mut f.0).await,
+                None => std::future::pending().await,
+            }
+        };
         let step = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            landed = flight => {
+                sink.flight = None;
+                sink.landed(landed).map(|_| ())
+            }
             req = flushes.next() => {
                 let Some(req) = req else {
                     return Err(Error::Nats(format!("subscription to {AUDIT_FLUSH} ended")));
                 };
-                let result = sink.flush(&shutdown).await;
+                let result = sink.flush_now(&shutdown).await;
                 if let Some(reply) = req.reply {
                     let body = match &result {
                         Ok(report) => serde_json::to_vec(report).unwrap_or_default(),
@@ -613,14 +719,10 @@ pub async fn serve(
                 result.map(|_| ())
             }
             m = messages.next() => match m {
-                Some(Ok(msg)) => {
-                    sink.accept(msg).await;
-                    if sink.batch.full(&sink.cfg) {
-                        sink.flush(&shutdown).await.map(|_| ())
-                    } else {
-                        Ok(())
-                    }
-                }
+                Some(Ok(msg)) => match sink.accept(msg, &shutdown).await {
+                    Ok(()) if sink.batch.full(&sink.cfg) => sink.launch(&shutdown).await.map(|_| ()),
+                    other => other,
+                },
                 Some(Err(e)) => {
                     tracing::warn!("audit consumer error: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -634,7 +736,7 @@ pub async fn serve(
                 }
             },
             // After messages: a backlog fills batches by size; a live stream flushes by age.
-            _ = age => sink.flush(&shutdown).await.map(|_| ()),
+            _ = age => sink.launch(&shutdown).await.map(|_| ()),
         };
         match step {
             Ok(()) => {}
@@ -643,11 +745,9 @@ pub async fn serve(
         }
     }
     // Graceful stop: write what is held, so the next sink has nothing to wait for.
-    if !sink.batch.entries.is_empty() {
-        match sink.flush(&shutdown).await {
-            Ok(_) | Err(Error::Shutdown) => {}
-            Err(e) => return Err(e),
-        }
+    match sink.flush_now(&shutdown).await {
+        Ok(_) | Err(Error::Shutdown) => {}
+        Err(e) => return Err(e),
     }
     let _ = client.flush().await;
     tracing::info!("audit sink stopped");
@@ -655,8 +755,249 @@ pub async fn serve(
 }
 
 impl Sink {
+    /// Adopts what the consumer delivered before this sink started.
+    async fn catch_up(&mut self, shutdown: &CancellationToken) -> Result<()> {
+        let info = self.consumer_info(shutdown).await?;
+        self.floor = self.floor.max(info.ack_floor.stream_sequence);
+        self.horizon = self.floor;
+        self.last_delivery = info.delivered.consumer_sequence;
+        let upto = info.delivered.stream_sequence;
+        if upto > self.horizon {
+            tracing::info!(
+                from = self.horizon + 1,
+                upto,
+                "reading records delivered to an earlier sink but not acknowledged"
+            );
+        }
+        self.adopt(upto, shutdown).await
+    }
+
+    async fn consumer_info(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<jetstream::consumer::Info> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.consumer.info().await {
+                Ok(info) => return Ok(info.clone()),
+                Err(e) => {
+                    backoff
+                        .wait(
+                            shutdown,
+                            "reading the audit consumer's state",
+                            Error::Nats(e.to_string()),
+                        )
+                        .await?
+                }
+            }
+        }
+    }
+
+    /// True when `seq` is durable or being written.
+    fn settled(&self, seq: u64) -> bool {
+        seq <= self.floor || self.durable.contains(seq) || self.flying.contains(seq)
+    }
+
+    /// Reads every sequence above the horizon up to `upto` that this sink has not seen from
+    /// the stream into the batch (dead-lettering bad ones); raises the horizon to `upto`.
+    async fn adopt(&mut self, upto: u64, shutdown: &CancellationToken) -> Result<()> {
+        if upto <= self.horizon {
+            return Ok(());
+        }
+        let wanted: Vec<u64> = (self.horizon + 1..=upto)
+            .filter(|s| !self.settled(*s) && !self.batch.entries.contains_key(s))
+            .collect();
+        let stream = self.stream.clone();
+        let mut fetched = futures::stream::iter(wanted)
+            .map(|seq| {
+                let stream = stream.clone();
+                async move { (seq, fetch(&stream, seq, shutdown).await) }
+            })
+            .buffered(32);
+        while let Some((seq, got)) = fetched.next().await {
+            match got? {
+                Fetched::Record(record, published, len) => {
+                    self.batch.insert(seq, published, len, Some(*record), None)
+                }
+                Fetched::Refused {
+                    subject,
+                    body,
+                    reason,
+                } => {
+                    aob_runtime::bus::dead_letter(&self.js, COMPONENT, &subject, &body, &reason)
+                        .await;
+                    self.batch
+                        .insert(seq, Instant::now(), body.len(), None, None);
+                }
+                Fetched::Gone => {}
+            }
+            if self.batch.full(&self.cfg) {
+                self.launch(shutdown).await?;
+            }
+        }
+        self.horizon = upto;
+        Ok(())
+    }
+
+    /// Takes one delivered message: skips what is durable, dead-letters garbage, batches the rest.
+    async fn accept(
+        &mut self,
+        msg: jetstream::Message,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let (seq, delivery, published) = match msg.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.consumer_sequence,
+                instant_of(info.published.unix_timestamp_nanos()),
+            ),
+            Err(e) => {
+                tracing::warn!("message without JetStream metadata on {}: {e}", msg.subject);
+                return Ok(());
+            }
+        };
+        if delivery > self.last_delivery.saturating_add(1) {
+            // A delivery went elsewhere or was lost: adopt what the consumer has delivered.
+            let info = self.consumer_info(shutdown).await?;
+            tracing::info!(
+                expected = self.last_delivery + 1,
+                got = delivery,
+                upto = info.delivered.stream_sequence,
+                "deliveries missed by this sink; reading them from the stream"
+            );
+            self.adopt(info.delivered.stream_sequence, shutdown).await?;
+        }
+        self.last_delivery = self.last_delivery.max(delivery);
+        if self.settled(seq) {
+            // Durable already (an ack was lost or passed over) or being written: the next
+            // batch's ack covers it; with nothing outstanding, ack it now.
+            if self.batch.entries.is_empty() && self.flight.is_none() {
+                let _ = msg.ack().await;
+            } else {
+                keep_highest(&mut self.held, seq, msg);
+            }
+            self.horizon = self.horizon.max(seq);
+            return Ok(());
+        }
+        if self.batch.entries.contains_key(&seq) {
+            // Redelivered while batched (the ack wait passed): keep the newest delivery.
+            keep_highest(&mut self.batch.top, seq, msg);
+            return Ok(());
+        }
+        // Sequences between the horizon and this one that were never delivered here do not
+        // exist for this consumer (the delivery sequence shows nothing was missed).
+        self.horizon = self.horizon.max(seq);
+        let keep = (self.cfg.failpoint == Some(Failpoint::MidAck)).then(|| msg.clone());
+        let len = msg.payload.len();
+        match parse_record(msg.subject.as_str(), &msg.payload) {
+            Ok(record) => self.batch.insert(seq, published, len, Some(record), keep),
+            Err(reason) => {
+                aob_runtime::bus::dead_letter(
+                    &self.js,
+                    COMPONENT,
+                    msg.subject.as_str(),
+                    &msg.payload,
+                    &reason,
+                )
+                .await;
+                self.batch.insert(seq, published, len, None, keep);
+            }
+        }
+        keep_highest(&mut self.batch.top, seq, msg);
+        Ok(())
+    }
+
+    /// Takes back the writer from a finished flight.
+    fn landed(
+        &mut self,
+        landed: std::result::Result<(Writer, Result<FlushReport>), tokio::task::JoinError>,
+    ) -> Result<FlushReport> {
+        let (writer, report) =
+            landed.map_err(|e| Error::Store(format!("the audit flush task failed: {e}")))?;
+        self.durable = writer.written.clone();
+        self.floor = self.floor.max(writer.floor);
+        self.flying = Ranges::default();
+        self.writer = Some(writer);
+        report
+    }
+
+    /// Waits for the flight in the air, if any.
+    async fn land(&mut self) -> Result<FlushReport> {
+        match self.flight.take() {
+            Some(mut f) => {
+                let landed = (&mut f.0).await;
+                self.landed(landed)
+            }
+            None => Ok(FlushReport::default()),
+        }
+    }
+
+    /// Waits for the flight in the air, then sends the batch off to be written while the
+    /// next one gathers. Returns the report of the flight that landed.
+    async fn launch(&mut self, shutdown: &CancellationToken) -> Result<FlushReport> {
+        let landed = self.land().await?;
+        let batch = std::mem::take(&mut self.batch);
+        let held = self.held.take();
+        if batch.entries.is_empty() && held.is_none() {
+            return Ok(landed);
+        }
+        let seqs = Ranges::of(batch.entries.keys().copied());
+        let half = batch.entries.len() / 2;
+        let mut mid = None;
+        let mut rows = Vec::with_capacity(batch.entries.len());
+        for (i, (seq, e)) in batch.entries.into_iter().enumerate() {
+            if i >= half && mid.is_none() {
+                mid = e.msg;
+            }
+            if let Some(r) = e.record {
+                rows.push((seq, r));
+            }
+        }
+        let mut ack = batch.top;
+        if let Some((s, m)) = held {
+            keep_highest(&mut ack, s, m);
+        }
+        let cut = Cut {
+            rows,
+            seqs: seqs.clone(),
+            ack: ack.map(|(_, m)| m),
+            mid,
+        };
+        let Some(mut writer) = self.writer.take() else {
+            return Err(Error::Store("the audit writer is missing".into()));
+        };
+        let shutdown = shutdown.clone();
+        self.flying = seqs;
+        self.flight = Some(Flight(tokio::spawn(async move {
+            let report = writer.write(cut, &shutdown).await;
+            (writer, report)
+        })));
+        Ok(landed)
+    }
+
+    /// Writes everything gathered and waits until it is durable and acknowledged.
+    async fn flush_now(&mut self, shutdown: &CancellationToken) -> Result<FlushReport> {
+        let earlier = self.launch(shutdown).await?;
+        let launched = self.flight.is_some();
+        let mut report = self.land().await?;
+        if !launched && let Some(w) = self.writer.as_mut() {
+            // Nothing to write: report what is still pending.
+            report.pending = w.refresh_floor().await;
+            self.floor = self.floor.max(w.floor);
+        }
+        report.files.splice(0..0, earlier.files);
+        report.rows += earlier.rows;
+        Ok(report)
+    }
+}
+
+impl Writer {
     /// Reads the intent log; rewrites an interrupted batch.
-    async fn recover(&mut self, shutdown: &CancellationToken) -> Result<()> {
+    async fn recover(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let mut backoff = Backoff::new();
         let entry = loop {
             match self.kv.entry(INTENT_KEY).await {
@@ -689,7 +1030,7 @@ impl Sink {
         self.done_upto = intent.done_upto;
         let seqs = intent.seqs.clone().normalized();
         match intent.state {
-            IntentState::Writing => self.replay(&intent, seqs, shutdown).await?,
+            IntentState::Writing => self.replay(stream, &intent, seqs, shutdown).await?,
             IntentState::Written | IntentState::Done => self.written.union(&seqs),
         }
         self.written.prune_upto(self.floor);
@@ -706,26 +1047,25 @@ impl Sink {
     /// Writes again the batch of an intent left in `writing`, reading it from the stream.
     async fn replay(
         &mut self,
+        stream: &jetstream::stream::Stream,
         intent: &Intent,
         seqs: Ranges,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let started = Instant::now();
-        let stream = self.js.get_stream(aob_streams::AUDIT).await.map_err(|e| {
-            aob_runtime::Error::Topology(format!("stream {}: {e}", aob_streams::AUDIT))
-        })?;
-        let stream = &stream;
-        let fetched: Vec<Result<Option<Row>>> = futures::stream::iter(seqs.seqs())
-            .map(|seq| async move { fetch(stream, seq, shutdown).await })
+        let fetched: Vec<(u64, Result<Fetched>)> = futures::stream::iter(seqs.seqs())
+            .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
             .buffered(32)
             .collect()
             .await;
         let mut entries = Vec::with_capacity(fetched.len());
         let mut missing = 0u64;
-        for f in fetched {
+        for (seq, f) in fetched {
             match f? {
-                Some(e) => entries.push(e),
-                None => missing += 1,
+                Fetched::Record(r, _, _) => entries.push((seq, Arc::new(*r))),
+                // Dead-lettered when it was batched.
+                Fetched::Refused { .. } => {}
+                Fetched::Gone => missing += 1,
             }
         }
         if missing > 0 {
@@ -751,42 +1091,13 @@ impl Sink {
         Ok(())
     }
 
-    /// Takes one delivered message: skips what is durable, dead-letters garbage, batches the rest.
-    async fn accept(&mut self, msg: jetstream::Message) {
-        let (seq, published) = match msg.info() {
-            Ok(info) => (
-                info.stream_sequence,
-                instant_of(info.published.unix_timestamp_nanos()),
-            ),
-            Err(e) => {
-                tracing::warn!("message without JetStream metadata on {}: {e}", msg.subject);
-                return;
+    /// Writes a batch, acknowledges it, and records it as done.
+    async fn write(&mut self, cut: Cut, shutdown: &CancellationToken) -> Result<FlushReport> {
+        if cut.seqs.is_empty() {
+            // Only a redelivery of something durable to acknowledge.
+            if let Some(m) = cut.ack {
+                let _ = m.ack().await;
             }
-        };
-        if seq <= self.floor || self.written.contains(seq) {
-            // Durable already: an ack was lost, or a redelivery raced the ack.
-            let _ = msg.ack().await;
-            return;
-        }
-        if let Some(p) = self.batch.entries.get_mut(&seq) {
-            // Redelivered while batched (the ack wait passed): keep the newest delivery.
-            p.msg = Some(msg);
-            return;
-        }
-        let subject = msg.subject.to_string();
-        match parse_record(&subject, &msg.payload) {
-            Ok(record) => self.batch.insert(seq, published, msg, record),
-            Err(reason) => {
-                aob_runtime::bus::dead_letter(&self.js, COMPONENT, &subject, &msg.payload, &reason)
-                    .await;
-                let _ = msg.ack_with(AckKind::Term).await;
-            }
-        }
-    }
-
-    /// Writes the batch, acks it, and empties it. An empty batch writes nothing.
-    async fn flush(&mut self, shutdown: &CancellationToken) -> Result<FlushReport> {
-        if self.batch.entries.is_empty() {
             let pending = self.refresh_floor().await;
             return Ok(FlushReport {
                 pending,
@@ -794,36 +1105,28 @@ impl Sink {
             });
         }
         let started = Instant::now();
-        let seqs = Ranges::of(self.batch.entries.keys().copied());
-        let entries: Vec<Row> = self
-            .batch
-            .entries
-            .iter()
-            .map(|(s, p)| (*s, p.record.clone()))
-            .collect();
         let (mut report, bytes) = self
-            .write_set(entries, seqs.clone(), &[], true, shutdown)
+            .write_set(cut.rows, cut.seqs.clone(), &[], true, shutdown)
             .await?;
         self.failpoint(Failpoint::AfterWritten)?;
-        // Every object is durable: acknowledge, then make sure the server has the acks.
-        let half = self.batch.entries.len() / 2;
-        for (i, p) in self.batch.entries.values().enumerate() {
-            if i == half && self.cfg.failpoint == Some(Failpoint::MidAck) {
-                let _ = self.client.flush().await;
-                self.failpoint(Failpoint::MidAck)?;
+        // Every object is durable: acknowledge, then make sure the server has the ack.
+        if self.cfg.failpoint == Some(Failpoint::MidAck) {
+            if let Some(m) = &cut.mid {
+                let _ = m.ack().await;
             }
-            if let Some(msg) = &p.msg
-                && let Err(e) = msg.ack().await
-            {
-                tracing::warn!("ack not sent (the record will be redelivered and skipped): {e}");
-            }
+            let _ = self.client.flush().await;
+            self.failpoint(Failpoint::MidAck)?;
+        }
+        if let Some(m) = &cut.ack
+            && let Err(e) = m.ack().await
+        {
+            tracing::warn!("ack not sent (the records will be redelivered and skipped): {e}");
         }
         if let Err(e) = self.client.flush().await {
             tracing::warn!("acks not confirmed (records may be redelivered and skipped): {e}");
         }
-        let (first, last) = seqs.bounds().unwrap_or_default();
-        report.pending = self.complete(&report, seqs, shutdown).await?;
-        self.batch = Batch::default();
+        let (first, last) = cut.seqs.bounds().unwrap_or_default();
+        report.pending = self.complete(&report, cut.seqs, shutdown).await?;
         tracing::info!(
             files = report.files.len(),
             rows = report.rows,
@@ -1054,36 +1357,51 @@ fn conflict(e: &dyn std::fmt::Display) -> Error {
     ))
 }
 
-/// Reads one record of an interrupted batch back from the stream; `None` when the message
-/// is gone (or, impossible for a sequence that was batched, no longer a good record).
+/// A message read back from the stream by sequence.
+enum Fetched {
+    /// A good record, its publish time and its size in bytes.
+    Record(Box<DecisionRecord>, Instant, usize),
+    /// Not a good record.
+    Refused {
+        subject: String,
+        body: Bytes,
+        reason: String,
+    },
+    /// No such message (never stored, deleted, or past retention).
+    Gone,
+}
+
+/// Reads one message of the audit stream by sequence, retrying transient failures.
 async fn fetch(
     stream: &jetstream::stream::Stream,
     seq: u64,
     shutdown: &CancellationToken,
-) -> Result<Option<Row>> {
+) -> Result<Fetched> {
     let mut backoff = Backoff::new();
     loop {
         match stream.get_raw_message(seq).await {
             Ok(m) => {
                 return Ok(match parse_record(m.subject.as_str(), &m.payload) {
-                    Ok(r) => Some((seq, Arc::new(r))),
-                    Err(reason) => {
-                        tracing::warn!(
-                            seq,
-                            "record of the interrupted batch is now refused: {reason}"
-                        );
-                        None
-                    }
+                    Ok(r) => Fetched::Record(
+                        Box::new(r),
+                        instant_of(m.time.unix_timestamp_nanos()),
+                        m.payload.len(),
+                    ),
+                    Err(reason) => Fetched::Refused {
+                        subject: m.subject.to_string(),
+                        body: m.payload,
+                        reason,
+                    },
                 });
             }
             Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                return Ok(None);
+                return Ok(Fetched::Gone);
             }
             Err(e) => {
                 backoff
                     .wait(
                         shutdown,
-                        "reading the interrupted batch",
+                        "reading the audit stream",
                         Error::Nats(format!(
                             "reading {} sequence {seq}: {e}",
                             aob_streams::AUDIT

@@ -196,16 +196,23 @@ fn compensate_is_parsed_and_checked() {
     assert!(has(&ps, "b", "compensate.url", "missing field"), "{ps:?}");
 }
 
+/// The repository, from the package folder cargo gives the running test (a target folder
+/// shared by several clones may hold a build made in another clone).
+fn repo() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || env!("CARGO_MANIFEST_DIR").into(),
+        std::path::PathBuf::from,
+    );
+    dir.join("../..")
+}
+
 #[test]
 fn the_published_schema_matches_the_generated_one() {
     let generated = serde_json::to_string_pretty(&definition_schema()).unwrap();
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../schemas/workflow.schema.json"
-    );
-    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    let path = repo().join("schemas/workflow.schema.json");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     if std::env::var_os("AOB_BLESS").is_some() {
-        std::fs::write(path, format!("{generated}\n")).unwrap();
+        std::fs::write(&path, format!("{generated}\n")).unwrap();
         return;
     }
     assert_eq!(
@@ -217,7 +224,7 @@ fn the_published_schema_matches_the_generated_one() {
 
 #[test]
 fn every_example_is_valid() {
-    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples"));
+    let dir = repo().join("examples");
     let mut n = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path().join("workflow.yaml");
