@@ -9,13 +9,15 @@
 //! # Exactly-once rows
 //!
 //! Messages are acknowledged only after the objects holding them are durable, so nothing
-//! is lost; duplicates are prevented by an intent log, the key [`INTENT_KEY`] in the bucket
-//! `AOB_AUDIT_SINK`, written by compare-and-set ([`Intent`]):
+//! is lost. One ack covers a batch (ack policy `all`); ARCHITECTURE.md explains why it
+//! never covers a record that is not durable. Duplicates are prevented by an intent log,
+//! the key [`INTENT_KEY`] in the bucket `AOB_AUDIT_SINK`, written by compare-and-set
+//! ([`Intent`]):
 //!
 //! 1. before writing, `state: "writing"` with the exact set of sequences of the batch
 //!    (`seqs`, as ranges) and the object names (`files`);
 //! 2. after every object is written, `state: "written"`;
-//! 3. after every message is acknowledged (and the acks flushed to the server),
+//! 3. after the batch is acknowledged (and the ack flushed to the server),
 //!    `state: "done"`.
 //!
 //! On start, a `writing` intent means the last process died before any ack of that batch:
@@ -24,13 +26,13 @@
 //! intent that the rewrite does not produce, which only happens if a record vanished from
 //! the stream, are deleted). Every sequence whose rows are durable is kept in `written`
 //! until the consumer's ack floor passes it: a redelivered message whose sequence is at or
-//! below the ack floor, or in `written`, is acknowledged and not written again.
+//! below the ack floor, or in `written`, is not written again (the next ack covers it).
 //!
 //! Why not just "skip every sequence ≤ the last completed batch's last sequence"
 //! (`done_upto`, still recorded for operators)? Batches are not contiguous in sequence:
-//! records delivered to a sink that was killed come back only after the ack wait, so the
-//! next sink may complete a batch of later sequences first; skipping by `done_upto` would
-//! then drop the earlier records.
+//! a sequence can come back after later ones were written (a redelivery after the ack
+//! wait, or a delivery read back after a gap), and skipping by `done_upto` would then drop
+//! it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
