@@ -407,10 +407,17 @@ pub struct FlushReport {
     pub pending: u64,
 }
 
-/// One record in the batch, or a dead-lettered message whose sequence is acknowledged with
-/// the batch (`record: None`).
+/// A message as it arrived: parsed when its batch is written, on the writer's task, so
+/// that the task reading the consumer does as little as possible per message.
+#[derive(Clone)]
+struct Raw {
+    subject: async_nats::Subject,
+    payload: Bytes,
+}
+
+/// One message in the batch.
 struct Entry {
-    record: Option<Arc<DecisionRecord>>,
+    raw: Raw,
     /// The delivery, kept only for the `mid_ack` failpoint.
     msg: Option<jetstream::Message>,
 }
@@ -450,16 +457,8 @@ fn keep_highest(slot: &mut Option<(u64, jetstream::Message)>, seq: u64, msg: jet
 }
 
 impl Batch {
-    /// Adds a record (`None`: dead-lettered); `published` is when it was published, for the
-    /// age of the batch; `len` its size in bytes.
-    fn insert(
-        &mut self,
-        seq: u64,
-        published: Instant,
-        len: usize,
-        record: Option<DecisionRecord>,
-        msg: Option<jetstream::Message>,
-    ) {
+    /// Adds a message; `published` is when it was published, for the age of the batch.
+    fn insert(&mut self, seq: u64, published: Instant, raw: Raw, msg: Option<jetstream::Message>) {
         let before = seq
             .checked_sub(1)
             .is_some_and(|s| self.entries.contains_key(&s));
@@ -471,17 +470,11 @@ impl Batch {
             (false, false) => self.ranges += 1,
             _ => {}
         }
-        self.bytes += len;
+        self.bytes += raw.payload.len();
         // Age counts from the publish, not from the arrival here.
         self.oldest = Some(self.oldest.map_or(published, |o| o.min(published)));
         self.first_arrival.get_or_insert_with(Instant::now);
-        self.entries.insert(
-            seq,
-            Entry {
-                record: record.map(Arc::new),
-                msg,
-            },
-        );
+        self.entries.insert(seq, Entry { raw, msg });
     }
 
     fn full(&self, cfg: &SinkConfig) -> bool {
@@ -517,8 +510,8 @@ impl Backoff {
 /// A batch taken for writing.
 #[derive(Default)]
 struct Cut {
-    rows: Vec<Row>,
-    /// Every sequence of the batch, dead-lettered ones included.
+    raws: Vec<(u64, Raw)>,
+    /// Every sequence of the batch, messages to dead-letter included.
     seqs: Ranges,
     /// The delivery whose acknowledgement acknowledges the batch.
     ack: Option<jetstream::Message>,
@@ -530,6 +523,7 @@ struct Cut {
 /// its own, while the sink gathers the next batch.
 struct Writer {
     client: async_nats::Client,
+    js: jetstream::Context,
     consumer: PullConsumer,
     kv: kv::Store,
     store: Arc<dyn ObjectStore>,
@@ -576,7 +570,6 @@ struct Sink {
     durable: Ranges,
     floor: u64,
     cfg: SinkConfig,
-    js: jetstream::Context,
     consumer: PullConsumer,
     stream: jetstream::stream::Stream,
     batch: Batch,
@@ -617,6 +610,7 @@ pub async fn serve(
         .map_err(|e| topology(&format!("stream {}", aob_streams::AUDIT), &e))?;
     let mut writer = Writer {
         client: client.clone(),
+        js: js.clone(),
         consumer: consumer.clone(),
         kv,
         store,
@@ -639,7 +633,6 @@ pub async fn serve(
         flight: None,
         flying: Ranges::default(),
         cfg,
-        js,
         consumer,
         stream,
         batch: Batch::default(),
@@ -817,21 +810,8 @@ impl Sink {
             })
             .buffered(32);
         while let Some((seq, got)) = fetched.next().await {
-            match got? {
-                Fetched::Record(record, published, len) => {
-                    self.batch.insert(seq, published, len, Some(*record), None)
-                }
-                Fetched::Refused {
-                    subject,
-                    body,
-                    reason,
-                } => {
-                    aob_runtime::bus::dead_letter(&self.js, COMPONENT, &subject, &body, &reason)
-                        .await;
-                    self.batch
-                        .insert(seq, Instant::now(), body.len(), None, None);
-                }
-                Fetched::Gone => {}
+            if let Some((raw, published)) = got? {
+                self.batch.insert(seq, published, raw, None);
             }
             if self.batch.full(&self.cfg) {
                 self.launch(shutdown).await?;
@@ -890,21 +870,11 @@ impl Sink {
         // exist for this consumer (the delivery sequence shows nothing was missed).
         self.horizon = self.horizon.max(seq);
         let keep = (self.cfg.failpoint == Some(Failpoint::MidAck)).then(|| msg.clone());
-        let len = msg.payload.len();
-        match parse_record(msg.subject.as_str(), &msg.payload) {
-            Ok(record) => self.batch.insert(seq, published, len, Some(record), keep),
-            Err(reason) => {
-                aob_runtime::bus::dead_letter(
-                    &self.js,
-                    COMPONENT,
-                    msg.subject.as_str(),
-                    &msg.payload,
-                    &reason,
-                )
-                .await;
-                self.batch.insert(seq, published, len, None, keep);
-            }
-        }
+        let raw = Raw {
+            subject: msg.subject.clone(),
+            payload: msg.payload.clone(),
+        };
+        self.batch.insert(seq, published, raw, keep);
         keep_highest(&mut self.batch.top, seq, msg);
         Ok(())
     }
@@ -946,21 +916,19 @@ impl Sink {
         let seqs = Ranges::of(batch.entries.keys().copied());
         let half = batch.entries.len() / 2;
         let mut mid = None;
-        let mut rows = Vec::with_capacity(batch.entries.len());
+        let mut raws = Vec::with_capacity(batch.entries.len());
         for (i, (seq, e)) in batch.entries.into_iter().enumerate() {
             if i >= half && mid.is_none() {
                 mid = e.msg;
             }
-            if let Some(r) = e.record {
-                rows.push((seq, r));
-            }
+            raws.push((seq, e.raw));
         }
         let mut ack = batch.top;
         if let Some((s, m)) = held {
             keep_highest(&mut ack, s, m);
         }
         let cut = Cut {
-            rows,
+            raws,
             seqs: seqs.clone(),
             ack: ack.map(|(_, m)| m),
             mid,
@@ -1055,21 +1023,22 @@ impl Writer {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let started = Instant::now();
-        let fetched: Vec<(u64, Result<Fetched>)> = futures::stream::iter(seqs.seqs())
-            .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
-            .buffered(32)
-            .collect()
-            .await;
-        let mut entries = Vec::with_capacity(fetched.len());
+        let fetched: Vec<(u64, Result<Option<(Raw, Instant)>>)> =
+            futures::stream::iter(seqs.seqs())
+                .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
+                .buffered(32)
+                .collect()
+                .await;
+        let mut raws = Vec::with_capacity(fetched.len());
         let mut missing = 0u64;
         for (seq, f) in fetched {
             match f? {
-                Fetched::Record(r, _, _) => entries.push((seq, Arc::new(*r))),
-                // Dead-lettered when it was batched.
-                Fetched::Refused { .. } => {}
-                Fetched::Gone => missing += 1,
+                Some((raw, _)) => raws.push((seq, raw)),
+                None => missing += 1,
             }
         }
+        // Refused messages were dead-lettered before the interrupted batch's intent.
+        let (entries, _) = parse_all(raws).await?;
         if missing > 0 {
             tracing::warn!(
                 missing,
@@ -1107,8 +1076,19 @@ impl Writer {
             });
         }
         let started = Instant::now();
+        let (rows, refused) = parse_all(cut.raws).await?;
+        for (_, raw, reason) in &refused {
+            aob_runtime::bus::dead_letter(
+                &self.js,
+                COMPONENT,
+                raw.subject.as_str(),
+                &raw.payload,
+                reason,
+            )
+            .await;
+        }
         let (mut report, bytes) = self
-            .write_set(cut.rows, cut.seqs.clone(), &[], true, shutdown)
+            .write_set(rows, cut.seqs.clone(), &[], true, shutdown)
             .await?;
         self.failpoint(Failpoint::AfterWritten)?;
         // Every object is durable: acknowledge, then make sure the server has the ack.
@@ -1359,45 +1339,47 @@ fn conflict(e: &dyn std::fmt::Display) -> Error {
     ))
 }
 
-/// A message read back from the stream by sequence.
-enum Fetched {
-    /// A good record, its publish time and its size in bytes.
-    Record(Box<DecisionRecord>, Instant, usize),
-    /// Not a good record.
-    Refused {
-        subject: String,
-        body: Bytes,
-        reason: String,
-    },
-    /// No such message (never stored, deleted, or past retention).
-    Gone,
+/// Parses a batch's messages off the async runtime: good records, and refused messages
+/// with the reason.
+async fn parse_all(raws: Vec<(u64, Raw)>) -> Result<(Vec<Row>, Vec<(u64, Raw, String)>)> {
+    tokio::task::spawn_blocking(move || {
+        let mut rows = Vec::with_capacity(raws.len());
+        let mut refused = Vec::new();
+        for (seq, raw) in raws {
+            match parse_record(raw.subject.as_str(), &raw.payload) {
+                Ok(r) => rows.push((seq, Arc::new(r))),
+                Err(reason) => refused.push((seq, raw, reason)),
+            }
+        }
+        (rows, refused)
+    })
+    .await
+    .map_err(|e| Error::Store(format!("parsing audit records: {e}")))
 }
 
-/// Reads one message of the audit stream by sequence, retrying transient failures.
+/// Reads one message of the audit stream by sequence with its publish time, retrying
+/// transient failures; `None` when there is no such message (never stored, deleted, or
+/// past retention).
 async fn fetch(
     stream: &jetstream::stream::Stream,
     seq: u64,
     shutdown: &CancellationToken,
-) -> Result<Fetched> {
+) -> Result<Option<(Raw, Instant)>> {
     let mut backoff = Backoff::new();
     loop {
         match stream.get_raw_message(seq).await {
             Ok(m) => {
-                return Ok(match parse_record(m.subject.as_str(), &m.payload) {
-                    Ok(r) => Fetched::Record(
-                        Box::new(r),
-                        instant_of(m.time.unix_timestamp_nanos()),
-                        m.payload.len(),
-                    ),
-                    Err(reason) => Fetched::Refused {
-                        subject: m.subject.to_string(),
-                        body: m.payload,
-                        reason,
+                let published = instant_of(m.time.unix_timestamp_nanos());
+                return Ok(Some((
+                    Raw {
+                        subject: m.subject,
+                        payload: m.payload,
                     },
-                });
+                    published,
+                )));
             }
             Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                return Ok(Fetched::Gone);
+                return Ok(None);
             }
             Err(e) => {
                 backoff
