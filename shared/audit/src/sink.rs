@@ -1023,12 +1023,11 @@ impl Writer {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let started = Instant::now();
-        let fetched: Vec<(u64, Result<Option<(Raw, Instant)>>)> =
-            futures::stream::iter(seqs.seqs())
-                .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
-                .buffered(32)
-                .collect()
-                .await;
+        let fetched: Vec<(u64, Result<Fetched>)> = futures::stream::iter(seqs.seqs())
+            .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
+            .buffered(32)
+            .collect()
+            .await;
         let mut raws = Vec::with_capacity(fetched.len());
         let mut missing = 0u64;
         for (seq, f) in fetched {
@@ -1357,6 +1356,9 @@ async fn parse_all(raws: Vec<(u64, Raw)>) -> Result<(Vec<Row>, Vec<(u64, Raw, St
     .map_err(|e| Error::Store(format!("parsing audit records: {e}")))
 }
 
+/// A message read back from the stream, with its publish time; `None` when gone.
+type Fetched = Option<(Raw, Instant)>;
+
 /// Reads one message of the audit stream by sequence with its publish time, retrying
 /// transient failures; `None` when there is no such message (never stored, deleted, or
 /// past retention).
@@ -1364,7 +1366,7 @@ async fn fetch(
     stream: &jetstream::stream::Stream,
     seq: u64,
     shutdown: &CancellationToken,
-) -> Result<Option<(Raw, Instant)>> {
+) -> Result<Fetched> {
     let mut backoff = Backoff::new();
     loop {
         match stream.get_raw_message(seq).await {
