@@ -48,6 +48,30 @@ async fn applying_twice_changes_nothing_and_diff_shows_drift() {
         ..Topology::default()
     };
     assert!(!other.diff(&s.js).await.unwrap().is_empty());
+    // An ack policy the server cannot change in place (the audit sink's consumer of an
+    // older release acked every message): diff names it, apply says what to do.
+    s.topology.apply(&s.js).await.unwrap();
+    let audit = s.js.get_stream(aob_streams::AUDIT).await.unwrap();
+    let (_, mut old) = s
+        .topology
+        .consumers()
+        .into_iter()
+        .find(|(_, c)| c.durable_name.as_deref() == Some(aob_streams::AUDIT_SINK))
+        .unwrap();
+    old.ack_policy = async_nats::jetstream::consumer::AckPolicy::Explicit;
+    audit
+        .delete_consumer(aob_streams::AUDIT_SINK)
+        .await
+        .unwrap();
+    audit.create_consumer(old).await.unwrap();
+    let drift = s.topology.diff(&s.js).await.unwrap();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(drift[0].change.starts_with("ack_policy"), "{drift:?}");
+    let e = s.topology.apply(&s.js).await.unwrap_err().to_string();
+    assert!(
+        e.contains("ack policy") && e.contains("nats consumer rm AOB_AUDIT audit-sink"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
