@@ -66,10 +66,32 @@ async fn for_each_example_keeps_order() {
         .start_run(T, &wf, json!({"numbers": [1, 2, 3, 4, 5]}))
         .await
         .unwrap();
-    let (state, _) = s.wait_run(T, &run).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed);
     assert_eq!(state.steps["square"].output, Some(json!([1, 4, 9, 16, 25])));
     assert_eq!(state.steps["total"].output, Some(json!(55)));
+    // Every item reports its completion with its output; the step's own event comes last.
+    let square: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == HistoryKind::StepCompleted && e.step.as_deref() == Some("square"))
+        .collect();
+    assert_eq!(square.len(), 6, "{square:#?}");
+    let mut items: Vec<(u32, serde_json::Value)> = square[..5]
+        .iter()
+        .map(|e| (e.item.unwrap(), e.data.as_ref().unwrap()["output"].clone()))
+        .collect();
+    items.sort_by_key(|(i, _)| *i);
+    assert_eq!(
+        items,
+        [
+            (0, json!(1)),
+            (1, json!(4)),
+            (2, json!(9)),
+            (3, json!(16)),
+            (4, json!(25))
+        ]
+    );
+    assert_eq!(square[5].item, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -765,11 +765,19 @@ impl<'a> Machine<'a> {
                 };
                 if let Some(slot) = st.slots.get_mut(i as usize) {
                     slot.status = StepStatus::Completed;
-                    slot.output = Some(output);
+                    slot.output = Some(output.clone());
                     slot.error = None;
                 }
                 st.slots.iter().all(|s| s.status == StepStatus::Completed)
             };
+            // Each item reports its completion (watchers show progress, the audit trail
+            // has a record per item); the step's own `step_completed` follows the last.
+            self.history(
+                HistoryKind::StepCompleted,
+                Some(at),
+                None,
+                Some(json!({"output": output})),
+            );
             if all_done {
                 let outputs: Vec<Value> = self
                     .s

@@ -14,7 +14,7 @@ struct Sim {
     state: Option<RunState>,
     now: u64,
     tasks: Vec<Task>,
-    history: Vec<(HistoryKind, Option<String>)>,
+    history: Vec<(HistoryKind, Option<String>, Option<u32>)>,
     timers: Vec<(TimerKind, u64)>,
 }
 
@@ -50,7 +50,8 @@ impl Sim {
                     match e {
                         Effect::Task { task } => self.tasks.push(*task),
                         Effect::History { event } => {
-                            self.history.push((event.kind, event.step.clone()))
+                            self.history
+                                .push((event.kind, event.step.clone(), event.item))
                         }
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
                     }
@@ -102,7 +103,7 @@ impl Sim {
     }
 
     fn count(&self, kind: HistoryKind) -> usize {
-        self.history.iter().filter(|(k, _)| *k == kind).count()
+        self.history.iter().filter(|(k, _, _)| *k == kind).count()
     }
 }
 
@@ -207,6 +208,17 @@ fn for_each_respects_the_cap_and_keeps_order() {
     assert_eq!(s.status(), RunStatus::Completed);
     let out = s.state.as_ref().unwrap().steps["f"].output.clone().unwrap();
     assert_eq!(out, json!(["a", "b", "c", "d", "e"]));
+    // One `step_completed` per item, in the order they finished, then the step's own.
+    let completed: Vec<Option<u32>> = s
+        .history
+        .iter()
+        .filter(|(k, step, _)| *k == HistoryKind::StepCompleted && step.as_deref() == Some("f"))
+        .map(|(_, _, item)| *item)
+        .collect();
+    assert_eq!(
+        completed,
+        [Some(1), Some(0), Some(2), Some(3), Some(4), None]
+    );
 }
 
 #[test]
