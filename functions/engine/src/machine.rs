@@ -31,8 +31,11 @@ pub struct Compiled {
     reads: HashMap<String, BTreeSet<String>>,
     /// Position of each step in `wf.steps`.
     index: HashMap<String, usize>,
-    /// Forward-path steps (compensation-only steps excluded), dependencies first.
-    order: Vec<String>,
+    /// Forward-path steps (compensation-only steps excluded), dependencies first, as
+    /// positions in `wf.steps`.
+    order: Vec<usize>,
+    /// For each step of `wf.steps`, the positions of its `needs` (`None`: not a step).
+    needs: Vec<Vec<Option<usize>>>,
     leaves: Vec<String>,
     /// Steps whose outputs some condition reads (the I/O wrapper resolves those if offloaded).
     pub condition_reads: BTreeSet<String>,
@@ -81,11 +84,20 @@ impl Compiled {
             .filter(|id| !needed.contains(id.as_str()))
             .cloned()
             .collect();
-        let index = wf
+        let index: HashMap<String, usize> = wf
             .steps
             .iter()
             .enumerate()
             .map(|(i, s)| (s.id.clone(), i))
+            .collect();
+        let order = order
+            .iter()
+            .filter_map(|id| index.get(id).copied())
+            .collect();
+        let needs = wf
+            .steps
+            .iter()
+            .map(|s| s.needs.iter().map(|n| index.get(n).copied()).collect())
             .collect();
         Ok(Compiled {
             index,
@@ -96,6 +108,7 @@ impl Compiled {
             untils,
             reads: reads_map,
             order,
+            needs,
             leaves,
             condition_reads,
         })
@@ -183,7 +196,8 @@ pub fn transition(
                 steps: def
                     .order
                     .iter()
-                    .map(|id| (id.clone(), StepState::pending()))
+                    .filter_map(|&i| def.wf.steps.get(i))
+                    .map(|st| (st.id.clone(), StepState::pending()))
                     .collect(),
                 history_seq: 0,
                 outbox: Vec::new(),
@@ -377,28 +391,43 @@ impl<'a> Machine<'a> {
     fn advance(&mut self) {
         let def = self.def;
         loop {
-            let mut changed = false;
-            for id in &def.order {
-                let Some(st) = self.s.steps.get(id) else {
-                    continue;
-                };
-                if st.status != StepStatus::Pending || st.attempt > 0 {
-                    continue;
+            // Status and attempt of every step by position, read once per pass (the run's
+            // map is keyed by id; a pass looks at every pending step and its needs).
+            let mut status: Vec<Option<(StepStatus, u32)>> = vec![None; def.wf.steps.len()];
+            for (id, st) in &self.s.steps {
+                if let Some(slot) = def.index.get(id).and_then(|&i| status.get_mut(i)) {
+                    *slot = Some((st.status, st.attempt));
                 }
-                let Some(step) = def.step(id) else {
+            }
+            // Another pass is needed only when a step reached a terminal status: a step
+            // that merely started (RUNNING, WAITING) makes no other step ready or skipped.
+            let mut changed = false;
+            for &i in &def.order {
+                let (Some(Some((StepStatus::Pending, 0))), Some(step), Some(needs)) =
+                    (status.get(i), def.wf.steps.get(i), def.needs.get(i))
+                else {
                     continue;
                 };
-                match self.readiness(step) {
+                let of_needs = step.needs.iter().zip(needs).map(|(n, j)| {
+                    let st = j.and_then(|j| status.get(j).copied().flatten());
+                    (n.as_str(), st.map_or(StepStatus::Skipped, |(s, _)| s))
+                });
+                match readiness(step, of_needs) {
                     Ready::Wait => {}
                     Ready::Skip(reason) => {
-                        self.skip(id, reason);
+                        self.skip(&step.id, reason);
                         changed = true;
                     }
                     Ready::Go => {
                         self.begin(step);
-                        changed = true;
+                        changed |= self
+                            .s
+                            .steps
+                            .get(&step.id)
+                            .is_some_and(|st| st.status.is_terminal());
                     }
                 }
+                status[i] = self.s.steps.get(&step.id).map(|st| (st.status, st.attempt));
             }
             if !changed {
                 break;
@@ -455,51 +484,6 @@ impl<'a> Machine<'a> {
                 );
             }
         }
-    }
-
-    fn readiness(&self, step: &Step) -> Ready {
-        let statuses: Vec<(&str, StepStatus)> = step
-            .needs
-            .iter()
-            .map(|n| {
-                (
-                    n.as_str(),
-                    self.s
-                        .steps
-                        .get(n)
-                        .map_or(StepStatus::Skipped, |s| s.status),
-                )
-            })
-            .collect();
-        let all_done = statuses.iter().all(|(_, s)| s.is_terminal());
-        let any_ok = statuses.iter().any(|(_, s)| *s == StepStatus::Completed);
-        let gate = match step.trigger {
-            Trigger::AllSuccess => {
-                if let Some((n, s)) = statuses
-                    .iter()
-                    .find(|(_, s)| matches!(s, StepStatus::Failed | StepStatus::Skipped))
-                {
-                    let what = if *s == StepStatus::Failed {
-                        "failed"
-                    } else {
-                        "was skipped"
-                    };
-                    return Ready::Skip(format!("needs `{n}`, which {what}"));
-                }
-                all_done
-            }
-            Trigger::AllDone => all_done,
-            Trigger::OneSuccess => {
-                if !any_ok && all_done {
-                    return Ready::Skip("none of its needs completed".into());
-                }
-                any_ok
-            }
-        };
-        if !gate {
-            return Ready::Wait;
-        }
-        Ready::Go
     }
 
     fn skip(&mut self, id: &str, reason: String) {
@@ -993,6 +977,41 @@ impl<'a> Machine<'a> {
         };
         self.history(kind, None, Some(why), None);
     }
+}
+
+/// Whether `step` can start, given the status of each of its needs (a need that is not a
+/// step counts as SKIPPED).
+fn readiness<'a>(step: &Step, needs: impl Iterator<Item = (&'a str, StepStatus)>) -> Ready {
+    let statuses: Vec<(&str, StepStatus)> = needs.collect();
+    let all_done = statuses.iter().all(|(_, s)| s.is_terminal());
+    let any_ok = statuses.iter().any(|(_, s)| *s == StepStatus::Completed);
+    let gate = match step.trigger {
+        Trigger::AllSuccess => {
+            if let Some((n, s)) = statuses
+                .iter()
+                .find(|(_, s)| matches!(s, StepStatus::Failed | StepStatus::Skipped))
+            {
+                let what = if *s == StepStatus::Failed {
+                    "failed"
+                } else {
+                    "was skipped"
+                };
+                return Ready::Skip(format!("needs `{n}`, which {what}"));
+            }
+            all_done
+        }
+        Trigger::AllDone => all_done,
+        Trigger::OneSuccess => {
+            if !any_ok && all_done {
+                return Ready::Skip("none of its needs completed".into());
+            }
+            any_ok
+        }
+    };
+    if !gate {
+        return Ready::Wait;
+    }
+    Ready::Go
 }
 
 enum Ready {
