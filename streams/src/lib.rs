@@ -143,20 +143,16 @@ impl Topology {
                 ..Default::default()
             }
         };
+        // Work queues carry one parked message each (see `parked`), which never expires.
+        let queue = |name: &str, subject: &str, park: &str| stream::Config {
+            subjects: vec![subject.to_string(), park.to_string()],
+            allow_message_ttl: true,
+            ..s(name, subject, RetentionPolicy::WorkQueue, self.retention)
+        };
         vec![
             s(CMD, "aob.*.cmd.>", RetentionPolicy::Limits, self.retention),
-            s(
-                TASKS,
-                "aob.*.task.>",
-                RetentionPolicy::WorkQueue,
-                self.retention,
-            ),
-            s(
-                RESULTS,
-                "aob.*.result.>",
-                RetentionPolicy::WorkQueue,
-                self.retention,
-            ),
+            queue(TASKS, "aob.*.task.>", subjects::PARK_TASKS),
+            queue(RESULTS, "aob.*.result.>", subjects::PARK_RESULTS),
             s(
                 HISTORY,
                 "aob.*.run.>",
@@ -170,6 +166,21 @@ impl Topology {
                 self.retention,
             ),
             s(DLQ, "aob.*.dlq.>", RetentionPolicy::Limits, self.retention),
+        ]
+    }
+
+    /// The work-queue streams and the subject of their parked message.
+    ///
+    /// A work-queue stream of a single sequential run drains after every step, and when it
+    /// drains the server's file store deletes its block file and creates a new one on the
+    /// next message (two `unlinkat`s per step, a sixth of the server's time in a
+    /// sequential chain). One message that no consumer reads keeps each queue from ever
+    /// draining; it is published with `Nats-TTL: never`, so the stream's `max_age` does
+    /// not remove it. BENCHMARKS.md has the measurement.
+    pub fn parked(&self) -> [(&'static str, &'static str); 2] {
+        [
+            (TASKS, subjects::PARK_TASKS),
+            (RESULTS, subjects::PARK_RESULTS),
         ]
     }
 
@@ -257,6 +268,24 @@ impl Topology {
                 }
             }
         }
+        for (stream, subject) in self.parked() {
+            if drift
+                .iter()
+                .any(|d| d.object == format!("parked message {stream}/{subject}"))
+            {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-TTL", "never");
+                js.publish_with_headers(
+                    subject,
+                    headers,
+                    "parked: keeps this work queue from draining".into(),
+                )
+                .await
+                .map_err(nats(format!("parking a message in {stream}")))?
+                .await
+                .map_err(nats(format!("parking a message in {stream}")))?;
+            }
+        }
         for cfg in self.buckets() {
             if drift
                 .iter()
@@ -324,6 +353,12 @@ impl Topology {
                     cmp(&mut changes, "storage", &have.storage, &want.storage);
                     cmp(
                         &mut changes,
+                        "allow_msg_ttl",
+                        &have.allow_message_ttl,
+                        &want.allow_message_ttl,
+                    );
+                    cmp(
+                        &mut changes,
                         "replicas",
                         &have.num_replicas,
                         &want.num_replicas,
@@ -340,6 +375,27 @@ impl Topology {
                         change,
                     }));
                 }
+            }
+        }
+        for (stream, subject) in self.parked() {
+            let present = match js.get_stream(stream).await {
+                Ok(s) => match s.get_last_raw_message_by_subject(subject).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => false,
+                    Err(e) => {
+                        return Err(Error::Nats {
+                            what: format!("reading the parked message of {stream}"),
+                            source: e.into(),
+                        });
+                    }
+                },
+                Err(_) => false,
+            };
+            if !present {
+                out.push(Drift {
+                    object: format!("parked message {stream}/{subject}"),
+                    change: "missing".into(),
+                });
             }
         }
         for want in self.buckets() {

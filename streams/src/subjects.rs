@@ -57,6 +57,13 @@ pub const AUDIT_ALL_TENANTS: &str = "aob.*.audit";
 /// `{"files": [<object paths>], "rows": <n>, "pending": <records not yet acknowledged>}`.
 pub const AUDIT_FLUSH: &str = "aob.audit.flush";
 
+/// Subject of the parked message of [`crate::TASKS`]: no consumer reads it (see
+/// [`crate::Topology::parked`]).
+pub const PARK_TASKS: &str = "aob.park.tasks";
+
+/// Subject of the parked message of [`crate::RESULTS`].
+pub const PARK_RESULTS: &str = "aob.park.results";
+
 /// Dead letters of a component: `aob.<tenant>.dlq.<component>`.
 pub fn dlq(tenant: &str, component: &str) -> String {
     format!("aob.{tenant}.dlq.{component}")

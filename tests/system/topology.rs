@@ -48,6 +48,27 @@ async fn applying_twice_changes_nothing_and_diff_shows_drift() {
         ..Topology::default()
     };
     assert!(!other.diff(&s.js).await.unwrap().is_empty());
+    // Each work queue holds its parked message, which never expires; a missing one is
+    // drift, and apply parks it again.
+    s.topology.apply(&s.js).await.unwrap();
+    for (stream, subject) in s.topology.parked() {
+        let st = s.js.get_stream(stream).await.unwrap();
+        let m = st.get_last_raw_message_by_subject(subject).await.unwrap();
+        let headers = m.headers;
+        assert_eq!(
+            headers.get("Nats-TTL").map(|v| v.as_str()),
+            Some("never"),
+            "{stream}"
+        );
+        st.delete_message(m.sequence).await.unwrap();
+        let drift = s.topology.diff(&s.js).await.unwrap();
+        assert_eq!(
+            drift.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            [format!("parked message {stream}/{subject}: missing")]
+        );
+        s.topology.apply(&s.js).await.unwrap();
+        assert!(s.topology.diff(&s.js).await.unwrap().is_empty());
+    }
     // An ack policy the server cannot change in place (the audit sink's consumer of an
     // older release acked every message): diff names it, apply says what to do.
     s.topology.apply(&s.js).await.unwrap();
