@@ -413,21 +413,13 @@ impl<'a> Machine<'a> {
                     (n.as_str(), st.map_or(StepStatus::Skipped, |(s, _)| s))
                 });
                 match readiness(step, of_needs) {
-                    Ready::Wait => {}
-                    Ready::Skip(reason) => {
-                        self.skip(&step.id, reason);
-                        changed = true;
-                    }
-                    Ready::Go => {
-                        self.begin(step);
-                        changed |= self
-                            .s
-                            .steps
-                            .get(&step.id)
-                            .is_some_and(|st| st.status.is_terminal());
-                    }
+                    Ready::Wait => continue,
+                    Ready::Skip(reason) => self.skip(&step.id, reason),
+                    Ready::Go => self.begin(step),
                 }
-                status[i] = self.s.steps.get(&step.id).map(|st| (st.status, st.attempt));
+                let now = self.s.steps.get(&step.id).map(|st| (st.status, st.attempt));
+                changed |= now.is_some_and(|(s, _)| s.is_terminal());
+                status[i] = now;
             }
             if !changed {
                 break;

@@ -409,7 +409,6 @@ pub struct FlushReport {
 
 /// A message as it arrived: parsed when its batch is written, on the writer's task, so
 /// that the task reading the consumer does as little as possible per message.
-#[derive(Clone)]
 struct Raw {
     subject: async_nats::Subject,
     payload: Bytes,
@@ -508,7 +507,6 @@ impl Backoff {
 }
 
 /// A batch taken for writing.
-#[derive(Default)]
 struct Cut {
     raws: Vec<(u64, Raw)>,
     /// Every sequence of the batch, messages to dead-letter included.
@@ -794,7 +792,7 @@ impl Sink {
     }
 
     /// Reads every sequence above the horizon up to `upto` that this sink has not seen from
-    /// the stream into the batch (dead-lettering bad ones); raises the horizon to `upto`.
+    /// the stream into the batch; raises the horizon to `upto`.
     async fn adopt(&mut self, upto: u64, shutdown: &CancellationToken) -> Result<()> {
         if upto <= self.horizon {
             return Ok(());
@@ -803,12 +801,7 @@ impl Sink {
             .filter(|s| !self.settled(*s) && !self.batch.entries.contains_key(s))
             .collect();
         let stream = self.stream.clone();
-        let mut fetched = futures::stream::iter(wanted)
-            .map(|seq| {
-                let stream = stream.clone();
-                async move { (seq, fetch(&stream, seq, shutdown).await) }
-            })
-            .buffered(32);
+        let mut fetched = std::pin::pin!(fetch_all(&stream, wanted, shutdown));
         while let Some((seq, got)) = fetched.next().await {
             if let Some((raw, published)) = got? {
                 self.batch.insert(seq, published, raw, None);
@@ -821,7 +814,8 @@ impl Sink {
         Ok(())
     }
 
-    /// Takes one delivered message: skips what is durable, dead-letters garbage, batches the rest.
+    /// Takes one delivered message: skips what is durable or already batched, batches the
+    /// rest (raw: the writer parses it and dead-letters garbage).
     async fn accept(
         &mut self,
         msg: jetstream::Message,
@@ -1023,11 +1017,8 @@ impl Writer {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let started = Instant::now();
-        let fetched: Vec<(u64, Result<Fetched>)> = futures::stream::iter(seqs.seqs())
-            .map(|seq| async move { (seq, fetch(stream, seq, shutdown).await) })
-            .buffered(32)
-            .collect()
-            .await;
+        let fetched: Vec<(u64, Result<Fetched>)> =
+            fetch_all(stream, seqs.seqs(), shutdown).collect().await;
         let mut raws = Vec::with_capacity(fetched.len());
         let mut missing = 0u64;
         for (seq, f) in fetched {
@@ -1358,6 +1349,17 @@ async fn parse_all(raws: Vec<(u64, Raw)>) -> Result<(Vec<Row>, Vec<(u64, Raw, St
 
 /// A message read back from the stream, with its publish time; `None` when gone.
 type Fetched = Option<(Raw, Instant)>;
+
+/// Reads messages of the audit stream by sequence, 32 at a time, in the order given.
+fn fetch_all<'a>(
+    stream: &'a jetstream::stream::Stream,
+    seqs: impl IntoIterator<Item = u64> + 'a,
+    shutdown: &'a CancellationToken,
+) -> impl futures::Stream<Item = (u64, Result<Fetched>)> + 'a {
+    futures::stream::iter(seqs)
+        .map(move |seq| async move { (seq, fetch(stream, seq, shutdown).await) })
+        .buffered(32)
+}
 
 /// Reads one message of the audit stream by sequence with its publish time, retrying
 /// transient failures; `None` when there is no such message (never stored, deleted, or
