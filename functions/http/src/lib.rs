@@ -285,7 +285,7 @@ fn error_body(bytes: &[u8], truncated: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aob_model::wire::{ErrorClass, StepRef};
+    use aob_model::wire::ErrorClass;
     use aob_runtime::Handler;
     use axum::Router;
     use axum::body::Bytes;
@@ -294,22 +294,7 @@ mod tests {
     use axum::routing::{get, post};
 
     fn task(config: Value) -> Task {
-        Task {
-            tenant: "acme".into(),
-            run_id: "run1".into(),
-            workflow: "wf".into(),
-            version: 1,
-            node_type: "http".into(),
-            at: StepRef {
-                step: "call".into(),
-                item: None,
-                iteration: None,
-                attempt: 1,
-            },
-            config,
-            context: json!({}),
-            deadline_ms: None,
-        }
+        aob_testkit::task("http", "call", config, json!({}))
     }
 
     async fn run(config: Value) -> Result<Value, StepError> {

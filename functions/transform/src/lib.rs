@@ -50,27 +50,12 @@ impl aob_runtime::Handler for TransformHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aob_model::wire::{ErrorClass, StepRef};
+    use aob_model::wire::ErrorClass;
     use aob_runtime::Handler;
     use serde_json::json;
 
     fn task(config: Value, context: Value) -> Task {
-        Task {
-            tenant: "acme".into(),
-            run_id: "run1".into(),
-            workflow: "wf".into(),
-            version: 1,
-            node_type: "transform".into(),
-            at: StepRef {
-                step: "shape".into(),
-                item: None,
-                iteration: None,
-                attempt: 1,
-            },
-            config,
-            context,
-            deadline_ms: None,
-        }
+        aob_testkit::task("transform", "shape", config, context)
     }
 
     async fn run(config: Value, context: Value) -> Result<Value, StepError> {

@@ -135,26 +135,11 @@ fn assertion_context(context: &Value, value: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aob_model::wire::{ErrorClass, StepRef};
+    use aob_model::wire::ErrorClass;
     use aob_runtime::Handler;
 
     fn task(config: Value, context: Value) -> Task {
-        Task {
-            tenant: "acme".into(),
-            run_id: "run1".into(),
-            workflow: "wf".into(),
-            version: 1,
-            node_type: "validate".into(),
-            at: StepRef {
-                step: "check".into(),
-                item: None,
-                iteration: None,
-                attempt: 1,
-            },
-            config,
-            context,
-            deadline_ms: None,
-        }
+        aob_testkit::task("validate", "check", config, context)
     }
 
     async fn run(config: Value, context: Value) -> Result<Value, StepError> {

