@@ -85,20 +85,20 @@ pub struct MemoryStore {
     inner: Mutex<Entries>,
 }
 
+impl MemoryStore {
+    fn entries(&self) -> Result<std::sync::MutexGuard<'_, Entries>, StoreError> {
+        self.inner.lock().map_err(|_| StoreError("poisoned".into()))
+    }
+}
+
 impl RunStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
-        let g = self
-            .inner
-            .lock()
-            .map_err(|_| StoreError("poisoned".into()))?;
+        let g = self.entries()?;
         Ok(g.1.get(key).cloned())
     }
 
     async fn create(&self, key: &str, value: Bytes) -> Result<Result<u64, Conflict>, StoreError> {
-        let mut g = self
-            .inner
-            .lock()
-            .map_err(|_| StoreError("poisoned".into()))?;
+        let mut g = self.entries()?;
         if g.1.contains_key(key) {
             return Ok(Err(Conflict));
         }
@@ -114,10 +114,7 @@ impl RunStore for MemoryStore {
         value: Bytes,
         revision: u64,
     ) -> Result<Result<u64, Conflict>, StoreError> {
-        let mut g = self
-            .inner
-            .lock()
-            .map_err(|_| StoreError("poisoned".into()))?;
+        let mut g = self.entries()?;
         match g.1.get(key) {
             Some((_, r)) if *r == revision => {}
             _ => return Ok(Err(Conflict)),
