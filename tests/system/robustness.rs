@@ -303,7 +303,9 @@ impl RunStore for Racing {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_results_racing_on_a_join_fire_it_once() {
     let s = Stack::bare().await.unwrap();
-    s.publish(T, "name: join\nsteps:\n  - {id: a, type: wait, duration: 1h}\n  - {id: b, type: wait, duration: 1h}\n  - {id: j, type: transform, needs: [a, b], output: joined}\n")
+    // `c` needs only `a`: the engine that loses the race sends c's task before its write
+    // fails, then again after re-applying; the second copy is a duplicate.
+    s.publish(T, "name: join\nsteps:\n  - {id: a, type: wait, duration: 1h}\n  - {id: b, type: wait, duration: 1h}\n  - {id: j, type: transform, needs: [a, b], output: joined}\n  - {id: c, type: transform, needs: [a], output: after-a}\n")
         .await
         .unwrap();
     let kv = s.js.get_key_value(aob_streams::RUNS).await.unwrap();
@@ -406,10 +408,93 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
         aob_model::state::StepStatus::Running
     );
     assert_eq!(
+        state.steps["c"].status,
+        aob_model::state::StepStatus::Running
+    );
+    assert_eq!(
         s.count(aob_streams::TASKS, &subjects::task(T, "transform"))
             .await
             .unwrap(),
-        1,
-        "the join fired once"
+        2,
+        "the join fired once, and c's task sent before the lost write was not repeated"
+    );
+}
+
+/// Tasks go out while their run's state is being written, so a result can reach the engine
+/// before the state that started its attempt. Such a result is held, not dropped. Here it
+/// is published before its run exists, under the message id the function will use: the
+/// function's own result is then a duplicate, and only the held one can finish the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
+    let mut s = Stack::bare().await.unwrap();
+    s.publish(T, ONE_STEP).await.unwrap();
+    let engine = Arc::new(
+        Engine::connect(
+            s.client.clone(),
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    s.spawn_engine(engine.clone());
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let run = "early-1";
+    let r = StepResult {
+        tenant: T.into(),
+        run_id: run.into(),
+        at: StepRef {
+            step: "a".into(),
+            item: None,
+            iteration: None,
+            attempt: 1,
+        },
+        outcome: Outcome::Completed {
+            output: json!("held"),
+        },
+        duration_ms: 0,
+    };
+    s.publish_raw(
+        &subjects::result(T, run),
+        Some(&aob_runtime::nats::result_msg_id(&r)),
+        serde_json::to_vec(&r).unwrap(),
+    )
+    .await
+    .unwrap();
+    let held = || {
+        engine
+            .metrics
+            .held
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the early result was not held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = json!({"workflow": "one", "input": {}, "run_id": run});
+    s.publish_raw(
+        &subjects::start(T),
+        Some(run),
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+    .unwrap();
+    let (state, _) = s.wait_run(T, run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    assert_eq!(
+        state.steps["a"].output,
+        Some(json!("held")),
+        "the held result finished the step"
+    );
+    assert_eq!(
+        engine
+            .metrics
+            .dead_letters
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
     );
 }

@@ -3,7 +3,9 @@
 //! No I/O and no clock here: time comes in as `now`, offloaded values that conditions
 //! read come in through `resolve`. The same event applied twice changes nothing the second
 //! time (results for an attempt that is no longer running are stale), which is what makes
-//! redelivery safe.
+//! redelivery safe. A result for an attempt the state has not recorded as started yet is
+//! *ahead* of it (the engine sends a task before its state write lands): the caller holds
+//! it until the state catches up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -150,7 +152,7 @@ pub fn apply(
 ) -> Option<(RunState, Vec<Effect>)> {
     match transition(def, state, event, now, resolve) {
         Transition::Changed(state, effects) => Some((state, effects)),
-        Transition::Unchanged(_) => None,
+        Transition::Unchanged(_) | Transition::Ahead(_) => None,
     }
 }
 
@@ -161,6 +163,10 @@ pub enum Transition {
     Changed(RunState, Vec<Effect>),
     /// Nothing changed; the state given, untouched.
     Unchanged(Option<RunState>),
+    /// A result for an attempt this state has not started yet (or for a run it does not
+    /// hold yet): nothing changed, and the result must be applied again later, to a newer
+    /// state. The state given comes back untouched.
+    Ahead(Option<RunState>),
 }
 
 /// Like [`apply`], but when nothing changed the state comes back, so a caller that owns
@@ -218,8 +224,12 @@ pub fn transition(
             m.advance();
             m.finish()
         }
+        (None, Event::Result(_)) => Transition::Ahead(None),
         (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Unchanged(state),
         (Some(state), _) if state.status.is_terminal() => Unchanged(Some(state)),
+        (Some(state), Event::Result(r)) if is_ahead(&state, &r.at) => {
+            Transition::Ahead(Some(state))
+        }
         (Some(state), Event::Result(r)) => {
             let mut m = Machine::new(def, state, now, resolve);
             if m.on_result(r) {
@@ -247,6 +257,25 @@ pub fn transition(
                 Unchanged(Some(m.s))
             }
         }
+    }
+}
+
+/// Whether `at` is an attempt the state has not recorded as started: its step (or
+/// for_each slot) is pending or out with an earlier attempt or loop iteration.
+fn is_ahead(state: &RunState, at: &StepRef) -> bool {
+    use StepStatus::{Pending, Running, Waiting};
+    let Some(st) = state.steps.get(&at.step) else {
+        return false;
+    };
+    match (at.item, st.status) {
+        (Some(_), Pending) => true,
+        (Some(i), Running) => st.slots.get(i as usize).is_some_and(|s| {
+            matches!(s.status, Pending | Running | Waiting) && s.attempt < at.attempt
+        }),
+        (None, Pending | Running | Waiting) => {
+            (at.iteration, at.attempt) > (st.iteration, st.attempt)
+        }
+        _ => false,
     }
 }
 

@@ -5,13 +5,26 @@
 //! state they belong to. If the engine dies after the write but before publishing, the
 //! next message for that run, or the redelivery of the same one, finds the outbox and
 //! publishes it again; deterministic `Nats-Msg-Id`s make the repeat harmless.
+//!
+//! Tasks do not wait for that write: they are sent as soon as the transition is known,
+//! while the write is in flight, which takes a whole server round trip off every step
+//! (see ARCHITECTURE.md). This is safe because a task's message id names the attempt:
+//! - if the write loses a compare-and-set, the transition is made again on the newer
+//!   state, and the same task sent again is a duplicate the server drops. Tasks are sent
+//!   early only from a state known current within [`EARLY_TASKS_WITHIN`], well inside
+//!   the streams' duplicate window, so the first copy is still remembered;
+//! - if the engine dies before the write lands, the event is redelivered and sends the
+//!   same task again; the function's result, if it came first, was held, not dropped:
+//!   a result for an attempt the stored state has not started is *ahead* of it and is
+//!   redelivered (nak with backoff) until the state catches up.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -20,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use aob_model::audit::DecisionRecord;
 use aob_model::state::{Effect, RunState};
-use aob_model::wire::{HistoryEvent, Outcome, Signal, StartCommand, StepResult};
+use aob_model::wire::{HistoryEvent, Outcome, Signal, StartCommand, StepResult, Task};
 use aob_runtime::registry::Registry;
 use aob_runtime::timers::{Timer, Timers};
 use aob_runtime::{PayloadStore, bus, now_ms};
@@ -39,6 +52,14 @@ pub enum Error {
     /// Run store trouble.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A result for an attempt the stored run has not started yet; redelivered later.
+    #[error("result for {at} of run {run} is ahead of the run's stored state")]
+    Ahead {
+        /// Run key.
+        run: String,
+        /// The attempt's token.
+        at: String,
+    },
     /// A stored run state or definition does not parse.
     #[error("corrupt {what}: {message}")]
     Corrupt {
@@ -84,12 +105,24 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
+    /// Results held (redelivered later) because the stored run had not started their attempt.
+    pub held: AtomicU64,
 }
+
+/// How long a state is trusted as current for sending tasks before its write lands;
+/// must stay well below the duplicate window of `AOB_TASKS` (10 minutes by default).
+pub const EARLY_TASKS_WITHIN: Duration = Duration::from_secs(60);
 
 struct Cached {
     state: RunState,
     revision: u64,
+    /// When the state was known to be the stored one (written or read).
+    known: Instant,
 }
+
+/// A loaded run state: value, revision, when it was known current, and whether it came
+/// from the cache.
+type Loaded = (RunState, u64, Instant, bool);
 
 /// The engine.
 pub struct Engine<S: RunStore = NatsStore> {
@@ -249,7 +282,12 @@ impl<S: RunStore> Engine<S> {
             }
             Err(e) => {
                 let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-                tracing::warn!(%subject, delivered, "engine could not process a message: {e}");
+                if matches!(e, Error::Ahead { .. }) {
+                    self.metrics.held.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%subject, delivered, "held: {e}");
+                } else {
+                    tracing::warn!(%subject, delivered, "engine could not process a message: {e}");
+                }
                 if delivered >= 20 {
                     self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
                     bus::dead_letter(
@@ -500,12 +538,13 @@ impl<S: RunStore> Engine<S> {
         self.compiled(&state.tenant, wf, version)
     }
 
-    async fn load(&self, key: &str) -> Result<Option<(RunState, u64, bool)>> {
+    async fn load(&self, key: &str) -> Result<Option<Loaded>> {
         // Taken out of the cache: only this run's worker touches it, and a successful
         // write puts the next state back.
         if let Some(c) = self.runs.lock().ok().and_then(|mut m| m.remove(key)) {
-            return Ok(Some((c.state, c.revision, true)));
+            return Ok(Some((c.state, c.revision, c.known, true)));
         }
+        let known = Instant::now();
         match self.store.get(key).await? {
             None => Ok(None),
             Some((bytes, rev)) => {
@@ -514,7 +553,7 @@ impl<S: RunStore> Engine<S> {
                         what: format!("run state {key}"),
                         message: e.to_string(),
                     })?;
-                Ok(Some((state, rev, false)))
+                Ok(Some((state, rev, known, false)))
             }
         }
     }
@@ -530,20 +569,23 @@ impl<S: RunStore> Engine<S> {
         let key = RunState::key(tenant, run_id);
         loop {
             let loaded = self.load(&key).await?;
-            let (state, rev) = match loaded {
-                Some((state, rev, from_cache)) => {
+            let (state, rev, known, from_cache) = match loaded {
+                Some((state, rev, known, from_cache)) => {
                     if !from_cache && !state.outbox.is_empty() {
                         // The last writer may have died before publishing.
-                        self.publish(&state.workflow, state.version, &state.outbox)
+                        self.publish(&state.workflow, state.version, &state.outbox, None)
                             .await?;
                     }
-                    (Some(state), rev)
+                    (Some(state), rev, known, from_cache)
                 }
-                None => (None, 0),
+                None => (None, 0, Instant::now(), false),
             };
             let def = match (&def, &state) {
                 (Some(d), _) => d.clone(),
                 (None, Some(s)) => self.definition_of(s).await?,
+                (None, None) if matches!(event, Event::Result(_)) => {
+                    return Err(ahead(&key, &event));
+                }
                 (None, None) => {
                     tracing::debug!(%key, "event for an unknown run ignored");
                     return Ok(());
@@ -565,12 +607,23 @@ impl<S: RunStore> Engine<S> {
                                 Cached {
                                     state,
                                     revision: rev,
+                                    known,
                                 },
                             );
                         }
                         return Ok(());
                     }
+                    // A cached state may be behind the store (another engine wrote): it
+                    // stays out of the cache, and the next pass reads the store.
+                    machine::Transition::Ahead(_) if from_cache => continue,
+                    machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
+            // Tasks go out now, while the state is written (see the module docs).
+            let early = if known.elapsed() < EARLY_TASKS_WITHIN {
+                Some(self.send_tasks(&effects).await?)
+            } else {
+                None
+            };
             next.outbox = effects.clone();
             let body = serde_json::to_vec(&next).map_err(|e| Error::Corrupt {
                 what: format!("run state {key}"),
@@ -583,10 +636,12 @@ impl<S: RunStore> Engine<S> {
             };
             match written {
                 Ok(new_rev) => {
+                    let known = Instant::now();
                     self.metrics.events.fetch_add(1, Ordering::Relaxed);
                     // Cached only once published: if publishing fails, the redelivered
                     // event loads the stored state and publishes its outbox again.
-                    self.publish(&next.workflow, next.version, &effects).await?;
+                    self.publish(&next.workflow, next.version, &effects, early)
+                        .await?;
                     if !next.status.is_terminal()
                         && let Ok(mut m) = self.runs.lock()
                     {
@@ -595,6 +650,7 @@ impl<S: RunStore> Engine<S> {
                             Cached {
                                 state: next,
                                 revision: new_rev,
+                                known,
                             },
                         );
                     }
@@ -661,37 +717,59 @@ impl<S: RunStore> Engine<S> {
         }
     }
 
-    /// Publishes effects; all publishes are sent first, then their acks awaited together.
-    async fn publish(&self, workflow: &str, version: u32, effects: &[Effect]) -> Result<()> {
+    /// Sends the tasks among `effects`; the returned futures resolve to the server's acks.
+    async fn send_tasks(&self, effects: &[Effect]) -> Result<Vec<PublishAckFuture>> {
         let mut acks = Vec::new();
         for e in effects {
+            if let Effect::Task { task } = e {
+                acks.push(self.send_task(task).await?);
+            }
+        }
+        Ok(acks)
+    }
+
+    /// Sends one task, its context and config offloaded when the body is too large.
+    async fn send_task(&self, task: &Task) -> Result<PublishAckFuture> {
+        let id = format!("task.{}.{}", task.run_id, task.at.token());
+        let subject = subjects::task(&task.tenant, &task.node_type);
+        let mut body = serde_json::to_vec(task).unwrap_or_default();
+        if body.len() > self.payloads.threshold() {
+            let mut task = task.clone();
+            let base = format!("{}/{}/{}", task.tenant, task.run_id, task.at.token());
+            task.context = self
+                .payloads
+                .offload_with_threshold(task.context, &format!("{base}.context"), 0)
+                .await?;
+            task.config = self
+                .payloads
+                .offload(task.config, &format!("{base}.config"))
+                .await?;
+            body = serde_json::to_vec(&task).unwrap_or_default();
+        }
+        Ok(bus::publish(&self.js, subject, &id, body.into()).await?)
+    }
+
+    /// Publishes effects; all publishes are sent first, then their acks awaited together.
+    /// `sent` holds the acks of the tasks when [`Self::send_tasks`] sent them already.
+    async fn publish(
+        &self,
+        workflow: &str,
+        version: u32,
+        effects: &[Effect],
+        sent: Option<Vec<PublishAckFuture>>,
+    ) -> Result<()> {
+        let tasks_sent = sent.is_some();
+        let mut acks = sent.unwrap_or_default();
+        for e in effects {
             match e {
-                Effect::Task { task } => {
-                    let mut task = (**task).clone();
-                    let id = format!("task.{}.{}", task.run_id, task.at.token());
-                    let mut body = serde_json::to_vec(&task).unwrap_or_default();
-                    if body.len() > self.payloads.threshold() {
-                        let base = format!("{}/{}/{}", task.tenant, task.run_id, task.at.token());
-                        task.context = self
-                            .payloads
-                            .offload_with_threshold(task.context, &format!("{base}.context"), 0)
-                            .await?;
-                        task.config = self
-                            .payloads
-                            .offload(task.config, &format!("{base}.config"))
-                            .await?;
-                        body = serde_json::to_vec(&task).unwrap_or_default();
-                    }
-                    let subject = subjects::task(&task.tenant, &task.node_type);
-                    acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
-                }
+                Effect::Task { task } if !tasks_sent => acks.push(self.send_task(task).await?),
+                Effect::Task { .. } | Effect::Timer { .. } => {}
                 Effect::History { event } => {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
                     let record = DecisionRecord::of_history(event, Some(workflow), Some(version));
                     acks.push(bus::publish_record(&self.js, &record).await?);
                 }
-                Effect::Timer { .. } => {}
             }
         }
         for e in effects {
@@ -742,11 +820,35 @@ impl<S: RunStore> Engine<S> {
     }
 }
 
+/// The error that holds a result until its run's stored state catches up.
+fn ahead(key: &str, event: &Event) -> Error {
+    let at = match event {
+        Event::Result(r) => r.at.token(),
+        _ => String::new(),
+    };
+    Error::Ahead {
+        run: key.to_string(),
+        at,
+    }
+}
+
 /// Subject, message id and body of a history event.
 pub fn history_message(event: &HistoryEvent) -> (String, String, Vec<u8>) {
     let subject = subjects::history(&event.tenant, &event.run_id, event.kind.token());
     let id = format!("hist.{}.{}", event.run_id, event.seq);
     (subject, id, serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// The run id a start command will get: its `run_id`, else the one derived from the message.
+fn start_run_id(msg: &Message) -> String {
+    #[derive(serde::Deserialize)]
+    struct RunIdOnly {
+        run_id: Option<String>,
+    }
+    match serde_json::from_slice::<RunIdOnly>(&msg.payload) {
+        Ok(RunIdOnly { run_id: Some(r) }) => r,
+        _ => derived_run_id(msg),
+    }
 }
 
 /// A run id from the message itself, the same on every redelivery: the `Nats-Msg-Id`
@@ -787,12 +889,14 @@ fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
     }
 }
 
-/// Events of one run always go to the same worker, so they are applied in order. Starts
-/// spread by message id (a duplicate start lands on the same worker as its twin).
+/// Events of one run always go to the same worker, so they are applied in order; that
+/// includes its start (a duplicate start lands on the same worker as its twin), so the
+/// first result finds the run's state cached, not still on its way to the store.
 fn shard_of(msg: &Message, workers: usize) -> usize {
     let parts: Vec<&str> = msg.subject.split('.').collect();
     let key = match parts.as_slice() {
         ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
+        ["aob", t, "cmd", "start"] => format!("{t}.{}", start_run_id(msg)),
         _ => match msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(id) => id.as_str().to_string(),
             None => msg

@@ -16,6 +16,8 @@ struct Sim {
     tasks: Vec<Task>,
     history: Vec<(HistoryKind, Option<String>, Option<u32>)>,
     timers: Vec<(TimerKind, u64)>,
+    /// Results found ahead of the state (to be applied again later).
+    held: usize,
 }
 
 fn no_resolve(_: &str) -> Option<Value> {
@@ -32,6 +34,7 @@ impl Sim {
             tasks: Vec::new(),
             history: Vec::new(),
             timers: Vec::new(),
+            held: 0,
         }
     }
 
@@ -43,6 +46,11 @@ impl Sim {
                     back, self.state,
                     "an unchanged run must come back untouched"
                 );
+                false
+            }
+            Transition::Ahead(back) => {
+                assert_eq!(back, self.state, "a held result leaves the run untouched");
+                self.held += 1;
                 false
             }
             Transition::Changed(s, effects) => {
@@ -478,4 +486,77 @@ fn history_sequence_has_no_gaps() {
         s.state.as_ref().unwrap().history_seq as usize,
         s.history.len()
     );
+}
+
+/// A result sent ahead of its attempt (the engine sends tasks while their state is still
+/// being written) is held, not dropped; an older attempt's result is still stale.
+#[test]
+fn results_ahead_of_the_state_are_held_and_stale_ones_dropped() {
+    let at = |step: &str, item: Option<u32>, iteration: Option<u32>, attempt: u32| StepRef {
+        step: step.into(),
+        item,
+        iteration,
+        attempt,
+    };
+    let done = || Outcome::Completed { output: json!(1) };
+
+    // A run not stored yet, and a step whose needs have not completed.
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n",
+    );
+    assert!(!s.reply(&at("b", None, None, 1), done()));
+    assert_eq!(
+        s.held, 1,
+        "a result for a run that is not stored yet is held"
+    );
+    s.start(json!({}));
+    assert!(!s.reply(&at("b", None, None, 1), done()));
+    assert_eq!(s.held, 2, "b has not started");
+    assert!(!s.reply(&at("nope", None, None, 1), done()));
+    assert_eq!(s.held, 2, "an unknown step is stale, not held");
+    let a = s.take();
+    assert!(s.ok(&a[0], json!(1)));
+    let b = s.take();
+    assert!(s.ok(&b[0], json!(2)), "applied once the state started it");
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert!(!s.reply(&at("b", None, None, 2), done()));
+    assert_eq!(s.held, 2, "nothing is held for a finished run");
+
+    // Retries: the next attempt is ahead while the backoff runs; the failed one is stale.
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', retry: {max_attempts: 3}}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    let failed = Outcome::Failed {
+        error: StepError::retryable("HTTP 503"),
+    };
+    assert!(s.reply(&t[0].at, failed.clone()));
+    assert!(!s.reply(&at("h", None, None, 2), done()));
+    assert_eq!(s.held, 1, "attempt 2 is not out yet");
+    assert!(!s.reply(&t[0].at, failed));
+    assert_eq!(s.held, 1, "attempt 1 is stale");
+
+    // Loops: the next iteration is ahead of the current one.
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: l, type: transform, loop: {until: 'steps.l.output >= 3', max_iterations: 5}, output: 1}\n",
+    );
+    s.start(json!({}));
+    assert!(!s.reply(&at("l", None, Some(1), 1), done()));
+    assert_eq!(s.held, 1, "iteration 1 while iteration 0 runs");
+    assert!(s.reply(&at("l", None, Some(0), 1), done()));
+    assert!(s.reply(&at("l", None, Some(1), 1), done()));
+
+    // for_each: an item beyond the concurrency cap has not been launched.
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 1}, output: 1}\n",
+    );
+    s.start(json!({"xs": [1, 2]}));
+    assert!(!s.reply(&at("f", Some(1), None, 1), done()));
+    assert_eq!(s.held, 1, "item 1 waits for the cap");
+    assert!(s.reply(&at("f", Some(0), None, 1), done()));
+    assert!(s.reply(&at("f", Some(1), None, 1), done()));
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert!(!s.reply(&at("f", Some(0), None, 1), done()));
+    assert_eq!(s.held, 1);
 }
