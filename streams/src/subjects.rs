@@ -52,6 +52,10 @@ pub fn audit(tenant: &str) -> String {
 /// Audit records of every tenant.
 pub const AUDIT_ALL_TENANTS: &str = "aob.*.audit";
 
+/// Step results of every tenant and run: the engine also reads them as they are
+/// published, before `AOB_RESULTS` stores them (a queue group, so one engine each).
+pub const RESULTS_ALL_TENANTS: &str = "aob.*.result.*";
+
 /// Core NATS request subject asking the audit sink to write its batch now. The reply, sent
 /// once the objects are durable and the batch acknowledged, is JSON:
 /// `{"files": [<object paths>], "rows": <n>, "pending": <records not yet acknowledged>}`.

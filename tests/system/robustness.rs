@@ -422,8 +422,8 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
 
 /// Tasks go out while their run's state is being written, so a result can reach the engine
 /// before the state that started its attempt. Such a result is held, not dropped. Here it
-/// is published before its run exists, under the message id the function will use: the
-/// function's own result is then a duplicate, and only the held one can finish the run.
+/// is published before its run exists, and no function runs: only the held result can
+/// finish the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
     let mut s = Stack::bare().await.unwrap();
@@ -438,7 +438,6 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
         .unwrap(),
     );
     s.spawn_engine(engine.clone());
-    s.spawn_functions(Fns::AllButHttp).await.unwrap();
     let run = "early-1";
     let r = StepResult {
         tenant: T.into(),
@@ -497,4 +496,62 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
+}
+
+/// The engine applies a result from the copy it reads as the function publishes it; the
+/// copy `AOB_RESULTS` stores follows and is acknowledged as a duplicate, not applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_applied_as_published_and_their_stored_copies_acked() {
+    let mut s = Stack::bare().await.unwrap();
+    s.publish(
+        T,
+        "name: five\nsteps:\n  - {id: s0, type: transform, output: 0}\n  - {id: s1, type: transform, needs: [s0], output: '{{ steps.s0.output + 1 }}'}\n  - {id: s2, type: transform, needs: [s1], output: '{{ steps.s1.output + 1 }}'}\n  - {id: s3, type: transform, needs: [s2], output: '{{ steps.s2.output + 1 }}'}\n  - {id: s4, type: transform, needs: [s3], output: '{{ steps.s3.output + 1 }}'}\n",
+    )
+    .await
+    .unwrap();
+    let engine = Arc::new(
+        Engine::connect(
+            s.client.clone(),
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    s.spawn_engine(engine.clone());
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let run = s.start_run(T, "five", json!({})).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    assert_eq!(state.steps["s4"].output, Some(json!(4)));
+    let completed = events
+        .iter()
+        .filter(|e| e.kind == HistoryKind::StepCompleted)
+        .count();
+    assert_eq!(completed, 5, "each result applied once");
+    let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        metric(&engine.metrics.early) >= 1,
+        "no result was applied from its published copy"
+    );
+    assert_eq!(metric(&engine.metrics.dead_letters), 0);
+    // Every stored copy is acknowledged: nothing is left for the engine's consumer.
+    let mut consumer =
+        aob_runtime::nats::bind(&s.js, aob_streams::RESULTS, aob_streams::ENGINE_RESULTS)
+            .await
+            .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stored results left unacknowledged: {} pending, {} unacked",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

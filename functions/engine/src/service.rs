@@ -105,6 +105,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Messages dead-lettered.
     pub dead_letters: AtomicU64,
+    /// Results applied from the copy read as they were published.
+    pub early: AtomicU64,
     /// Results held (redelivered later) because the stored run had not started their attempt.
     pub held: AtomicU64,
 }
@@ -152,6 +154,12 @@ impl Engine<NatsStore> {
         })?;
         Engine::with_store(js, NatsStore(kv), payloads, cfg).await
     }
+}
+
+/// A message for a worker: from a stream, or a result read as it was published.
+enum Inbound {
+    Stored(Box<Message>),
+    Early(async_nats::Message),
 }
 
 /// Where a message came from and what it says.
@@ -223,18 +231,32 @@ impl<S: RunStore> Engine<S> {
             .messages()
             .await
             .map_err(|e| aob_runtime::Error::Nats(format!("consuming results: {e}")))?;
-        let mut merged = futures::stream::select(cmd_msgs, res_msgs);
+        // Results are also read as they are published, before their stream stores them:
+        // applying that copy takes the stream's store-and-deliver off every step, and
+        // the stored copy that follows finds itself stale (see `on_early`).
+        let early = self
+            .js
+            .client()
+            .queue_subscribe(subjects::RESULTS_ALL_TENANTS, "aob-engine".into())
+            .await
+            .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to results: {e}")))?;
+        let stored = futures::stream::select(cmd_msgs, res_msgs)
+            .map(|m| m.map(|m| Inbound::Stored(Box::new(m))));
+        let mut merged = futures::stream::select(stored, early.map(|m| Ok(Inbound::Early(m))));
 
         let workers = self.cfg.workers.max(1);
         let mut senders = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let (tx, mut rx) = mpsc::channel::<Message>(64);
+            let (tx, mut rx) = mpsc::channel::<Inbound>(64);
             senders.push(tx);
             let engine = self.clone();
             handles.push(tokio::spawn(async move {
                 while let Some(msg) = rx.recv().await {
-                    engine.on_message(msg).await;
+                    match msg {
+                        Inbound::Stored(msg) => engine.on_message(*msg).await,
+                        Inbound::Early(msg) => engine.on_early(&msg.subject, &msg.payload).await,
+                    }
                 }
             }));
         }
@@ -252,7 +274,10 @@ impl<S: RunStore> Engine<S> {
                 }
                 None => break,
             };
-            let shard = shard_of(&msg, workers);
+            let shard = match &msg {
+                Inbound::Stored(msg) => shard_of(msg, workers),
+                Inbound::Early(msg) => shard_of_key(&run_key(&msg.subject), workers),
+            };
             if senders[shard].send(msg).await.is_err() {
                 break;
             }
@@ -263,6 +288,23 @@ impl<S: RunStore> Engine<S> {
         }
         tracing::info!("engine drained");
         Ok(())
+    }
+
+    /// Applies a result seen as it was published, before `AOB_RESULTS` stored it. Nothing
+    /// is acked, refused or retried here: the stored copy is the one that counts, and it
+    /// follows, finding its attempt already applied (or applying it, if this copy could
+    /// not be).
+    pub async fn on_early(&self, subject: &str, payload: &[u8]) {
+        let Ok(r) = self.parse_result(subject, payload) else {
+            return;
+        };
+        match self.process(Parsed::Result(r)).await {
+            Ok(true) => {
+                self.metrics.early.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(%subject, "early copy of a result not applied: {e}"),
+        }
     }
 
     /// Handles one message and acks it (or naks it for redelivery on a transient failure).
@@ -277,7 +319,7 @@ impl<S: RunStore> Engine<S> {
             }
         };
         match self.process(parsed).await {
-            Ok(()) => {
+            Ok(_) => {
                 let _ = msg.ack().await;
             }
             Err(e) => {
@@ -401,22 +443,39 @@ impl<S: RunStore> Engine<S> {
                     signal,
                 })
             }
-            ["aob", _, "result", run] => {
-                let r: StepResult = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| format!("not a step result: {e}"))?;
-                if r.tenant != tenant || r.run_id != *run {
-                    return Err(format!(
-                        "result for {}/{} arrived on {subject}",
-                        r.tenant, r.run_id
-                    ));
-                }
-                Ok(Parsed::Result(r))
+            ["aob", _, "result", _] => {
+                Ok(Parsed::Result(self.parse_result(subject, &msg.payload)?))
             }
             _ => Err("no such command subject".into()),
         }
     }
 
-    async fn process(&self, parsed: Parsed) -> Result<()> {
+    /// A step result from `aob.<tenant>.result.<run>`; it must name that tenant and run.
+    fn parse_result(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> std::result::Result<StepResult, String> {
+        if payload.len() > self.cfg.max_message_bytes {
+            return Err(format!(
+                "message of {} bytes is larger than the limit of {}",
+                payload.len(),
+                self.cfg.max_message_bytes
+            ));
+        }
+        let r: StepResult =
+            serde_json::from_slice(payload).map_err(|e| format!("not a step result: {e}"))?;
+        let parts: Vec<&str> = subject.split('.').collect();
+        if parts.as_slice() != ["aob", r.tenant.as_str(), "result", r.run_id.as_str()] {
+            return Err(format!(
+                "result for {}/{} arrived on {subject}",
+                r.tenant, r.run_id
+            ));
+        }
+        Ok(r)
+    }
+
+    async fn process(&self, parsed: Parsed) -> Result<bool> {
         match parsed {
             Parsed::Start {
                 tenant,
@@ -432,7 +491,7 @@ impl<S: RunStore> Engine<S> {
                     Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
                         self.reject(&tenant, &run_id, Some(&cmd.workflow), &e.to_string(), None)
                             .await;
-                        return Ok(());
+                        return Ok(false);
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -454,7 +513,7 @@ impl<S: RunStore> Engine<S> {
                             Some(json!({"errors": problems})),
                         )
                         .await;
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 let mut cmd = cmd;
@@ -558,14 +617,15 @@ impl<S: RunStore> Engine<S> {
         }
     }
 
-    /// Applies one event to a run, retrying on compare-and-set conflicts.
+    /// Applies one event to a run, retrying on compare-and-set conflicts; true when it
+    /// changed the run.
     async fn apply(
         &self,
         tenant: &str,
         run_id: &str,
         def: Option<Arc<Compiled>>,
         event: Event,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let key = RunState::key(tenant, run_id);
         loop {
             let loaded = self.load(&key).await?;
@@ -588,7 +648,7 @@ impl<S: RunStore> Engine<S> {
                 }
                 (None, None) => {
                     tracing::debug!(%key, "event for an unknown run ignored");
-                    return Ok(());
+                    return Ok(false);
                 }
             };
             if let Some(s) = &state {
@@ -611,7 +671,7 @@ impl<S: RunStore> Engine<S> {
                                 },
                             );
                         }
-                        return Ok(());
+                        return Ok(false);
                     }
                     // A cached state may be behind the store (another engine wrote): it
                     // stays out of the cache, and the next pass reads the store.
@@ -654,14 +714,14 @@ impl<S: RunStore> Engine<S> {
                             },
                         );
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(_conflict) => {
                     self.metrics.cas_conflicts.fetch_add(1, Ordering::Relaxed);
                     if !existed {
                         // Someone created this run already: a duplicate start.
                         if matches!(event, Event::Start { .. }) {
-                            return Ok(());
+                            return Ok(false);
                         }
                     }
                 }
@@ -895,7 +955,7 @@ fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
 fn shard_of(msg: &Message, workers: usize) -> usize {
     let parts: Vec<&str> = msg.subject.split('.').collect();
     let key = match parts.as_slice() {
-        ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
+        ["aob", _, "cmd", "signal", _] | ["aob", _, "result", _] => run_key(&msg.subject),
         ["aob", t, "cmd", "start"] => format!("{t}.{}", start_run_id(msg)),
         _ => match msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(id) => id.as_str().to_string(),
@@ -905,7 +965,20 @@ fn shard_of(msg: &Message, workers: usize) -> usize {
                 .unwrap_or_default(),
         },
     };
+    shard_of_key(&key, workers)
+}
+
+fn shard_of_key(key: &str, workers: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() as usize) % workers
+}
+
+/// `<tenant>.<run>` of a signal or result subject (the subject itself for any other).
+fn run_key(subject: &str) -> String {
+    let parts: Vec<&str> = subject.split('.').collect();
+    match parts.as_slice() {
+        ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
+        _ => subject.to_string(),
+    }
 }
