@@ -116,6 +116,19 @@ impl Stack {
         Ok(s)
     }
 
+    /// An engine on the stack's client with the default settings, not yet running (call
+    /// its `on_message`, or hand it to [`Stack::spawn_engine`]).
+    pub async fn engine(&self) -> Result<Arc<Engine>> {
+        Ok(Arc::new(
+            Engine::connect(
+                self.client.clone(),
+                self.payloads.clone(),
+                aob_engine::Config::default(),
+            )
+            .await?,
+        ))
+    }
+
     /// Runs an engine (and the timer service) until the stack stops.
     pub fn spawn_engine<S: RunStore>(&mut self, engine: Arc<Engine<S>>) {
         let client = self.client.clone();

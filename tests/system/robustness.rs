@@ -325,15 +325,7 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
         .await
         .unwrap(),
     );
-    let e2 = Arc::new(
-        Engine::connect(
-            s.client.clone(),
-            s.payloads.clone(),
-            aob_engine::Config::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let e2 = s.engine().await.unwrap();
     // Start the run through e2 (no functions run: the tasks just sit in the stream); e1 has
     // not seen the run, so it reads it from the store and waits at the barrier.
     let run = s.start_run(T, "join", json!({})).await.unwrap();
@@ -428,15 +420,7 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
 async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
     let mut s = Stack::bare().await.unwrap();
     s.publish(T, ONE_STEP).await.unwrap();
-    let engine = Arc::new(
-        Engine::connect(
-            s.client.clone(),
-            s.payloads.clone(),
-            aob_engine::Config::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine = s.engine().await.unwrap();
     s.spawn_engine(engine.clone());
     let run = "early-1";
     let r = StepResult {
@@ -509,15 +493,7 @@ async fn results_are_applied_as_published_and_their_stored_copies_acked() {
     )
     .await
     .unwrap();
-    let engine = Arc::new(
-        Engine::connect(
-            s.client.clone(),
-            s.payloads.clone(),
-            aob_engine::Config::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine = s.engine().await.unwrap();
     s.spawn_engine(engine.clone());
     s.spawn_functions(Fns::AllButHttp).await.unwrap();
     let run = s.start_run(T, "five", json!({})).await.unwrap();
