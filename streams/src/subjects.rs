@@ -56,6 +56,17 @@ pub const AUDIT_ALL_TENANTS: &str = "aob.*.audit";
 /// published, before `AOB_RESULTS` stores them (a queue group, so one engine each).
 pub const RESULTS_ALL_TENANTS: &str = "aob.*.result.*";
 
+/// A step result handed to the engine directly: `aob.<tenant>.handoff.<run>`, a core NATS
+/// request that no stream stores. The engine replies with a
+/// [`HandoffReply`](aob_model::wire::HandoffReply) once the result is in the
+/// run's stored state; a sender without that reply publishes the result to [`result`].
+pub fn handoff(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.handoff.{run}")
+}
+
+/// Result handoffs of every tenant and run (the engines' queue group `aob-engine`).
+pub const HANDOFFS_ALL_TENANTS: &str = "aob.*.handoff.*";
+
 /// Core NATS request subject asking the audit sink to write its batch now. The reply, sent
 /// once the objects are durable and the batch acknowledged, is JSON:
 /// `{"files": [<object paths>], "rows": <n>, "pending": <records not yet acknowledged>}`.

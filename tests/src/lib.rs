@@ -146,25 +146,31 @@ impl Stack {
 
     /// Runs the functions in-process.
     pub async fn spawn_functions(&mut self, fns: Fns) -> Result<()> {
+        self.spawn_functions_with(fns, ServeConfig::default()).await
+    }
+
+    /// Runs the functions in-process with the given transport settings.
+    pub async fn spawn_functions_with(&mut self, fns: Fns, cfg: ServeConfig) -> Result<()> {
         let timers = aob_runtime::timers::Timers::open(&self.js).await?;
-        self.spawn_fn(aob_transform::TransformHandler::new())
+        self.spawn_fn(aob_transform::TransformHandler::new(), &cfg)
             .await?;
-        self.spawn_fn(aob_validate::ValidateHandler::new()).await?;
-        self.spawn_fn(aob_wait::WaitHandler::new(timers)).await?;
+        self.spawn_fn(aob_validate::ValidateHandler::new(), &cfg)
+            .await?;
+        self.spawn_fn(aob_wait::WaitHandler::new(timers), &cfg)
+            .await?;
         if fns == Fns::All {
-            self.spawn_fn(aob_http::HttpHandler::new()?).await?;
+            self.spawn_fn(aob_http::HttpHandler::new()?, &cfg).await?;
         }
         Ok(())
     }
 
-    async fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H) -> Result<()> {
+    async fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H, cfg: &ServeConfig) -> Result<()> {
         let client = self.server.connect().await?;
         let payloads = self.payloads.clone();
         let token = self.shutdown.child_token();
+        let cfg = cfg.clone();
         self.tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                serve(Arc::new(h), client, payloads, ServeConfig::default(), token).await
-            {
+            if let Err(e) = serve(Arc::new(h), client, payloads, cfg, token).await {
                 eprintln!("function stopped: {e}");
             }
         }));

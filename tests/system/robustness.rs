@@ -6,7 +6,7 @@ use std::time::Duration;
 use aob_engine::Engine;
 use aob_engine::store::{Conflict, NatsStore, RunStore, StoreError};
 use aob_model::state::RunStatus;
-use aob_model::wire::{HistoryKind, Outcome, StepRef, StepResult};
+use aob_model::wire::{HandoffReply, HistoryKind, Outcome, StepRef, StepResult, Task};
 use aob_streams::subjects;
 use aob_tests::{Fns, Stack, binary, endpoints};
 use bytes::Bytes;
@@ -15,6 +15,8 @@ use tokio::sync::Barrier;
 
 const T: &str = "default";
 const ONE_STEP: &str = "name: one\nsteps:\n  - {id: a, type: transform, output: {ok: true}}\n";
+/// A chain of five steps, each adding one to the last.
+const FIVE: &str = "name: five\nsteps:\n  - {id: s0, type: transform, output: 0}\n  - {id: s1, type: transform, needs: [s0], output: '{{ steps.s0.output + 1 }}'}\n  - {id: s2, type: transform, needs: [s1], output: '{{ steps.s1.output + 1 }}'}\n  - {id: s3, type: transform, needs: [s2], output: '{{ steps.s2.output + 1 }}'}\n  - {id: s4, type: transform, needs: [s3], output: '{{ steps.s3.output + 1 }}'}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_msg_id_twice_gives_one_run() {
@@ -176,6 +178,32 @@ async fn garbage_on_every_consumed_subject_is_dead_lettered_and_work_goes_on() {
     let run = s.start_run(T, "one", json!({})).await.unwrap();
     let (state, _) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed);
+    // Result handoffs are core requests (the engine is serving: the run completed): garbage asked for gets its reason back...
+    let handoff = subjects::handoff(T, "some-run");
+    for g in &garbage {
+        let reply = s
+            .client
+            .request(handoff.clone(), g.clone().into())
+            .await
+            .unwrap();
+        let reply: HandoffReply = serde_json::from_slice(&reply.payload).unwrap();
+        assert!(!reply.settled);
+        let reason = reply.reason.unwrap();
+        assert!(
+            reason.contains("not a step result") || reason.contains("larger than the limit"),
+            "{reason}"
+        );
+    }
+    // ...and garbage published without a reply subject is dead-lettered.
+    for g in &garbage {
+        s.client
+            .publish(handoff.clone(), g.clone().into())
+            .await
+            .unwrap();
+        n += 1;
+    }
+    s.client.flush().await.unwrap();
+    subjects_hit.push(handoff);
     // Every garbage message is recorded with its reason.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -437,13 +465,28 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
         },
         duration_ms: 0,
     };
-    s.publish_raw(
-        &subjects::result(T, run),
-        Some(&aob_runtime::nats::result_msg_id(&r)),
-        serde_json::to_vec(&r).unwrap(),
-    )
-    .await
-    .unwrap();
+    // Handed over as a function does: the engine cannot apply it yet and says so...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body: Bytes = serde_json::to_vec(&r).unwrap().into();
+    let reply = loop {
+        // Until the engine has subscribed, nobody answers.
+        match s
+            .client
+            .request(subjects::handoff(T, run), body.clone())
+            .await
+        {
+            Ok(reply) => break reply,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reply: HandoffReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(!reply.settled, "a result ahead of its run was settled");
+    assert!(reply.reason.unwrap().contains("ahead"));
+    // ...so the function's transport publishes it to AOB_RESULTS, where it is held.
+    aob_runtime::nats::deliver_result(&s.js, &r, Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
     let held = || {
         engine
             .metrics
@@ -487,15 +530,15 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_applied_as_published_and_their_stored_copies_acked() {
     let mut s = Stack::bare().await.unwrap();
-    s.publish(
-        T,
-        "name: five\nsteps:\n  - {id: s0, type: transform, output: 0}\n  - {id: s1, type: transform, needs: [s0], output: '{{ steps.s0.output + 1 }}'}\n  - {id: s2, type: transform, needs: [s1], output: '{{ steps.s1.output + 1 }}'}\n  - {id: s3, type: transform, needs: [s2], output: '{{ steps.s2.output + 1 }}'}\n  - {id: s4, type: transform, needs: [s3], output: '{{ steps.s3.output + 1 }}'}\n",
-    )
-    .await
-    .unwrap();
+    s.publish(T, FIVE).await.unwrap();
     let engine = s.engine().await.unwrap();
     s.spawn_engine(engine.clone());
-    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    // Results published to AOB_RESULTS, not handed over.
+    let cfg = aob_runtime::nats::ServeConfig {
+        handoff: None,
+        ..Default::default()
+    };
+    s.spawn_functions_with(Fns::AllButHttp, cfg).await.unwrap();
     let run = s.start_run(T, "five", json!({})).await.unwrap();
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed);
@@ -530,4 +573,87 @@ async fn results_are_applied_as_published_and_their_stored_copies_acked() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Functions hand their results to the engine, which answers once the run's stored state
+/// holds them: no result is stored in `AOB_RESULTS` on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_handed_to_the_engine_and_never_stored() {
+    let mut s = Stack::bare().await.unwrap();
+    s.publish(T, FIVE).await.unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine.clone());
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let stored = async || {
+        let mut st = s.js.get_stream(aob_streams::RESULTS).await.unwrap();
+        st.info().await.unwrap().state.last_sequence
+    };
+    let before = stored().await;
+    let run = s.start_run(T, "five", json!({})).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    assert_eq!(state.steps["s4"].output, Some(json!(4)));
+    let completed = events
+        .iter()
+        .filter(|e| e.kind == HistoryKind::StepCompleted)
+        .count();
+    assert_eq!(completed, 5, "each result applied once");
+    let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(metric(&engine.metrics.handoffs), 5, "results handed over");
+    assert_eq!(metric(&engine.metrics.early), 0);
+    assert_eq!(stored().await, before, "a result was stored in AOB_RESULTS");
+}
+
+/// With no engine to take it, a function's result is published to `AOB_RESULTS`, where an
+/// engine finds it later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_engine_a_result_is_published_to_its_stream() {
+    let mut s = Stack::bare().await.unwrap();
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let run = "no-engine-1";
+    let task = Task {
+        tenant: T.into(),
+        run_id: run.into(),
+        workflow: "one".into(),
+        version: 1,
+        node_type: "transform".into(),
+        at: StepRef {
+            step: "a".into(),
+            item: None,
+            iteration: None,
+            attempt: 1,
+        },
+        config: json!({"output": "kept"}),
+        context: json!({}),
+        deadline_ms: None,
+    };
+    s.publish_raw(
+        &subjects::task(T, "transform"),
+        Some("task.no-engine-1"),
+        serde_json::to_vec(&task).unwrap(),
+    )
+    .await
+    .unwrap();
+    let stream = s.js.get_stream(aob_streams::RESULTS).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let stored = loop {
+        if let Ok(m) = stream
+            .get_last_raw_message_by_subject(&subjects::result(T, run))
+            .await
+        {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the result was not published to AOB_RESULTS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let r: StepResult = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Completed {
+            output: json!("kept")
+        }
+    );
 }

@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use aob_model::audit::DecisionRecord;
 use aob_model::state::{Effect, RunState};
-use aob_model::wire::{HistoryEvent, Outcome, Signal, StartCommand, StepResult, Task};
+use aob_model::wire::{
+    HandoffReply, HistoryEvent, Outcome, Signal, StartCommand, StepResult, Task,
+};
 use aob_runtime::registry::Registry;
 use aob_runtime::timers::{Timer, Timers};
 use aob_runtime::{PayloadStore, bus, now_ms};
@@ -107,6 +109,8 @@ pub struct Metrics {
     pub dead_letters: AtomicU64,
     /// Results applied from the copy read as they were published.
     pub early: AtomicU64,
+    /// Results applied as a function handed them over directly (`aob.<tenant>.handoff.<run>`).
+    pub handoffs: AtomicU64,
     /// Results held (redelivered later) because the stored run had not started their attempt.
     pub held: AtomicU64,
 }
@@ -156,10 +160,12 @@ impl Engine<NatsStore> {
     }
 }
 
-/// A message for a worker: from a stream, or a result read as it was published.
+/// A message for a worker: from a stream, a result read as it was published, or a result
+/// handed over directly.
 enum Inbound {
     Stored(Box<Message>),
     Early(async_nats::Message),
+    Handoff(async_nats::Message),
 }
 
 /// Where a message came from and what it says.
@@ -240,9 +246,22 @@ impl<S: RunStore> Engine<S> {
             .queue_subscribe(subjects::RESULTS_ALL_TENANTS, "aob-engine".into())
             .await
             .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to results: {e}")))?;
+        // Functions hand results over directly and wait for the answer; a result handed
+        // over never reaches `AOB_RESULTS` unless the engine could not take it (see
+        // `on_handoff`).
+        let handoffs = self
+            .js
+            .client()
+            .queue_subscribe(subjects::HANDOFFS_ALL_TENANTS, "aob-engine".into())
+            .await
+            .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to handoffs: {e}")))?;
         let stored = futures::stream::select(cmd_msgs, res_msgs)
             .map(|m| m.map(|m| Inbound::Stored(Box::new(m))));
-        let mut merged = futures::stream::select(stored, early.map(|m| Ok(Inbound::Early(m))));
+        let core = futures::stream::select(
+            early.map(|m| Ok(Inbound::Early(m))),
+            handoffs.map(|m| Ok(Inbound::Handoff(m))),
+        );
+        let mut merged = futures::stream::select(stored, core);
 
         let workers = self.cfg.workers.max(1);
         let mut senders = Vec::with_capacity(workers);
@@ -256,6 +275,7 @@ impl<S: RunStore> Engine<S> {
                     match msg {
                         Inbound::Stored(msg) => engine.on_message(*msg).await,
                         Inbound::Early(msg) => engine.on_early(&msg.subject, &msg.payload).await,
+                        Inbound::Handoff(msg) => engine.on_handoff(msg).await,
                     }
                 }
             }));
@@ -276,7 +296,9 @@ impl<S: RunStore> Engine<S> {
             };
             let shard = match &msg {
                 Inbound::Stored(msg) => shard_of(msg, workers),
-                Inbound::Early(msg) => shard_of_key(&run_key(&msg.subject), workers),
+                Inbound::Early(msg) | Inbound::Handoff(msg) => {
+                    shard_of_key(&run_key(&msg.subject), workers)
+                }
             };
             if senders[shard].send(msg).await.is_err() {
                 break;
@@ -304,6 +326,51 @@ impl<S: RunStore> Engine<S> {
             }
             Ok(false) => {}
             Err(e) => tracing::debug!(%subject, "early copy of a result not applied: {e}"),
+        }
+    }
+
+    /// Takes a result handed over directly and answers once the run's stored state holds it
+    /// (applied, or found a duplicate or stale): the function then acks its task, and the
+    /// result never needs storing. A result that cannot be applied now (its run is behind,
+    /// a store failure) is answered unsettled, and the function publishes it to
+    /// `AOB_RESULTS` as usual. A handoff without a reply subject is dead-lettered: nobody
+    /// would learn that it was not applied.
+    pub async fn on_handoff(&self, msg: async_nats::Message) {
+        let subject = msg.subject.as_str();
+        let Some(reply) = msg.reply.clone() else {
+            self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+            let reason = format!(
+                "a result handoff needs a reply subject (a request); publish results to {}",
+                subjects::result("<tenant>", "<run>")
+            );
+            bus::dead_letter(&self.js, "engine", subject, &msg.payload, &reason).await;
+            return;
+        };
+        let answer = match self.parse_result(subject, &msg.payload) {
+            Err(reason) => HandoffReply {
+                settled: false,
+                reason: Some(reason),
+            },
+            Ok(r) => match self.process(Parsed::Result(r)).await {
+                Ok(applied) => {
+                    if applied {
+                        self.metrics.handoffs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    HandoffReply {
+                        settled: true,
+                        reason: None,
+                    }
+                }
+                Err(e) => HandoffReply {
+                    settled: false,
+                    reason: Some(e.to_string()),
+                },
+            },
+        };
+        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        if let Err(e) = self.js.client().publish(reply, body.into()).await {
+            // The function times out and publishes the result: nothing is lost.
+            tracing::debug!(%subject, "could not answer a handoff: {e}");
         }
     }
 
@@ -466,7 +533,8 @@ impl<S: RunStore> Engine<S> {
         let r: StepResult =
             serde_json::from_slice(payload).map_err(|e| format!("not a step result: {e}"))?;
         let parts: Vec<&str> = subject.split('.').collect();
-        if parts.as_slice() != ["aob", r.tenant.as_str(), "result", r.run_id.as_str()] {
+        let expected = |kind| ["aob", r.tenant.as_str(), kind, r.run_id.as_str()];
+        if parts.as_slice() != expected("result") && parts.as_slice() != expected("handoff") {
             return Err(format!(
                 "result for {}/{} arrived on {subject}",
                 r.tenant, r.run_id
@@ -978,7 +1046,9 @@ fn shard_of_key(key: &str, workers: usize) -> usize {
 fn run_key(subject: &str) -> String {
     let parts: Vec<&str> = subject.split('.').collect();
     match parts.as_slice() {
-        ["aob", t, "cmd", "signal", run] | ["aob", t, "result", run] => format!("{t}.{run}"),
+        ["aob", t, "cmd", "signal", run]
+        | ["aob", t, "result", run]
+        | ["aob", t, "handoff", run] => format!("{t}.{run}"),
         _ => subject.to_string(),
     }
 }

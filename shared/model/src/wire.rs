@@ -198,6 +198,18 @@ pub struct StepResult {
     pub duration_ms: u64,
 }
 
+/// The engine's reply to a result handed to it on `aob.<tenant>.handoff.<run>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffReply {
+    /// True when the run's stored state has taken the result into account (applied, or
+    /// found a duplicate or stale): the sender has nothing left to do with it. False when
+    /// the sender must publish it to `aob.<tenant>.result.<run>` as usual.
+    pub settled: bool,
+    /// Why the result was not settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// What a history event reports (its subject's last token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,8 +1,9 @@
 //! The NATS transport: a durable pull consumer per function type.
 //!
 //! Per message: parse (garbage is dead-lettered and terminated, never retried), run the
-//! handler under a concurrency limit while sending in-progress heartbeats, publish the
-//! result with a deterministic `Nats-Msg-Id`, and only then ack. A task whose run is
+//! handler under a concurrency limit while sending in-progress heartbeats, hand the result
+//! to the engine (directly when an engine answers that the run's stored state holds it,
+//! else published with a deterministic `Nats-Msg-Id`), and only then ack. A task whose run is
 //! aborted (`aob.<tenant>.run.<run>.abort`) is stopped and acked without a result. On
 //! shutdown the consumer stops pulling and in-flight tasks finish before it returns.
 
@@ -15,7 +16,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use aob_model::wire::{Outcome, StepResult, Task};
+use aob_model::wire::{HandoffReply, Outcome, StepResult, Task};
 
 use crate::{Error, Handler, PayloadStore, Result, bus, execute_audited};
 
@@ -28,6 +29,9 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// Largest task body accepted, in bytes (default 768 KiB); larger ones are dead-lettered.
     pub max_message_bytes: usize,
+    /// How long to wait for an engine to take a result directly (`AOB_HANDOFF_MS`, default
+    /// 5000); `None` (`AOB_HANDOFF_MS=0`) publishes every result to `AOB_RESULTS`.
+    pub handoff: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -36,10 +40,15 @@ impl Default for ServeConfig {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(64);
+        let handoff_ms = std::env::var("AOB_HANDOFF_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5000);
         ServeConfig {
             concurrency,
             heartbeat: Duration::from_secs(10),
             max_message_bytes: 768 * 1024,
+            handoff: (handoff_ms > 0).then(|| Duration::from_millis(handoff_ms)),
         }
     }
 }
@@ -181,7 +190,6 @@ async fn handle_message<H: Handler>(
         })
     };
     let result = execute_audited(handler, task, payloads, &cancel).await;
-    heartbeat.abort();
     if let Ok(mut map) = inflight.lock()
         && let Some(list) = map.get_mut(&key)
     {
@@ -192,6 +200,7 @@ async fn handle_message<H: Handler>(
     }
     let Some((result, record)) = result else {
         // The run was aborted: nobody waits for this result.
+        heartbeat.abort();
         let _ = msg.ack().await;
         return;
     };
@@ -202,7 +211,9 @@ async fn handle_message<H: Handler>(
             .await
             .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))
     };
-    let (published, audited) = tokio::join!(publish_result(js, &result), audited);
+    // Heartbeats go on while the engine takes the result: it may be busy for a while.
+    let (published, audited) = tokio::join!(deliver_result(js, &result, cfg.handoff), audited);
+    heartbeat.abort();
     match published.and(audited.map(|_| ())) {
         Ok(()) => {
             let _ = msg.ack().await;
@@ -251,6 +262,38 @@ pub fn result_msg_id(r: &StepResult) -> String {
         Outcome::Waiting { .. } => "waiting",
     };
     format!("res.{}.{}.{kind}", r.run_id, r.at.token())
+}
+
+/// Hands a step result to the engine. First directly, when `handoff` is set: a core request
+/// on `aob.<tenant>.handoff.<run>` that an engine answers once the run's stored state holds
+/// the result. Without that answer (no engine, a timeout, a result the engine cannot apply
+/// yet), the result is published to `AOB_RESULTS`, from where the engine takes it as before;
+/// if the engine did apply it meanwhile, the stored copy is a duplicate it acknowledges.
+pub async fn deliver_result(
+    js: &jetstream::Context,
+    r: &StepResult,
+    handoff: Option<Duration>,
+) -> Result<()> {
+    if let Some(wait) = handoff {
+        let body = serde_json::to_vec(r).map_err(|e| Error::Payload(e.to_string()))?;
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(wait));
+        let subject = aob_streams::subjects::handoff(&r.tenant, &r.run_id);
+        match js.client().send_request(subject, request).await {
+            Ok(reply) => match serde_json::from_slice::<HandoffReply>(&reply.payload) {
+                Ok(HandoffReply { settled: true, .. }) => return Ok(()),
+                Ok(HandoffReply { reason, .. }) => tracing::debug!(
+                    run = %r.run_id,
+                    "engine did not take the result directly: {}",
+                    reason.unwrap_or_default()
+                ),
+                Err(e) => tracing::warn!(run = %r.run_id, "unreadable handoff reply: {e}"),
+            },
+            Err(e) => tracing::debug!(run = %r.run_id, "result handoff: {e}"),
+        }
+    }
+    publish_result(js, r).await
 }
 
 /// Publishes a step result and waits for the server's ack, retrying briefly.
