@@ -11,6 +11,10 @@
 //! the rounds' ratios. Sizes can be lowered with AOB_BENCH_SCALE (e.g. 0.1) for a quick
 //! look.
 
+// The allocator of the `aob` binary, which runs all of this in one process (`aob dev`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
