@@ -7,7 +7,7 @@
 //! (c) 1,000 concurrent runs of 10 no-op steps.
 //!
 //! (a) with one chain and (b) are measured in alternating rounds (`AOB_BENCH_ROUNDS`,
-//! default 7), so that both see the machine in the same state; (b)/(a) is the median of
+//! default 15), so that both see the machine in the same state; (b)/(a) is the median of
 //! the rounds' ratios. Sizes can be lowered with AOB_BENCH_SCALE (e.g. 0.1) for a quick
 //! look.
 
@@ -225,7 +225,7 @@ async fn main() -> Result<()> {
     let rounds: usize = std::env::var("AOB_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(7)
+        .unwrap_or(15)
         .max(1);
     let floor_steps = scale(500);
     let n = scale(200);
