@@ -539,7 +539,7 @@ async fn results_are_applied_as_published_and_their_stored_copies_acked() {
         ..Default::default()
     };
     s.spawn_functions_with(Fns::AllButHttp, cfg).await.unwrap();
-    run_five(&s).await;
+    run_five(&s).await.unwrap();
     let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         metric(&engine.metrics.early) >= 1,
@@ -581,7 +581,7 @@ async fn results_are_handed_to_the_engine_and_never_stored() {
         st.info().await.unwrap().state.last_sequence
     };
     let before = stored().await;
-    run_five(&s).await;
+    run_five(&s).await.unwrap();
     let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(metric(&engine.metrics.handoffs), 5, "results handed over");
     assert_eq!(metric(&engine.metrics.early), 0);
@@ -643,9 +643,9 @@ async fn without_an_engine_a_result_is_published_to_its_stream() {
 }
 
 /// Runs [`FIVE`] to completion and checks that each result was applied once.
-async fn run_five(s: &Stack) {
-    let run = s.start_run(T, "five", json!({})).await.unwrap();
-    let (state, events) = s.wait_run(T, &run).await.unwrap();
+async fn run_five(s: &Stack) -> anyhow::Result<()> {
+    let run = s.start_run(T, "five", json!({})).await?;
+    let (state, events) = s.wait_run(T, &run).await?;
     assert_eq!(state.status, RunStatus::Completed);
     assert_eq!(state.steps["s4"].output, Some(json!(4)));
     let completed = events
@@ -653,4 +653,5 @@ async fn run_five(s: &Stack) {
         .filter(|e| e.kind == HistoryKind::StepCompleted)
         .count();
     assert_eq!(completed, 5, "each result applied once");
+    Ok(())
 }
