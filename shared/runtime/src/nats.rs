@@ -274,10 +274,12 @@ pub async fn deliver_result(
     r: &StepResult,
     handoff: Option<Duration>,
 ) -> Result<()> {
+    let body: bytes::Bytes = serde_json::to_vec(r)
+        .map_err(|e| Error::Payload(e.to_string()))?
+        .into();
     if let Some(wait) = handoff {
-        let body = serde_json::to_vec(r).map_err(|e| Error::Payload(e.to_string()))?;
         let request = async_nats::Request::new()
-            .payload(body.into())
+            .payload(body.clone())
             .timeout(Some(wait));
         let subject = aob_streams::subjects::handoff(&r.tenant, &r.run_id);
         match js.client().send_request(subject, request).await {
@@ -293,18 +295,18 @@ pub async fn deliver_result(
             Err(e) => tracing::debug!(run = %r.run_id, "result handoff: {e}"),
         }
     }
-    publish_result(js, r).await
+    publish_result(js, r, body).await
 }
 
-/// Publishes a step result and waits for the server's ack, retrying briefly.
-pub async fn publish_result(js: &jetstream::Context, r: &StepResult) -> Result<()> {
-    let body = serde_json::to_vec(r).map_err(|e| Error::Payload(e.to_string()))?;
+/// Publishes a step result (`body`, its JSON) and waits for the server's ack, retrying
+/// briefly.
+async fn publish_result(js: &jetstream::Context, r: &StepResult, body: bytes::Bytes) -> Result<()> {
     let subject = aob_streams::subjects::result(&r.tenant, &r.run_id);
     let id = result_msg_id(r);
     let mut delay = Duration::from_millis(50);
     let mut last = None;
     for _ in 0..5 {
-        match bus::publish_acked(js, subject.clone(), &id, body.clone().into()).await {
+        match bus::publish_acked(js, subject.clone(), &id, body.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 last = Some(e);
