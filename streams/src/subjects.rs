@@ -56,6 +56,10 @@ pub const AUDIT_ALL_TENANTS: &str = "aob.*.audit";
 /// published, before `AOB_RESULTS` stores them (a queue group, so one engine each).
 pub const RESULTS_ALL_TENANTS: &str = "aob.*.result.*";
 
+/// The core NATS queue group of the engines: each result read as published, and each
+/// handoff, goes to one engine instance.
+pub const ENGINE_QUEUE: &str = "aob-engine";
+
 /// A step result handed to the engine directly: `aob.<tenant>.handoff.<run>`, a core NATS
 /// request that no stream stores. The engine replies with a
 /// [`HandoffReply`](aob_model::wire::HandoffReply) once the result is in the
@@ -64,7 +68,7 @@ pub fn handoff(tenant: &str, run: &str) -> String {
     format!("aob.{tenant}.handoff.{run}")
 }
 
-/// Result handoffs of every tenant and run (the engines' queue group `aob-engine`).
+/// Result handoffs of every tenant and run (the engines' queue group [`ENGINE_QUEUE`]).
 pub const HANDOFFS_ALL_TENANTS: &str = "aob.*.handoff.*";
 
 /// Core NATS request subject asking the audit sink to write its batch now. The reply, sent

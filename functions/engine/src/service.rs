@@ -240,21 +240,11 @@ impl<S: RunStore> Engine<S> {
         // Results are also read as they are published, before their stream stores them:
         // applying that copy takes the stream's store-and-deliver off every step, and
         // the stored copy that follows finds itself stale (see `on_early`).
-        let early = self
-            .js
-            .client()
-            .queue_subscribe(subjects::RESULTS_ALL_TENANTS, "aob-engine".into())
-            .await
-            .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to results: {e}")))?;
+        let early = engine_queue(self.js.client(), subjects::RESULTS_ALL_TENANTS).await?;
         // Functions hand results over directly and wait for the answer; a result handed
         // over never reaches `AOB_RESULTS` unless the engine could not take it (see
         // `on_handoff`).
-        let handoffs = self
-            .js
-            .client()
-            .queue_subscribe(subjects::HANDOFFS_ALL_TENANTS, "aob-engine".into())
-            .await
-            .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to handoffs: {e}")))?;
+        let handoffs = engine_queue(self.js.client(), subjects::HANDOFFS_ALL_TENANTS).await?;
         let stored = futures::stream::select(cmd_msgs, res_msgs)
             .map(|m| m.map(|m| Inbound::Stored(Box::new(m))));
         let core = futures::stream::select(
@@ -946,6 +936,14 @@ impl<S: RunStore> Engine<S> {
             .await?;
         Ok(())
     }
+}
+
+/// Subscribes to `subject` in the engines' core queue group.
+async fn engine_queue(client: async_nats::Client, subject: &str) -> Result<async_nats::Subscriber> {
+    client
+        .queue_subscribe(subject.to_string(), subjects::ENGINE_QUEUE.into())
+        .await
+        .map_err(|e| aob_runtime::Error::Nats(format!("subscribing to {subject}: {e}")).into())
 }
 
 /// The error that holds a result until its run's stored state catches up.
