@@ -446,10 +446,7 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
 /// finish the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
-    let mut s = Stack::bare().await.unwrap();
-    s.publish(T, ONE_STEP).await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine.clone());
+    let (s, engine) = with_engine(ONE_STEP).await.unwrap();
     let run = "early-1";
     let r = StepResult {
         tenant: T.into(),
@@ -529,10 +526,7 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
 /// copy `AOB_RESULTS` stores follows and is acknowledged as a duplicate, not applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_applied_as_published_and_their_stored_copies_acked() {
-    let mut s = Stack::bare().await.unwrap();
-    s.publish(T, FIVE).await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine.clone());
+    let (mut s, engine) = with_engine(FIVE).await.unwrap();
     // Results published to AOB_RESULTS, not handed over.
     let cfg = aob_runtime::nats::ServeConfig {
         handoff: None,
@@ -571,10 +565,7 @@ async fn results_are_applied_as_published_and_their_stored_copies_acked() {
 /// holds them: no result is stored in `AOB_RESULTS` on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_handed_to_the_engine_and_never_stored() {
-    let mut s = Stack::bare().await.unwrap();
-    s.publish(T, FIVE).await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine.clone());
+    let (mut s, engine) = with_engine(FIVE).await.unwrap();
     s.spawn_functions(Fns::AllButHttp).await.unwrap();
     let stored = async || {
         let mut st = s.js.get_stream(aob_streams::RESULTS).await.unwrap();
@@ -654,4 +645,14 @@ async fn run_five(s: &Stack) -> anyhow::Result<()> {
         .count();
     assert_eq!(completed, 5, "each result applied once");
     Ok(())
+}
+
+/// A stack with `workflow` published and an engine running, and that engine (for its
+/// metrics); no functions yet.
+async fn with_engine(workflow: &str) -> anyhow::Result<(Stack, Arc<Engine>)> {
+    let mut s = Stack::bare().await?;
+    s.publish(T, workflow).await?;
+    let engine = s.engine().await?;
+    s.spawn_engine(engine.clone());
+    Ok((s, engine))
 }
