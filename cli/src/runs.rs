@@ -666,6 +666,7 @@ mod tests {
             steps,
             history_seq: 7,
             outbox: Vec::new(),
+            outbox_cause: None,
         }
     }
 

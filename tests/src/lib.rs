@@ -74,10 +74,14 @@ impl Stack {
 
     /// Server and topology only; add components with the `spawn_*` methods.
     pub async fn bare() -> Result<Stack> {
+        Stack::bare_with(test_topology()).await
+    }
+
+    /// Server and a given topology only (a shortened duplicate window, say).
+    pub async fn bare_with(topology: Topology) -> Result<Stack> {
         let server = NatsServer::start()?;
         let client = server.connect().await?;
         let js = jetstream::new(client.clone());
-        let topology = test_topology();
         topology.apply(&js).await?;
         let data = tempfile::tempdir()?;
         let payload_url = format!("file://{}", data.path().join("payloads").display());
@@ -183,6 +187,8 @@ impl Stack {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        // Components spawned later (a restarted engine) run until the next stop.
+        self.shutdown = CancellationToken::new();
     }
 
     /// Validates and publishes a definition; returns its version.
@@ -336,6 +342,33 @@ impl Stack {
             out.push(serde_json::from_slice(&m?.payload).unwrap_or(Value::Null));
         }
         Ok(out)
+    }
+}
+
+impl Stack {
+    /// Waits until a durable consumer has delivered everything and holds no message
+    /// unacknowledged: whatever was published to its stream before has been handled.
+    pub async fn drained(&self, stream: &str, consumer: &str, guard: Duration) -> Result<()> {
+        let s = self.js.get_stream(stream).await?;
+        let mut c = s
+            .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {stream}/{consumer}: {e}"))?;
+        let deadline = tokio::time::Instant::now() + guard;
+        loop {
+            let info = c.info().await?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{stream}/{consumer} not drained within {guard:?}: {} pending, {} unacknowledged",
+                    info.num_pending,
+                    info.num_ack_pending
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

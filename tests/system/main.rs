@@ -2,6 +2,7 @@
 //! store, the topology, the engine and the functions, and drives real runs.
 
 mod audit;
+mod core;
 mod flow;
 mod robustness;
 mod topology;

@@ -25,7 +25,9 @@ pub async fn run(
     run_with(engine, client, shutdown).await
 }
 
-/// Runs a given engine and the timer service until `shutdown`.
+/// Runs a given engine and the timer service until `shutdown`. The timer service is
+/// supervised: if it fails or panics, the engine drains and this returns the error, so a
+/// process never goes on without retries, timeouts and waits.
 pub async fn run_with<S: store::RunStore>(
     engine: Arc<Engine<S>>,
     client: async_nats::Client,
@@ -34,11 +36,29 @@ pub async fn run_with<S: store::RunStore>(
     let js = async_nats::jetstream::new(client);
     let timers = engine.timers().clone();
     let t_shutdown = shutdown.clone();
-    let timer_task = tokio::spawn(async move { timers.serve(js, t_shutdown).await });
-    let res = engine.serve(shutdown.clone()).await;
-    shutdown.cancel();
-    if let Ok(Err(e)) = timer_task.await {
-        tracing::warn!("timer service: {e}");
+    let mut timer_task = tokio::spawn(async move { timers.serve(js, t_shutdown).await });
+    let serving = engine.serve(shutdown.clone());
+    tokio::pin!(serving);
+    let timer_failure = tokio::select! {
+        res = &mut serving => {
+            shutdown.cancel();
+            let _ = timer_task.await;
+            return res;
+        }
+        t = &mut timer_task => match t {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("timer service panicked: {e}")),
+        },
+    };
+    if timer_failure.is_none() && shutdown.is_cancelled() {
+        return serving.await;
     }
-    res
+    let why = timer_failure.unwrap_or_else(|| "timer service stopped".to_string());
+    tracing::error!("{why}; stopping the engine");
+    shutdown.cancel();
+    serving.await?;
+    Err(service::Error::Runtime(aob_runtime::Error::Nats(format!(
+        "the timer service stopped: {why}"
+    ))))
 }

@@ -139,6 +139,36 @@ pub enum Event {
     Signal(Signal),
 }
 
+impl Event {
+    /// Names the event within its run, the same on every delivery: what a stored outbox
+    /// records as its cause, so a redelivery of that very event can be recognised.
+    pub fn id(&self) -> String {
+        match self {
+            Event::Start { .. } => "start".to_string(),
+            Event::Result(r) => {
+                let outcome = match r.outcome {
+                    Outcome::Completed { .. } => "completed",
+                    Outcome::Failed { .. } => "failed",
+                    Outcome::Waiting { .. } => "waiting",
+                };
+                format!("result.{}.{outcome}", r.at.token())
+            }
+            Event::Signal(Signal::Cancel { .. }) => "cancel".to_string(),
+            Event::Signal(Signal::Timer { timer }) => format!("timer.{}", timer_name(timer)),
+        }
+    }
+}
+
+/// The name of a timer within its run: the last part of its `AOB_TIMERS` key and of its
+/// message id. One name per attempt and kind, so setting, firing and cancelling agree.
+pub fn timer_name(timer: &TimerKind) -> String {
+    match timer {
+        TimerKind::Retry { at } => format!("retry-{}", at.token()),
+        TimerKind::StepTimeout { at } => format!("timeout-{}", at.token()),
+        TimerKind::RunTimeout => "run-timeout".to_string(),
+    }
+}
+
 /// Looks up an offloaded value by its reference path (`None` when not loaded).
 pub type Resolve<'a> = &'a dyn Fn(&str) -> Option<Value>;
 
@@ -207,6 +237,7 @@ pub fn transition(
                     .collect(),
                 history_seq: 0,
                 outbox: Vec::new(),
+                outbox_cause: None,
             };
             let mut m = Machine::new(def, state, now, resolve);
             m.history(
@@ -313,6 +344,7 @@ struct Machine<'a> {
 impl<'a> Machine<'a> {
     fn new(def: &'a Compiled, mut s: RunState, now: u64, resolve: Resolve<'a>) -> Self {
         s.outbox.clear();
+        s.outbox_cause = None;
         Machine {
             def,
             s,
@@ -471,6 +503,8 @@ impl<'a> Machine<'a> {
                 })
                 .collect();
             self.s.finished_ms = Some(self.now);
+            let left = self.outstanding_timers();
+            self.cancel_timers(left);
             if let Some((id, msg)) = failed.first() {
                 self.s.status = RunStatus::Failed;
                 let why = format!("step `{id}` failed: {msg}");
@@ -754,11 +788,73 @@ impl<'a> Machine<'a> {
                     until_ms.map(|u| json!({"until_ms": u})),
                 );
             }
-            Outcome::Completed { output } => self.on_completed(step, &r.at, output),
-            Outcome::Failed { error } => self.on_failed(step, &r.at, error),
+            Outcome::Completed { output } => {
+                self.cancel_step_timeout(step, &r.at);
+                self.on_completed(step, &r.at, output)
+            }
+            Outcome::Failed { error } => {
+                self.cancel_step_timeout(step, &r.at);
+                self.on_failed(step, &r.at, error)
+            }
         }
         self.advance();
         true
+    }
+
+    /// The attempt `at` ended before its deadline: its timeout timer must not fire.
+    fn cancel_step_timeout(&mut self, step: &Step, at: &StepRef) {
+        if step.timeout.is_some() {
+            self.effects.push(Effect::CancelTimer {
+                timer: TimerKind::StepTimeout { at: at.clone() },
+            });
+        }
+    }
+
+    /// Timers that guard work still outstanding in the run: step timeouts of attempts out,
+    /// retry backoffs, and the run's own timeout. Cancelled when the run ends.
+    fn outstanding_timers(&self) -> Vec<TimerKind> {
+        let mut out = Vec::new();
+        for (id, st) in &self.s.steps {
+            let Some(step) = self.def.step(id) else {
+                continue;
+            };
+            let at = |item: Option<u32>, attempt: u32| StepRef {
+                step: id.clone(),
+                item,
+                iteration: if item.is_some() { None } else { st.iteration },
+                attempt,
+            };
+            let mut one = |item: Option<u32>, status: StepStatus, attempt: u32| match status {
+                StepStatus::Running | StepStatus::Waiting if step.timeout.is_some() => {
+                    out.push(TimerKind::StepTimeout {
+                        at: at(item, attempt),
+                    });
+                }
+                StepStatus::Pending if attempt > 0 => out.push(TimerKind::Retry {
+                    at: at(item, attempt + 1),
+                }),
+                _ => {}
+            };
+            if st.slots.is_empty() {
+                one(None, st.status, st.attempt);
+            } else if st.status == StepStatus::Running {
+                for (i, slot) in st.slots.iter().enumerate() {
+                    one(Some(i as u32), slot.status, slot.attempt);
+                }
+            }
+        }
+        if self.def.wf.timeout.is_some() {
+            out.push(TimerKind::RunTimeout);
+        }
+        out
+    }
+
+    fn cancel_timers(&mut self, timers: Vec<TimerKind>) {
+        self.effects.extend(
+            timers
+                .into_iter()
+                .map(|timer| Effect::CancelTimer { timer }),
+        );
     }
 
     fn on_completed(&mut self, step: &Step, at: &StepRef, output: Value) {
@@ -902,6 +998,18 @@ impl<'a> Machine<'a> {
             },
             _ => error,
         };
+        // The other items of a failed for_each are abandoned: their timers must not fire.
+        let abandoned: Vec<TimerKind> = self
+            .outstanding_timers()
+            .into_iter()
+            .filter(|t| match t {
+                TimerKind::StepTimeout { at: o } | TimerKind::Retry { at: o } => {
+                    o.step == step.id && o.item.is_some() && o.item != at.item
+                }
+                TimerKind::RunTimeout => false,
+            })
+            .collect();
+        self.cancel_timers(abandoned);
         if let Some(st) = self.s.steps.get_mut(&step.id) {
             st.slots.clear();
             st.items = None;
@@ -968,6 +1076,8 @@ impl<'a> Machine<'a> {
 
     /// Cancel or run timeout: running steps are told to stop, nothing new is scheduled.
     fn end_early(&mut self, status: RunStatus, why: String) {
+        let left = self.outstanding_timers();
+        self.cancel_timers(left);
         let mut running = false;
         for st in self.s.steps.values_mut() {
             match st.status {

@@ -113,11 +113,21 @@ pub struct Metrics {
     pub handoffs: AtomicU64,
     /// Results held (redelivered later) because the stored run had not started their attempt.
     pub held: AtomicU64,
+    /// Stored outboxes found older than the duplicate window and not published again.
+    pub outbox_skipped: AtomicU64,
 }
 
-/// How long a state is trusted as current for sending tasks before its write lands;
-/// must stay well below the duplicate window of `AOB_TASKS` (10 minutes by default).
+/// How long a state is trusted as current for sending tasks before its write lands, at
+/// most; never more than half the streams' duplicate window (see [`Engine::dedup_within`]).
 pub const EARLY_TASKS_WITHIN: Duration = Duration::from_secs(60);
+
+/// The streams an engine publishes to with message ids whose duplicates must be dropped.
+const DEDUPLICATED: [&str; 4] = [
+    aob_streams::CMD,
+    aob_streams::TASKS,
+    aob_streams::HISTORY,
+    aob_streams::AUDIT,
+];
 
 struct Cached {
     state: RunState,
@@ -141,6 +151,9 @@ pub struct Engine<S: RunStore = NatsStore> {
     defs: Mutex<HashMap<(String, String, u32), Arc<Compiled>>>,
     runs: Mutex<HashMap<String, Cached>>,
     resolved: Mutex<HashMap<String, Value>>,
+    /// Half the shortest duplicate window of the streams the engine publishes to: a
+    /// publish repeated within it is certainly dropped by the server.
+    dedup_within: Duration,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -193,7 +206,9 @@ impl<S: RunStore> Engine<S> {
     ) -> Result<Self> {
         let registry = Registry::open(&js).await?;
         let timers = Timers::open(&js).await?;
+        let dedup_within = duplicate_window(&js).await? / 2;
         Ok(Engine {
+            dedup_within,
             js,
             store,
             registry,
@@ -205,6 +220,12 @@ impl<S: RunStore> Engine<S> {
             resolved: Mutex::default(),
             metrics: Arc::default(),
         })
+    }
+
+    /// How long after a state write its outbox may still be published again: half the
+    /// shortest duplicate window of the streams it goes to, read from the server at start.
+    pub fn dedup_within(&self) -> Duration {
+        self.dedup_within
     }
 
     /// The run store.
@@ -687,12 +708,13 @@ impl<S: RunStore> Engine<S> {
         let key = RunState::key(tenant, run_id);
         loop {
             let loaded = self.load(&key).await?;
+            // A stored outbox is dealt with once, here, and cleared by the next write.
+            let mut recovered = false;
             let (state, rev, known, from_cache) = match loaded {
                 Some((state, rev, known, from_cache)) => {
                     if !from_cache && !state.outbox.is_empty() {
-                        // The last writer may have died before publishing.
-                        self.publish(&state.workflow, state.version, &state.outbox, None)
-                            .await?;
+                        recovered = true;
+                        self.recover_outbox(&key, &state, &event).await?;
                     }
                     (Some(state), rev, known, from_cache)
                 }
@@ -718,13 +740,27 @@ impl<S: RunStore> Engine<S> {
                 match machine::transition(&def, state, event.clone(), now_ms(), &lookup) {
                     machine::Transition::Changed(next, effects) => (next, effects),
                     machine::Transition::Unchanged(unchanged) => {
-                        // Stale or duplicate: keep the state cached as it was.
-                        if let (Some(state), Ok(mut m)) = (unchanged, self.runs.lock()) {
+                        // Stale or duplicate: keep the state cached as it was, its
+                        // outbox cleared if this pass dealt with it.
+                        let Some(mut state) = unchanged else {
+                            return Ok(false);
+                        };
+                        let mut revision = rev;
+                        if recovered {
+                            state.outbox.clear();
+                            state.outbox_cause = None;
+                            match self.write(&key, &state, Some(rev)).await? {
+                                Ok(r) => revision = r,
+                                // Someone wrote a newer state (with its own outbox).
+                                Err(_) => return Ok(false),
+                            }
+                        }
+                        if let Ok(mut m) = self.runs.lock() {
                             m.insert(
                                 key.clone(),
                                 Cached {
                                     state,
-                                    revision: rev,
+                                    revision,
                                     known,
                                 },
                             );
@@ -737,21 +773,14 @@ impl<S: RunStore> Engine<S> {
                     machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
             // Tasks go out now, while the state is written (see the module docs).
-            let early = if known.elapsed() < EARLY_TASKS_WITHIN {
+            let early = if known.elapsed() < EARLY_TASKS_WITHIN.min(self.dedup_within) {
                 Some(self.send_tasks(&effects).await?)
             } else {
                 None
             };
             next.outbox = effects.clone();
-            let body = serde_json::to_vec(&next).map_err(|e| Error::Corrupt {
-                what: format!("run state {key}"),
-                message: e.to_string(),
-            })?;
-            let written = if !existed {
-                self.store.create(&key, body.into()).await?
-            } else {
-                self.store.update(&key, body.into(), rev).await?
-            };
+            next.outbox_cause = Some(event.id());
+            let written = self.write(&key, &next, existed.then_some(rev)).await?;
             match written {
                 Ok(new_rev) => {
                     let known = Instant::now();
@@ -785,6 +814,45 @@ impl<S: RunStore> Engine<S> {
                 }
             }
         }
+    }
+
+    /// Writes a run state: create-only without a revision, else compare-and-set on it.
+    async fn write(
+        &self,
+        key: &str,
+        state: &RunState,
+        revision: Option<u64>,
+    ) -> Result<std::result::Result<u64, crate::store::Conflict>> {
+        let body = serde_json::to_vec(state).map_err(|e| Error::Corrupt {
+            what: format!("run state {key}"),
+            message: e.to_string(),
+        })?;
+        Ok(match revision {
+            None => self.store.create(key, body.into()).await?,
+            Some(rev) => self.store.update(key, body.into(), rev).await?,
+        })
+    }
+
+    /// Deals with the outbox of a state read from the store. Its writer publishes it and
+    /// only then acks the event that produced it, so the outbox may be unpublished only if
+    /// that writer died (or failed to publish) before the ack. Publishing it again is
+    /// harmless while the streams still drop the repeats as duplicates, and the event that
+    /// produced it comes back within the consumer's ack wait; so it is published again
+    /// when it was written within [`Self::dedup_within`], or when `event` is a redelivery
+    /// of its cause. Anything older was published long ago: publishing it again would
+    /// run a task twice or repeat a run's `completed` event. The caller's next write
+    /// clears it either way.
+    async fn recover_outbox(&self, key: &str, state: &RunState, event: &Event) -> Result<()> {
+        let age = Duration::from_millis(now_ms().saturating_sub(state.updated_ms));
+        let cause = state.outbox_cause.as_deref() == Some(event.id().as_str());
+        if age < self.dedup_within || cause {
+            self.publish(&state.workflow, state.version, &state.outbox, None)
+                .await?;
+        } else {
+            self.metrics.outbox_skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%key, ?age, "stored outbox older than the duplicate window: not published again");
+        }
+        Ok(())
     }
 
     /// Loads offloaded outputs (and input) that conditions read, so the machine sees values.
@@ -881,7 +949,7 @@ impl<S: RunStore> Engine<S> {
         for e in effects {
             match e {
                 Effect::Task { task } if !tasks_sent => acks.push(self.send_task(task).await?),
-                Effect::Task { .. } | Effect::Timer { .. } => {}
+                Effect::Task { .. } | Effect::Timer { .. } | Effect::CancelTimer { .. } => {}
                 Effect::History { event } => {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
@@ -891,8 +959,10 @@ impl<S: RunStore> Engine<S> {
             }
         }
         for e in effects {
-            if let Effect::Timer { timer, due_ms } = e {
-                self.set_timer(effects, timer, *due_ms).await?;
+            match e {
+                Effect::Timer { timer, due_ms } => self.set_timer(effects, timer, *due_ms).await?,
+                Effect::CancelTimer { timer } => self.cancel_timer(effects, timer).await?,
+                _ => {}
             }
         }
         for a in acks {
@@ -902,25 +972,31 @@ impl<S: RunStore> Engine<S> {
         Ok(())
     }
 
+    async fn cancel_timer(
+        &self,
+        effects: &[Effect],
+        timer: &aob_model::wire::TimerKind,
+    ) -> Result<()> {
+        let Some((tenant, run_id)) = run_of(effects) else {
+            return Ok(());
+        };
+        let name = machine::timer_name(timer);
+        self.timers
+            .cancel(&format!("{tenant}.{run_id}.{name}"))
+            .await?;
+        Ok(())
+    }
+
     async fn set_timer(
         &self,
         effects: &[Effect],
         timer: &aob_model::wire::TimerKind,
         due_ms: u64,
     ) -> Result<()> {
-        // The run this effect list belongs to: every effect carries it.
-        let Some((tenant, run_id)) = effects.iter().find_map(|e| match e {
-            Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
-            Effect::History { event } => Some((event.tenant.clone(), event.run_id.clone())),
-            Effect::Timer { .. } => None,
-        }) else {
+        let Some((tenant, run_id)) = run_of(effects) else {
             return Ok(());
         };
-        let name = match timer {
-            aob_model::wire::TimerKind::Retry { at } => format!("retry-{}", at.token()),
-            aob_model::wire::TimerKind::StepTimeout { at } => format!("timeout-{}", at.token()),
-            aob_model::wire::TimerKind::RunTimeout => "run-timeout".to_string(),
-        };
+        let name = machine::timer_name(timer);
         let body = serde_json::to_value(Signal::Timer {
             timer: timer.clone(),
         })
@@ -936,6 +1012,33 @@ impl<S: RunStore> Engine<S> {
             .await?;
         Ok(())
     }
+}
+
+/// The run an effect list belongs to: every task and history event carries it, and a
+/// transition always records at least one history event with its timers.
+fn run_of(effects: &[Effect]) -> Option<(String, String)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
+        Effect::History { event } => Some((event.tenant.clone(), event.run_id.clone())),
+        Effect::Timer { .. } | Effect::CancelTimer { .. } => None,
+    })
+}
+
+/// The shortest duplicate window of the streams the engine publishes to.
+async fn duplicate_window(js: &jetstream::Context) -> Result<Duration> {
+    let mut shortest = Duration::MAX;
+    for name in DEDUPLICATED {
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .map_err(|e| aob_runtime::Error::Topology(format!("stream {name}: {e}")))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| aob_runtime::Error::Nats(format!("stream {name}: {e}")))?;
+        shortest = shortest.min(info.config.duplicate_window);
+    }
+    Ok(shortest)
 }
 
 /// Subscribes to `subject` in the engines' core queue group.

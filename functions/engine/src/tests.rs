@@ -16,6 +16,8 @@ struct Sim {
     tasks: Vec<Task>,
     history: Vec<(HistoryKind, Option<String>, Option<u32>)>,
     timers: Vec<(TimerKind, u64)>,
+    /// Timers cancelled.
+    cancelled: Vec<TimerKind>,
     /// Results found ahead of the state (to be applied again later).
     held: usize,
 }
@@ -34,6 +36,7 @@ impl Sim {
             tasks: Vec::new(),
             history: Vec::new(),
             timers: Vec::new(),
+            cancelled: Vec::new(),
             held: 0,
         }
     }
@@ -62,6 +65,7 @@ impl Sim {
                                 .push((event.kind, event.step.clone(), event.item))
                         }
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
+                        Effect::CancelTimer { timer } => self.cancelled.push(timer),
                     }
                 }
                 self.state = Some(s);
@@ -559,4 +563,116 @@ fn results_ahead_of_the_state_are_held_and_stale_ones_dropped() {
     assert_eq!(s.status(), RunStatus::Completed);
     assert!(!s.reply(&at("f", Some(0), None, 1), done()));
     assert_eq!(s.held, 1);
+}
+
+#[test]
+fn timers_are_cancelled_when_what_they_guard_ends() {
+    // A step timeout goes when its attempt answers; the run timeout when the run ends.
+    let mut s = Sim::new(
+        "name: w\ntimeout: 11m\nsteps:\n  - {id: a, type: transform, output: 1, timeout: 1m}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    assert!(s.ok(&t[0], json!(1)));
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert!(
+        s.cancelled.contains(&TimerKind::StepTimeout {
+            at: t[0].at.clone()
+        }),
+        "{:?}",
+        s.cancelled
+    );
+    assert!(
+        s.cancelled.contains(&TimerKind::RunTimeout),
+        "{:?}",
+        s.cancelled
+    );
+    // The run timeout, had it fired anyway, changes nothing.
+    assert!(!s.send(Event::Signal(Signal::Timer {
+        timer: TimerKind::RunTimeout
+    })));
+}
+
+#[test]
+fn cancel_during_backoff_cancels_the_retry_timer() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: h, type: http, url: 'http://x', retry: {max_attempts: 3, backoff: {initial: 1m}}}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("503"),
+        },
+    );
+    let (retry, _) = s
+        .timers
+        .iter()
+        .find(|(k, _)| matches!(k, TimerKind::Retry { .. }))
+        .cloned()
+        .unwrap();
+    assert!(s.send(Event::Signal(Signal::Cancel {
+        reason: None,
+        by: None
+    })));
+    assert!(s.cancelled.contains(&retry), "{:?}", s.cancelled);
+    // A retry timer that fires anyway launches nothing.
+    assert!(!s.send(Event::Signal(Signal::Timer { timer: retry })));
+    assert!(s.take().is_empty());
+}
+
+#[test]
+fn a_failed_for_each_cancels_the_timeouts_of_its_other_items() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: http, url: 'http://x', timeout: 1m, for_each: {items: 'input.xs', concurrency: 3}}\n",
+    );
+    s.start(json!({"xs": [1, 2, 3]}));
+    let t = s.take();
+    assert_eq!(t.len(), 3);
+    s.reply(
+        &t[1].at,
+        Outcome::Failed {
+            error: StepError::terminal("bad"),
+        },
+    );
+    assert_eq!(s.status(), RunStatus::Failed);
+    for other in [&t[0], &t[2]] {
+        assert!(
+            s.cancelled.contains(&TimerKind::StepTimeout {
+                at: other.at.clone()
+            }),
+            "{:?}",
+            s.cancelled
+        );
+    }
+}
+
+#[test]
+fn event_ids_tell_apart_what_a_redelivery_must_match() {
+    let at = StepRef {
+        step: "a".into(),
+        item: Some(2),
+        iteration: None,
+        attempt: 1,
+    };
+    let result = |outcome| {
+        Event::Result(StepResult {
+            tenant: "t".into(),
+            run_id: "r".into(),
+            at: at.clone(),
+            outcome,
+            duration_ms: 0,
+        })
+        .id()
+    };
+    let done = result(Outcome::Completed { output: json!(1) });
+    let waiting = result(Outcome::Waiting { until_ms: None });
+    assert_ne!(done, waiting);
+    assert_eq!(done, result(Outcome::Completed { output: json!(2) }));
+    let timer = Event::Signal(Signal::Timer {
+        timer: TimerKind::StepTimeout { at: at.clone() },
+    })
+    .id();
+    assert_ne!(timer, done);
 }

@@ -158,6 +158,11 @@ pub enum Effect {
         /// When (ms since the Unix epoch).
         due_ms: u64,
     },
+    /// Delete a timer whose step or run has ended, so it never fires.
+    CancelTimer {
+        /// Which timer.
+        timer: TimerKind,
+    },
 }
 
 /// A run.
@@ -190,8 +195,13 @@ pub struct RunState {
     /// Number of history events published so far.
     pub history_seq: u64,
     /// Effects of the last change, replayed if their publication may not have happened.
+    /// Cleared by the next write: a loaded outbox is published at most once more, and only
+    /// while the streams still drop it as a duplicate, or for a redelivery of its cause.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<Effect>,
+    /// The event whose transition produced the outbox (see `machine::Event::id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_cause: Option<String>,
 }
 
 impl RunState {

@@ -1,8 +1,11 @@
 //! Durable timers: a timer is a key in the `AOB_TIMERS` bucket holding a message to publish
 //! at a due time. The timer service watches the bucket (existing keys first, so timers
 //! survive restarts), publishes each message when due with its deterministic
-//! `Nats-Msg-Id`, then deletes the key. No message is held unacknowledged while waiting,
-//! and several services may run at once: JetStream drops the duplicate publishes.
+//! `Nats-Msg-Id`, then deletes the key if it still holds what fired. No message is held
+//! unacknowledged while waiting. Several services may run (one per engine); one at a time
+//! fires, the holder of a lease renewed in the bucket, and another takes over within the
+//! lease's lifetime when it dies. A fired message is a duplicate JetStream drops if two
+//! overlap for a moment.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -59,15 +62,159 @@ impl Timers {
         Ok(())
     }
 
-    /// Runs the timer service until `shutdown`.
+    /// Deletes the timer under `key`, if any: its step or run ended, so it must not fire.
+    pub async fn cancel(&self, key: &str) -> Result<()> {
+        self.kv
+            .delete(key)
+            .await
+            .map_err(|e| Error::Nats(format!("cancelling timer {key}: {e}")))
+    }
+
+    /// The timer under `key`, if set.
+    pub async fn get(&self, key: &str) -> Result<Option<Timer>> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| Error::Nats(format!("reading timer {key}: {e}")))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice(&e.value).ok()))
+    }
+
+    /// Runs the timer service until `shutdown`: one instance at a time fires timers, the one
+    /// holding the lease (key [`LEASE_KEY`]); the others wait to take it over. Returns an
+    /// error only when the bucket cannot be used at all.
     pub async fn serve(&self, js: jetstream::Context, shutdown: CancellationToken) -> Result<()> {
+        self.serve_with(js, shutdown, LeaseConfig::default()).await
+    }
+
+    /// Like [`Timers::serve`] with lease settings (tests shorten them).
+    pub async fn serve_with(
+        &self,
+        js: jetstream::Context,
+        shutdown: CancellationToken,
+        lease: LeaseConfig,
+    ) -> Result<()> {
+        let me = ulid::Ulid::new().to_string();
+        // Trouble with the bucket is retried (a server restart, a stall); only trouble that
+        // lasts longer than `give_up_after` ends the service with an error, which stops the
+        // process that runs it (see `aob_engine::run_with`).
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let held = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.acquire(&me, &lease) => r,
+            };
+            let outcome = match held {
+                Ok(None) => Ok(()),
+                Ok(Some(rev)) => {
+                    tracing::info!(owner = %me, "timer service: this instance fires timers");
+                    let r = self
+                        .fire_while_owner(&js, &shutdown, &me, rev, &lease)
+                        .await;
+                    if shutdown.is_cancelled() {
+                        self.release(&me).await;
+                        return Ok(());
+                    }
+                    if r.is_ok() {
+                        tracing::warn!(owner = %me, "timer service: lease lost, no longer firing timers");
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => failing_since = None,
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= lease.give_up_after {
+                        return Err(e);
+                    }
+                    tracing::warn!("timer service: {e}");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(lease.renew_every()) => {}
+            }
+        }
+    }
+
+    /// Hands the lease over at once on shutdown, rather than after it expires.
+    async fn release(&self, me: &str) {
+        if let Ok(Some(e)) = self.kv.entry(LEASE_KEY).await
+            && serde_json::from_slice::<Lease>(&e.value).is_ok_and(|l| l.owner == me)
+        {
+            let _ = self
+                .kv
+                .delete_expect_revision(LEASE_KEY, Some(e.revision))
+                .await;
+        }
+    }
+
+    /// Takes or renews the lease: `Some(revision)` when this instance holds it.
+    async fn acquire(&self, me: &str, cfg: &LeaseConfig) -> Result<Option<u64>> {
+        let lease = Lease {
+            owner: me.to_string(),
+            expires_ms: now_ms() + cfg.ttl.as_millis() as u64,
+        };
+        let body: bytes::Bytes = serde_json::to_vec(&lease)
+            .map_err(|e| Error::Payload(e.to_string()))?
+            .into();
+        let entry = self
+            .kv
+            .entry(LEASE_KEY)
+            .await
+            .map_err(|e| Error::Nats(format!("reading the timer lease: {e}")))?;
+        let written = match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let held = serde_json::from_slice::<Lease>(&e.value).ok();
+                let free = held
+                    .as_ref()
+                    .is_none_or(|l| l.owner == me || l.expires_ms < now_ms());
+                if !free {
+                    return Ok(None);
+                }
+                self.kv
+                    .update(LEASE_KEY, body, e.revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Some(e) => self
+                .kv
+                .update(LEASE_KEY, body, e.revision)
+                .await
+                .map_err(|e| e.to_string()),
+            None => self
+                .kv
+                .create(LEASE_KEY, body)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        // Losing the race to another instance is not an error.
+        Ok(written.ok())
+    }
+
+    /// Fires due timers while this instance holds the lease; returns when it loses it or on
+    /// shutdown.
+    async fn fire_while_owner(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &CancellationToken,
+        me: &str,
+        mut lease_rev: u64,
+        cfg: &LeaseConfig,
+    ) -> Result<()> {
         let mut watch = self
             .kv
             .watch_with_history(">")
             .await
             .map_err(|e| Error::Nats(format!("watching {}: {e}", aob_streams::TIMERS)))?;
         let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
-        let mut timers: HashMap<String, Timer> = HashMap::new();
+        let mut timers: HashMap<String, (Timer, u64)> = HashMap::new();
+        let mut renew = tokio::time::interval(cfg.renew_every());
+        renew.tick().await;
         loop {
             let next = due.iter().next().cloned();
             let sleep = match &next {
@@ -76,45 +223,62 @@ impl Timers {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = renew.tick() => {
+                    let lease = Lease {
+                        owner: me.to_string(),
+                        expires_ms: now_ms() + cfg.ttl.as_millis() as u64,
+                    };
+                    let body = serde_json::to_vec(&lease).map_err(|e| Error::Payload(e.to_string()))?;
+                    match self.kv.update(LEASE_KEY, body.into(), lease_rev).await {
+                        Ok(rev) => lease_rev = rev,
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(()),
+                        // The server may be briefly away; the lease lasts `ttl`, and a
+                        // renewal that keeps failing past it ends in WrongLastRevision
+                        // once another instance took over.
+                        Err(e) => tracing::warn!("renewing the timer lease: {e}"),
+                    }
+                }
                 entry = watch.next() => {
                     let Some(entry) = entry else {
                         return Err(Error::Nats("timer watch ended".into()));
                     };
                     let entry = match entry {
+                        Ok(e) if e.key == LEASE_KEY => continue,
                         Ok(e) => e,
                         Err(e) => {
                             tracing::warn!("timer watch: {e}");
                             continue;
                         }
                     };
-                    if let Some(old) = timers.remove(&entry.key) {
+                    if let Some((old, _)) = timers.remove(&entry.key) {
                         due.remove(&(old.due_ms, entry.key.clone()));
                     }
                     if entry.operation == kv::Operation::Put {
                         match serde_json::from_slice::<Timer>(&entry.value) {
                             Ok(t) => {
                                 due.insert((t.due_ms, entry.key.clone()));
-                                timers.insert(entry.key, t);
+                                timers.insert(entry.key, (t, entry.revision));
                             }
                             Err(e) => {
                                 tracing::warn!(key = %entry.key, "dropping a timer that is not valid: {e}");
-                                let _ = self.kv.delete(&entry.key).await;
+                                let _ = self.kv.delete_expect_revision(&entry.key, Some(entry.revision)).await;
                             }
                         }
                     }
                 }
                 _ = tokio::time::sleep(sleep), if next.is_some() => {
                     let Some((at, key)) = next else { continue };
-                    let Some(t) = timers.get(&key).cloned() else {
+                    let Some((t, rev)) = timers.get(&key).cloned() else {
                         due.remove(&(at, key));
                         continue;
                     };
-                    match fire(&js, &t).await {
+                    match fire(js, &t).await {
                         Ok(()) => {
                             due.remove(&(at, key.clone()));
                             timers.remove(&key);
-                            if let Err(e) = self.kv.delete(&key).await {
-                                tracing::warn!(%key, "fired timer not deleted: {e}");
+                            // Only the value that fired: a timer set again meanwhile stays.
+                            if let Err(e) = self.kv.delete_expect_revision(&key, Some(rev)).await {
+                                tracing::debug!(%key, "fired timer not deleted (set again or cancelled): {e}");
                             }
                         }
                         Err(e) => {
@@ -122,7 +286,7 @@ impl Timers {
                             due.remove(&(at, key.clone()));
                             let retry = now_ms() + 1000;
                             due.insert((retry, key.clone()));
-                            if let Some(t) = timers.get_mut(&key) {
+                            if let Some((t, _)) = timers.get_mut(&key) {
                                 t.due_ms = retry;
                             }
                         }
@@ -130,6 +294,42 @@ impl Timers {
                 }
             }
         }
+    }
+}
+
+/// Key of the timer service's lease in `AOB_TIMERS`.
+pub const LEASE_KEY: &str = "lease";
+
+/// The lease that makes one timer service instance fire timers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
+    owner: String,
+    expires_ms: u64,
+}
+
+/// Settings of the timer service's lease.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal (default 6 s): after an owner dies, another
+    /// instance fires timers within this time. Renewed every third of it.
+    pub ttl: Duration,
+    /// How long the bucket may keep failing before the service gives up with an error
+    /// (default 10 minutes).
+    pub give_up_after: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: Duration::from_secs(6),
+            give_up_after: Duration::from_secs(600),
+        }
+    }
+}
+
+impl LeaseConfig {
+    fn renew_every(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(50))
     }
 }
 
