@@ -222,3 +222,90 @@ async fn a_task_out_is_not_sent_again_after_the_duplicate_window() {
     assert_eq!(state.status, RunStatus::Running);
     assert!(state.outbox.is_empty(), "{:?}", state.outbox);
 }
+
+/// One timer service fires at a time, the holder of the lease; when it dies without
+/// handing the lease over, another takes over within the lease's lifetime and fires
+/// what is due, including what came due while nobody fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_timer_service_fires_and_another_takes_over_when_it_dies() {
+    use aob_runtime::timers::{LEASE_KEY, LeaseConfig, Timer};
+    let s = Stack::bare().await.unwrap();
+    let timers = Timers::open(&s.js).await.unwrap();
+    let kv = s.js.get_key_value(aob_streams::TIMERS).await.unwrap();
+    let lease = LeaseConfig {
+        ttl: Duration::from_millis(900),
+        ..LeaseConfig::default()
+    };
+    let owner = || {
+        let kv = kv.clone();
+        async move {
+            kv.get(LEASE_KEY)
+                .await
+                .unwrap()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["owner"].as_str().map(str::to_string))
+        }
+    };
+    let serve = |token: tokio_util::sync::CancellationToken| {
+        let (timers, js, lease) = (timers.clone(), s.js.clone(), lease.clone());
+        tokio::spawn(async move { timers.serve_with(js, token, lease).await })
+    };
+    let first = serve(tokio_util::sync::CancellationToken::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        if let Some(o) = owner().await {
+            break o;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no lease taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let second = serve(tokio_util::sync::CancellationToken::new());
+    let fired = |n: usize| {
+        let s = &s;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = s
+                    .count(aob_streams::CMD, "aob.default.cmd.signal.timed")
+                    .await
+                    .unwrap();
+                if got >= n {
+                    return got;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{got} of {n} timers fired"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let timer = |i: u32| Timer {
+        due_ms: aob_runtime::now_ms(),
+        subject: "aob.default.cmd.signal.timed".into(),
+        msg_id: format!("timed-{i}"),
+        body: json!({"signal": "cancel"}),
+    };
+    timers.set("default.timed.one", &timer(1)).await.unwrap();
+    assert_eq!(fired(1).await, 1);
+    // Three renewals later the first service still holds the lease: the second waits.
+    tokio::time::sleep(lease.ttl).await;
+    assert_eq!(owner().await.as_deref(), Some(a.as_str()));
+    // The first dies without handing over; a timer comes due meanwhile.
+    first.abort();
+    let _ = first.await;
+    timers.set("default.timed.two", &timer(2)).await.unwrap();
+    assert_eq!(fired(2).await, 2);
+    let b = owner().await.unwrap();
+    assert_ne!(b, a, "the second service took the lease over");
+    // The key goes once the publish is acknowledged.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while timers.get("default.timed.two").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a fired timer was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.abort();
+}
