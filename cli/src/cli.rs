@@ -92,6 +92,41 @@ pub enum Command {
             duckdb -c \"SELECT event_kind, count(*) FROM read_parquet('.aob/audit/**/*.parquet', hive_partitioning = true) GROUP BY 1\""
     )]
     Audit(AuditCommand),
+    /// List the messages components could not use, and publish them again.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob dlq ls\n  \
+            aob dlq replay 42 43\n  \
+            aob --tenant acme dlq replay --all"
+    )]
+    Dlq(DlqCommand),
+}
+
+/// `aob dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The tenant's dead letters, oldest first, with the component, the subject and the reason.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob dlq ls\n  \
+        aob dlq ls --json | jq -r .reason")]
+    Ls {
+        /// Print each dead letter as JSON (with its `seq`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters again on the subject they came from, then remove them.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob dlq replay 42\n  \
+        aob dlq replay --all")]
+    Replay {
+        /// Sequence numbers shown by `aob dlq ls`.
+        #[arg(value_name = "SEQ")]
+        seqs: Vec<u64>,
+        /// Every dead letter of the tenant.
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+    },
 }
 
 /// `aob audit ...`.

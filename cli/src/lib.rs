@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod ctx;
 pub mod dev;
+pub mod dlq;
 pub mod input;
 pub mod progress;
 pub mod runs;
@@ -20,7 +21,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{AuditCommand, Cli, Command, RunCommand, StreamsCommand, WorkflowCommand};
+use crate::cli::{
+    AuditCommand, Cli, Command, DlqCommand, RunCommand, StreamsCommand, WorkflowCommand,
+};
 use crate::ctx::Ctx;
 
 /// Runs one parsed command line; the exit code says how it went.
@@ -62,5 +65,7 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Audit(AuditCommand::Ls { url }) => {
             audit::cmd_ls(&audit::audit_url(url.as_deref())?).await
         }
+        Command::Dlq(DlqCommand::Ls { json }) => dlq::cmd_ls(&ctx, json).await,
+        Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
     }
 }

@@ -180,6 +180,7 @@ impl HistoryFeed {
         let mut progress = Progress::new();
         // Until the first event (or the hint), wake up after QUIET_HINT to say why it is quiet.
         let mut hint_due = true;
+        let mut started = false;
         loop {
             let mut wait = timeout.map(|t| t.saturating_sub(begun.elapsed()));
             if hint_due {
@@ -208,6 +209,17 @@ impl HistoryFeed {
                 None => self.next().await?,
             };
             hint_due = false;
+            if ev.kind == HistoryKind::Rejected && started {
+                // A start that reused this run's id was refused; the run goes on. (The
+                // engine no longer publishes such rejections; older histories may hold one.)
+                eprintln!(
+                    "  note: a start reusing run id {} was rejected: {}",
+                    self.run_id,
+                    ev.message.as_deref().unwrap_or("no reason given")
+                );
+                continue;
+            }
+            started |= ev.kind == HistoryKind::Started;
             if let Some(line) = progress.line(&ev) {
                 on_line(&line);
             }

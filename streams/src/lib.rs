@@ -89,9 +89,17 @@ pub struct Topology {
     pub retention: Duration,
     /// Deduplication window of `Nats-Msg-Id`.
     pub duplicate_window: Duration,
-    /// How long a delivered message may stay unacknowledged before redelivery.
+    /// How long a delivered message may stay unacknowledged before redelivery, for the
+    /// engine and the functions (default 6 s): it bounds how long work held by a process
+    /// that died waits before another takes it. Functions send in-progress acks while a
+    /// step runs longer (every 2 s by default), so a long step is not redelivered.
     pub ack_wait: Duration,
-    /// Deliveries before a message is given up on (each is also dead-lettered by the consumer).
+    /// The audit sink's ack wait (default 30 s): it acknowledges a batch only once the
+    /// batch's Parquet objects are written, which can take longer than `ack_wait`.
+    pub audit_ack_wait: Duration,
+    /// Deliveries of a task before it is given up on (functions). The engine's consumers
+    /// and the audit sink's never give up: the engine dead-letters what it cannot use
+    /// itself, and holds what it needs however long the wait.
     pub max_deliver: i64,
     /// Node types that get a function consumer.
     pub node_types: Vec<String>,
@@ -103,7 +111,8 @@ impl Default for Topology {
             replicas: 1,
             retention: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(10 * 60),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(6),
+            audit_ack_wait: Duration::from_secs(30),
             max_deliver: 20,
             node_types: aob_model::nodes::NODE_TYPES
                 .iter()
@@ -214,11 +223,15 @@ impl Topology {
             num_replicas: self.replicas,
             ..Default::default()
         };
+        let engine = |name: String, filter: String| consumer::pull::Config {
+            max_deliver: -1,
+            ..c(name, filter, 10_000)
+        };
         let mut out = vec![
-            (CMD, c(ENGINE_CMD.into(), "aob.*.cmd.>".into(), 10_000)),
+            (CMD, engine(ENGINE_CMD.into(), "aob.*.cmd.>".into())),
             (
                 RESULTS,
-                c(ENGINE_RESULTS.into(), "aob.*.result.>".into(), 10_000),
+                engine(ENGINE_RESULTS.into(), "aob.*.result.>".into()),
             ),
         ];
         for t in &self.node_types {
@@ -233,6 +246,7 @@ impl Topology {
             AUDIT,
             consumer::pull::Config {
                 max_deliver: -1,
+                ack_wait: self.audit_ack_wait,
                 // One ack per batch: see the audit sink for why that is safe.
                 ack_policy: AckPolicy::All,
                 ..c(
@@ -508,16 +522,19 @@ mod tests {
         assert_eq!(*stream, AUDIT);
         assert_eq!(sink.filter_subject, "aob.*.audit");
         assert_eq!(sink.ack_policy, AckPolicy::All);
-        assert_eq!(sink.ack_wait, t.ack_wait);
+        assert_eq!(sink.ack_wait, t.audit_ack_wait);
         assert_eq!(sink.max_deliver, -1);
         assert!(sink.max_ack_pending >= 50_000);
-        // Other consumers keep the topology's limit.
-        assert!(
-            consumers
-                .iter()
-                .filter(|(_, c)| c.durable_name.as_deref() != Some(AUDIT_SINK))
-                .all(|(_, c)| c.max_deliver == t.max_deliver)
-        );
+        // The engine never gives up either; functions keep the topology's limit.
+        for (_, c) in &consumers {
+            let name = c.durable_name.as_deref().unwrap_or_default();
+            let want = if name.starts_with("fn-") {
+                t.max_deliver
+            } else {
+                -1
+            };
+            assert_eq!(c.max_deliver, want, "{name}");
+        }
         let bucket = t
             .buckets()
             .into_iter()

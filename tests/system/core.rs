@@ -309,3 +309,267 @@ async fn one_timer_service_fires_and_another_takes_over_when_it_dies() {
     }
     second.abort();
 }
+
+/// Runs `aob` against the stack's server; returns its exit status and standard output.
+fn aob(s: &Stack, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = std::process::Command::new(aob_tests::binary("aob")?)
+        .args(args)
+        .env("NATS_URL", s.server.url())
+        .env("AOB_PAYLOAD_URL", &s.payload_url)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// A start for a workflow not published yet is dead-lettered with its reason;
+/// `aob dlq ls` shows it, and once the workflow exists `aob dlq replay` starts the run
+/// under the id its client was told (the start's message id), and empties the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_with_their_reasons_and_replayed() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let run = "replayed-1";
+    s.publish_raw(
+        &subjects::start(T),
+        Some(run),
+        serde_json::to_vec(&json!({"workflow": "later", "input": {}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let events = s
+        .history_until(
+            T,
+            run,
+            |e| e.kind == HistoryKind::Rejected,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(events[0].message.as_deref().unwrap().contains("later"));
+    let (ok, listed) = aob(&s, &["dlq", "ls"]).unwrap();
+    assert!(ok, "{listed}");
+    assert!(listed.contains("aob.default.cmd.start"), "{listed}");
+    assert!(listed.contains("workflow `later`"), "{listed}");
+    s.publish(
+        T,
+        "name: later\nsteps:\n  - {id: a, type: transform, output: 1}\n",
+    )
+    .await
+    .unwrap();
+    let (ok, replayed) = aob(&s, &["dlq", "replay", "--all"]).unwrap();
+    assert!(ok, "{replayed}");
+    assert!(replayed.contains("1 replayed"), "{replayed}");
+    s.history_until(
+        T,
+        run,
+        |e| e.kind == HistoryKind::Completed,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let (ok, listed) = aob(&s, &["dlq", "ls"]).unwrap();
+    assert!(ok && listed.contains("no dead letters"), "{listed}");
+}
+
+/// A run store that fails every call while an outage lasts.
+struct Outage {
+    inner: aob_engine::store::NatsStore,
+    until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Calls refused during the outage.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), aob_engine::store::StoreError> {
+        let down = self
+            .until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .is_some_and(|u| tokio::time::Instant::now() < u);
+        if down {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(aob_engine::store::StoreError("the store is down".into()));
+        }
+        Ok(())
+    }
+}
+
+impl aob_engine::store::RunStore for Outage {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<(bytes::Bytes, u64)>, aob_engine::store::StoreError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+    ) -> Result<Result<u64, aob_engine::store::Conflict>, aob_engine::store::StoreError> {
+        self.check()?;
+        self.inner.create(key, value).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        revision: u64,
+    ) -> Result<Result<u64, aob_engine::store::Conflict>, aob_engine::store::StoreError> {
+        self.check()?;
+        self.inner.update(key, value, revision).await
+    }
+}
+
+/// The run store is down for two minutes while runs are under way and more are started.
+/// Nothing is dead-lettered (before, results and starts were given up on after about
+/// 100 s of failures and their runs stayed RUNNING); afterwards every run completes,
+/// each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_minute_store_outage_under_load_loses_nothing() {
+    const FIVE: &str = "name: five\nsteps:\n  - {id: s0, type: transform, output: 0}\n  - {id: s1, type: transform, needs: [s0], output: '{{ steps.s0.output + 1 }}'}\n  - {id: s2, type: transform, needs: [s1], output: '{{ steps.s1.output + 1 }}'}\n  - {id: s3, type: transform, needs: [s2], output: '{{ steps.s2.output + 1 }}'}\n  - {id: s4, type: transform, needs: [s3], output: '{{ steps.s3.output + 1 }}'}\n";
+    let mut s = Stack::bare().await.unwrap();
+    let kv = s.js.get_key_value(aob_streams::RUNS).await.unwrap();
+    let store = Outage {
+        inner: aob_engine::store::NatsStore(kv),
+        until: std::sync::Mutex::new(None),
+        refused: std::sync::atomic::AtomicU64::new(0),
+    };
+    let engine = std::sync::Arc::new(
+        aob_engine::Engine::with_store(
+            s.js.clone(),
+            store,
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    s.spawn_engine(engine.clone());
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    s.publish(T, FIVE).await.unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..20 {
+        runs.push(s.start_run(T, "five", json!({})).await.unwrap());
+    }
+    // The outage begins while those runs are under way...
+    s.history_until(
+        T,
+        &runs[0],
+        |e| e.kind == HistoryKind::StepCompleted,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let outage = Duration::from_secs(120);
+    *engine.store().until.lock().unwrap() = Some(tokio::time::Instant::now() + outage);
+    // ...and more are started during it.
+    for _ in 0..20 {
+        runs.push(s.start_run(T, "five", json!({})).await.unwrap());
+    }
+    tokio::time::sleep(outage).await;
+    for run in &runs {
+        let events = s
+            .history_until(T, run, |e| e.kind.is_terminal(), Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(
+            events.last().map(|e| e.kind),
+            Some(HistoryKind::Completed),
+            "{run}: {events:#?}"
+        );
+        let steps = events
+            .iter()
+            .filter(|e| e.kind == HistoryKind::StepCompleted)
+            .count();
+        assert_eq!(steps, 5, "{run}: each step completes once");
+        assert_eq!(
+            history_count(&s, run, HistoryKind::Completed)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    assert!(
+        engine
+            .store()
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 20,
+        "the outage was felt"
+    );
+    assert_eq!(
+        s.count(aob_streams::DLQ, "aob.*.dlq.>").await.unwrap(),
+        0,
+        "nothing was dead-lettered"
+    );
+}
+
+/// Starts that reuse a live run's id never write into it: one that fails admission is
+/// not announced on the run's history, one with another input is reported as a dead
+/// letter naming the run, and a repeat of the run's own start is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_reusing_a_live_runs_id_never_writes_into_it() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    s.publish(
+        T,
+        "name: guarded\ninput: {type: object, required: [name]}\nsteps:\n  - {id: w, type: wait, duration: 1h}\n",
+    )
+    .await
+    .unwrap();
+    let run = "live-1";
+    let start = |id: &str, input: serde_json::Value| {
+        let body = json!({"workflow": "guarded", "input": input, "run_id": run});
+        let s = &s;
+        let id = id.to_string();
+        async move {
+            s.publish_raw(&subjects::start(T), Some(&id), serde_json::to_vec(&body)?)
+                .await
+        }
+    };
+    start("first", json!({"name": "a"})).await.unwrap();
+    s.history_until(
+        T,
+        run,
+        |e| e.kind == HistoryKind::StepWaiting,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    start("bad-input", json!({})).await.unwrap();
+    start("other-input", json!({"name": "b"})).await.unwrap();
+    start("same-again", json!({"name": "a"})).await.unwrap();
+    s.drained(
+        aob_streams::CMD,
+        aob_streams::ENGINE_CMD,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        history_count(&s, run, HistoryKind::Rejected).await.unwrap(),
+        0,
+        "a rejection landed in a live run"
+    );
+    let state = s.run_state(T, run).await.unwrap().unwrap();
+    assert_eq!(state.status, RunStatus::Running);
+    assert_eq!(state.input, json!({"name": "a"}));
+    let letters = s
+        .messages(aob_streams::DLQ, "aob.default.dlq.>")
+        .await
+        .unwrap();
+    let reasons: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l["reason"].as_str())
+        .collect();
+    // Both other starts are reported, naming the run whose id they reused; the repeat
+    // of the run's own start is not.
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.contains("`live-1` is taken")),
+        "{reasons:?}"
+    );
+}

@@ -310,6 +310,31 @@ fn is_ahead(state: &RunState, at: &StepRef) -> bool {
     }
 }
 
+/// Whether `at` is the attempt the run has out now (running or waiting): a result for it
+/// would be applied. A result for any other attempt is stale or ahead.
+pub fn is_current(state: &RunState, at: &StepRef) -> bool {
+    if state.status.is_terminal() {
+        return false;
+    }
+    let Some(st) = state.steps.get(&at.step) else {
+        return false;
+    };
+    match at.item {
+        Some(i) => {
+            st.status == StepStatus::Running
+                && st.slots.get(i as usize).is_some_and(|s| {
+                    matches!(s.status, StepStatus::Running | StepStatus::Waiting)
+                        && s.attempt == at.attempt
+                })
+        }
+        None => {
+            matches!(st.status, StepStatus::Running | StepStatus::Waiting)
+                && st.attempt == at.attempt
+                && st.iteration == at.iteration
+        }
+    }
+}
+
 /// The rejection event for a start that cannot become a run.
 pub fn rejection(
     tenant: &str,
@@ -735,23 +760,7 @@ impl<'a> Machine<'a> {
 
     /// The attempt `at` is the one currently out (running or waiting).
     fn is_current(&self, at: &StepRef) -> bool {
-        let Some(st) = self.s.steps.get(&at.step) else {
-            return false;
-        };
-        match at.item {
-            Some(i) => {
-                st.status == StepStatus::Running
-                    && st.slots.get(i as usize).is_some_and(|s| {
-                        matches!(s.status, StepStatus::Running | StepStatus::Waiting)
-                            && s.attempt == at.attempt
-                    })
-            }
-            None => {
-                matches!(st.status, StepStatus::Running | StepStatus::Waiting)
-                    && st.attempt == at.attempt
-                    && st.iteration == at.iteration
-            }
-        }
+        is_current(&self.s, at)
     }
 
     fn on_result(&mut self, r: StepResult) -> bool {

@@ -72,6 +72,32 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether trying again later may succeed: trouble reaching NATS, the run store or the
+    /// payload store, or a topology an operator is still applying. A corrupt state or
+    /// definition will not get better by waiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Runtime(e) => !matches!(
+                e,
+                aob_runtime::Error::WorkflowNotFound { .. } | aob_runtime::Error::Config(_)
+            ),
+            Error::Store(_) | Error::Ahead { .. } => true,
+            Error::Corrupt { .. } => false,
+        }
+    }
+}
+
+/// The delay before a message the engine could not handle yet comes back: doubling from
+/// 200 ms to at most [`MAX_BACKOFF`].
+pub fn backoff(delivered: i64) -> Duration {
+    let exp = delivered.clamp(1, 16) as u32;
+    Duration::from_millis(100u64.saturating_mul(1 << exp)).min(MAX_BACKOFF)
+}
+
+/// Longest delay between two tries of a message the engine must not drop.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -84,6 +110,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Outputs larger than this are kept in run state by reference (default 16 KiB).
     pub state_inline_limit: usize,
+    /// How long a result may wait for its run to reach its attempt, while the run store
+    /// answers, before it is dead-lettered (default 1 hour). An outage of the store does not
+    /// count: a result is held for as long as the store cannot be read.
+    pub hold_limit: Duration,
 }
 
 impl Default for Config {
@@ -92,6 +122,7 @@ impl Default for Config {
             workers: 64,
             max_message_bytes: 768 * 1024,
             state_inline_limit: 16 * 1024,
+            hold_limit: Duration::from_secs(3600),
         }
     }
 }
@@ -113,6 +144,8 @@ pub struct Metrics {
     pub handoffs: AtomicU64,
     /// Results held (redelivered later) because the stored run had not started their attempt.
     pub held: AtomicU64,
+    /// Messages that could not be handled for a transient reason and were retried later.
+    pub retried: AtomicU64,
     /// Stored outboxes found older than the duplicate window and not published again.
     pub outbox_skipped: AtomicU64,
 }
@@ -401,27 +434,50 @@ impl<S: RunStore> Engine<S> {
                 let _ = msg.ack().await;
             }
             Err(e) => {
-                let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-                if matches!(e, Error::Ahead { .. }) {
-                    self.metrics.held.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%subject, delivered, "held: {e}");
-                } else {
-                    tracing::warn!(%subject, delivered, "engine could not process a message: {e}");
-                }
-                if delivered >= 20 {
-                    self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    bus::dead_letter(
-                        &self.js,
-                        "engine",
-                        &subject,
-                        &msg.payload,
-                        &format!("gave up after {delivered} deliveries: {e}"),
-                    )
-                    .await;
-                    let _ = msg.ack_with(AckKind::Term).await;
-                } else {
-                    let delay = Duration::from_millis(100 * (1 << delivered.min(6)) as u64);
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                let info = msg.info().ok();
+                let delivered = info.as_ref().map_or(1, |i| i.delivered);
+                let age = info.as_ref().map_or(Duration::ZERO, |i| {
+                    let published = i.published.unix_timestamp_nanos() / 1_000_000;
+                    Duration::from_millis((now_ms() as i128 - published).max(0) as u64)
+                });
+                let give_up = match &e {
+                    // The store answered, and after this long the run still has not
+                    // started the attempt: it never will (a result from elsewhere).
+                    Error::Ahead { .. } if age >= self.cfg.hold_limit => Some(format!(
+                        "held {}s and the run never reached this attempt: {e}",
+                        age.as_secs()
+                    )),
+                    Error::Ahead { .. } => {
+                        self.metrics.held.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%subject, delivered, "held: {e}");
+                        None
+                    }
+                    e if e.is_transient() => {
+                        // A slow or absent store or server: never a reason to drop what
+                        // the engine needs. Retried with backoff, however long it takes.
+                        self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%subject, delivered, "engine will retry a message: {e}");
+                        None
+                    }
+                    e => Some(e.to_string()),
+                };
+                match give_up {
+                    Some(reason) => {
+                        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        bus::dead_letter_with_id(
+                            &self.js,
+                            "engine",
+                            &subject,
+                            &msg.payload,
+                            &reason,
+                            msg_id(&msg).as_deref(),
+                        )
+                        .await;
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                    None => {
+                        let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+                    }
                 }
             }
         }
@@ -430,7 +486,15 @@ impl<S: RunStore> Engine<S> {
     /// Records why a message was refused: a rejection event for starts, a dead letter always.
     async fn refuse(&self, msg: &Message, subject: &str, reason: &str) {
         self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-        bus::dead_letter(&self.js, "engine", subject, &msg.payload, reason).await;
+        bus::dead_letter_with_id(
+            &self.js,
+            "engine",
+            subject,
+            &msg.payload,
+            reason,
+            msg_id(msg).as_deref(),
+        )
+        .await;
         if subject.ends_with(".cmd.start")
             && let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t))
         {
@@ -1078,6 +1142,14 @@ fn start_run_id(msg: &Message) -> String {
         Ok(RunIdOnly { run_id: Some(r) }) => r,
         _ => derived_run_id(msg),
     }
+}
+
+/// The message's `Nats-Msg-Id`.
+fn msg_id(msg: &Message) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_string())
 }
 
 /// A run id from the message itself, the same on every redelivery: the `Nats-Msg-Id`

@@ -322,6 +322,24 @@ pub struct DeadLetter {
     pub len: usize,
     /// When (ms since the Unix epoch).
     pub ts_ms: u64,
+    /// The whole body, when it is UTF-8 text of at most [`DeadLetter::KEPT_BYTES`]: what
+    /// `aob dlq replay` publishes again. Absent for binary or larger bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+    /// The message's `Nats-Msg-Id`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+}
+
+impl DeadLetter {
+    /// Largest body kept whole for a replay (512 KiB, so a dead letter stays under the
+    /// server's 1 MiB message limit).
+    pub const KEPT_BYTES: usize = 512 * 1024;
+
+    /// The body to publish again, if it was kept.
+    pub fn replayable(&self) -> Option<&str> {
+        self.original.as_deref()
+    }
 }
 
 #[cfg(test)]

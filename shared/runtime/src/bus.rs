@@ -64,6 +64,19 @@ pub async fn dead_letter(
     body: &[u8],
     reason: &str,
 ) {
+    dead_letter_with_id(js, component, subject, body, reason, None).await;
+}
+
+/// Like [`dead_letter`], keeping the message's own `Nats-Msg-Id` (a start without a
+/// `run_id` is named by it, and `aob dlq replay` keeps that name).
+pub async fn dead_letter_with_id(
+    js: &jetstream::Context,
+    component: &str,
+    subject: &str,
+    body: &[u8],
+    reason: &str,
+    msg_id: Option<&str>,
+) {
     let tenant = aob_streams::subjects::tenant_of(subject)
         .filter(|t| aob_streams::subjects::is_token(t))
         .unwrap_or("unknown");
@@ -75,6 +88,10 @@ pub async fn dead_letter(
         body: text,
         len: body.len(),
         ts_ms: now_ms(),
+        original: (body.len() <= DeadLetter::KEPT_BYTES)
+            .then(|| std::str::from_utf8(body).ok().map(str::to_string))
+            .flatten(),
+        msg_id: msg_id.map(str::to_string),
     };
     tracing::warn!(component, subject, reason, "dead-lettered a message");
     let Ok(bytes) = serde_json::to_vec(&letter) else {

@@ -25,7 +25,7 @@ use crate::{Error, Handler, PayloadStore, Result, bus, execute_audited};
 pub struct ServeConfig {
     /// Most tasks handled at once (`AOB_CONCURRENCY`, default 64).
     pub concurrency: usize,
-    /// Interval of in-progress acks while a task runs (default 10 s; below the consumer's ack wait).
+    /// Interval of in-progress acks while a task runs (default 2 s; below the consumer's ack wait of 6 s).
     pub heartbeat: Duration,
     /// Largest task body accepted, in bytes (default 768 KiB); larger ones are dead-lettered.
     pub max_message_bytes: usize,
@@ -46,7 +46,7 @@ impl Default for ServeConfig {
             .unwrap_or(5000);
         ServeConfig {
             concurrency,
-            heartbeat: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(2),
             max_message_bytes: 768 * 1024,
             handoff: (handoff_ms > 0).then(|| Duration::from_millis(handoff_ms)),
         }

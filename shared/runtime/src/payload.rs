@@ -1,10 +1,12 @@
 //! Large payloads go to object storage and travel by reference.
 //!
 //! A value whose JSON is larger than the threshold is written to
-//! `<prefix>/payloads/<tenant>/<run>/<key>.json` and replaced by
+//! `<prefix>/payloads/<tenant>/<run>/<key>.<digest>.json` and replaced by
 //! `{"$aob_ref": "<path>", "size": <bytes>}`. [`PayloadStore::hydrate`] puts the values back
-//! wherever such references appear, so handlers only ever see values. Object names are
-//! deterministic, so a retried write overwrites instead of adding.
+//! wherever such references appear, so handlers only ever see values. Object names carry
+//! the first 128 bits of the value's SHA-256 and are written create-only: a retried write
+//! of the same value adds nothing, and a different value under the same key gets another
+//! name, so an accepted payload never changes.
 
 use std::sync::Arc;
 
@@ -86,13 +88,25 @@ impl PayloadStore {
         if bytes.len() <= threshold {
             return Ok(value);
         }
-        let rel = format!("payloads/{key}.json");
+        // Named by its content and written create-only: once a reference is handed out,
+        // what it points to never changes, whoever writes under the same key later.
+        let digest = aob_model::audit::sha256_hex(&bytes);
+        let rel = format!("payloads/{key}.{}.json", &digest[..32]);
         let path = self.path(&rel);
         let size = bytes.len();
-        self.store
-            .put(&path, PutPayload::from(bytes))
+        let create = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), create)
             .await
-            .map_err(|e| Error::Payload(format!("writing {path}: {e}")))?;
+        {
+            // The same content was written before: the same reference.
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(Error::Payload(format!("writing {path}: {e}"))),
+        }
         Ok(json!({ REF_KEY: rel, "size": size }))
     }
 
@@ -192,11 +206,28 @@ mod tests {
         );
         let big = json!({"blob": "x".repeat(5000)});
         let r = store.offload(big.clone(), "t/r/big").await.unwrap();
-        assert_eq!(reference(&r).as_deref(), Some("payloads/t/r/big.json"));
-        assert!(dir.join("payloads/t/r/big.json").is_file());
+        let path = reference(&r).unwrap();
+        assert!(path.starts_with("payloads/t/r/big."), "{path}");
+        assert!(dir.join(&path).is_file());
         let nested = json!({"steps": {"a": {"output": r}}, "n": [1, 2]});
         let back = store.hydrate(nested).await.unwrap();
         assert_eq!(back["steps"]["a"]["output"], big);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// An accepted payload never changes: another value under the same key gets another
+    /// name, and writing the same value again gives the same reference.
+    #[tokio::test]
+    async fn offloaded_payloads_are_immutable() {
+        let dir = tempfile_dir();
+        let store = PayloadStore::from_url(&format!("file://{}", dir.display()), 0).unwrap();
+        let first = store.offload(json!({"v": 1}), "t/r/out").await.unwrap();
+        let again = store.offload(json!({"v": 1}), "t/r/out").await.unwrap();
+        let other = store.offload(json!({"v": 2}), "t/r/out").await.unwrap();
+        assert_eq!(first, again);
+        assert_ne!(reference(&first), reference(&other));
+        assert_eq!(store.hydrate(first).await.unwrap(), json!({"v": 1}));
+        assert_eq!(store.hydrate(other).await.unwrap(), json!({"v": 2}));
         std::fs::remove_dir_all(dir).ok();
     }
 
