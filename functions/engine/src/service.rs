@@ -364,7 +364,7 @@ impl<S: RunStore> Engine<S> {
         let Ok(r) = self.parse_result(subject, payload) else {
             return;
         };
-        match self.process(Parsed::Result(r)).await {
+        match self.process(Parsed::Result(r), None).await {
             Ok(true) => {
                 self.metrics.early.fetch_add(1, Ordering::Relaxed);
             }
@@ -395,7 +395,7 @@ impl<S: RunStore> Engine<S> {
                 settled: false,
                 reason: Some(reason),
             },
-            Ok(r) => match self.process(Parsed::Result(r)).await {
+            Ok(r) => match self.process(Parsed::Result(r), None).await {
                 Ok(applied) => {
                     if applied {
                         self.metrics.handoffs.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +429,7 @@ impl<S: RunStore> Engine<S> {
                 return;
             }
         };
-        match self.process(parsed).await {
+        match self.process(parsed, Some(&msg)).await {
             Ok(_) => {
                 let _ = msg.ack().await;
             }
@@ -504,11 +504,19 @@ impl<S: RunStore> Engine<S> {
             let run_id = field("run_id")
                 .filter(|r| subjects::is_token(r))
                 .map_or_else(|| derived_run_id(msg), str::to_string);
-            self.reject(tenant, &run_id, field("workflow"), reason, None)
-                .await;
+            if let Err(e) = self
+                .reject(tenant, &run_id, field("workflow"), reason, None)
+                .await
+            {
+                // Whether the run exists is unknown: write nothing into it.
+                tracing::warn!(%subject, "refused start not announced on its run: {e}");
+            }
         }
     }
 
+    /// Publishes a start's rejection on its run's history subject and in the audit, unless
+    /// a run with that id exists: a rejection never lands in a run. Errors only when the
+    /// store cannot say whether the run exists.
     async fn reject(
         &self,
         tenant: &str,
@@ -516,8 +524,17 @@ impl<S: RunStore> Engine<S> {
         workflow: Option<&str>,
         reason: &str,
         details: Option<Value>,
-    ) {
+    ) -> Result<()> {
         self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        if self
+            .store
+            .get(&RunState::key(tenant, run_id))
+            .await?
+            .is_some()
+        {
+            tracing::warn!(%tenant, %run_id, "a start reusing the id of an existing run was refused: {reason}");
+            return Ok(());
+        }
         let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
         if let Ok(body) = serde_json::to_vec(&ev) {
             let subject = subjects::history(tenant, run_id, ev.kind.token());
@@ -541,6 +558,7 @@ impl<S: RunStore> Engine<S> {
         if let Err(e) = audited {
             tracing::error!("could not audit a rejection: {e}");
         }
+        Ok(())
     }
 
     fn parse(&self, msg: &Message) -> std::result::Result<Parsed, String> {
@@ -618,64 +636,15 @@ impl<S: RunStore> Engine<S> {
         Ok(r)
     }
 
-    async fn process(&self, parsed: Parsed) -> Result<bool> {
+    /// Applies a parsed message; true when it changed a run. `msg` is the stored message
+    /// it came from, if any: a start refused by admission is dead-lettered with it.
+    async fn process(&self, parsed: Parsed, msg: Option<&Message>) -> Result<bool> {
         match parsed {
             Parsed::Start {
                 tenant,
                 run_id,
                 cmd,
-            } => {
-                let (wf, version) = match self
-                    .registry
-                    .get(&tenant, &cmd.workflow, cmd.version)
-                    .await
-                {
-                    Ok(x) => x,
-                    Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
-                        self.reject(&tenant, &run_id, Some(&cmd.workflow), &e.to_string(), None)
-                            .await;
-                        return Ok(false);
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let def = self.compiled(&tenant, wf, version)?;
-                if let Some(schema) = &def.wf.input {
-                    let input = self.payloads.hydrate(cmd.input.clone()).await?;
-                    let problems = input_problems(schema, &input);
-                    if !problems.is_empty() {
-                        let reason = format!(
-                            "input does not match the input schema of `{}` v{version}: {}",
-                            def.wf.name,
-                            problems.join("; ")
-                        );
-                        self.reject(
-                            &tenant,
-                            &run_id,
-                            Some(&cmd.workflow),
-                            &reason,
-                            Some(json!({"errors": problems})),
-                        )
-                        .await;
-                        return Ok(false);
-                    }
-                }
-                let mut cmd = cmd;
-                cmd.input = self
-                    .payloads
-                    .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
-                    .await?;
-                self.apply(
-                    &tenant,
-                    &run_id,
-                    Some(def),
-                    Event::Start {
-                        tenant: tenant.clone(),
-                        run_id: run_id.clone(),
-                        cmd,
-                    },
-                )
-                .await
-            }
+            } => self.start(&tenant, &run_id, cmd, msg).await,
             Parsed::Signal {
                 tenant,
                 run_id,
@@ -684,19 +653,125 @@ impl<S: RunStore> Engine<S> {
                 self.apply(&tenant, &run_id, None, Event::Signal(signal))
                     .await
             }
-            Parsed::Result(mut r) => {
-                if let Outcome::Completed { output } = &mut r.outcome
-                    && serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0)
-                        > self.cfg.state_inline_limit
-                {
-                    let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
-                    let inline = std::mem::take(output);
-                    *output = self.offload_always(inline, &key).await?;
-                }
+            Parsed::Result(r) => {
                 let (tenant, run_id) = (r.tenant.clone(), r.run_id.clone());
                 self.apply(&tenant, &run_id, None, Event::Result(r)).await
             }
         }
+    }
+
+    /// Admits a start: a run id that is taken is never written to (a repeat of the start
+    /// that made the run is dropped, any other start reported); a start that fails
+    /// admission is rejected on its run's history subject and dead-lettered.
+    async fn start(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        cmd: StartCommand,
+        msg: Option<&Message>,
+    ) -> Result<bool> {
+        let key = RunState::key(tenant, run_id);
+        if let Some((bytes, _)) = self.store.get(&key).await? {
+            let run: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                what: format!("run state {key}"),
+                message: e.to_string(),
+            })?;
+            if run.workflow == cmd.workflow
+                && cmd.version.is_none_or(|v| v == run.version)
+                && self.payloads.hydrate(run.input.clone()).await?
+                    == self.payloads.hydrate(cmd.input.clone()).await?
+            {
+                // The same start again (outside the duplicate window): nothing to do.
+                return Ok(false);
+            }
+            let reason = format!(
+                "run id `{run_id}` is taken by a run of `{}` v{} with another input; this start of `{}` was not applied (use another run id)",
+                run.workflow, run.version, cmd.workflow
+            );
+            self.dead_letter_start(msg, &reason).await;
+            return Ok(false);
+        }
+        let (wf, version) = match self.registry.get(tenant, &cmd.workflow, cmd.version).await {
+            Ok(x) => x,
+            Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
+                let reason = e.to_string();
+                self.reject(tenant, run_id, Some(&cmd.workflow), &reason, None)
+                    .await?;
+                self.dead_letter_start(msg, &reason).await;
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let def = self.compiled(tenant, wf, version)?;
+        if let Some(schema) = &def.wf.input {
+            let input = self.payloads.hydrate(cmd.input.clone()).await?;
+            let problems = input_problems(schema, &input);
+            if !problems.is_empty() {
+                let reason = format!(
+                    "input does not match the input schema of `{}` v{version}: {}",
+                    def.wf.name,
+                    problems.join("; ")
+                );
+                self.reject(
+                    tenant,
+                    run_id,
+                    Some(&cmd.workflow),
+                    &reason,
+                    Some(json!({"errors": problems})),
+                )
+                .await?;
+                self.dead_letter_start(msg, &reason).await;
+                return Ok(false);
+            }
+        }
+        let mut cmd = cmd;
+        cmd.input = self
+            .payloads
+            .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
+            .await?;
+        self.apply(
+            tenant,
+            run_id,
+            Some(def),
+            Event::Start {
+                tenant: tenant.to_string(),
+                run_id: run_id.to_string(),
+                cmd,
+            },
+        )
+        .await
+    }
+
+    /// Dead-letters a start the engine will not apply, so `aob dlq ls` shows it and
+    /// `aob dlq replay` can publish it again once its cause is fixed.
+    async fn dead_letter_start(&self, msg: Option<&Message>, reason: &str) {
+        let Some(msg) = msg else { return };
+        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+        bus::dead_letter_with_id(
+            &self.js,
+            "engine",
+            &msg.subject,
+            &msg.payload,
+            reason,
+            msg_id(msg).as_deref(),
+        )
+        .await;
+    }
+
+    /// Offloads a result's output too large to keep in run state. Called only for a result
+    /// the run will accept, so a stale or duplicate result writes nothing.
+    async fn offload_output(&self, event: &mut Event) -> Result<()> {
+        if let Event::Result(r) = event
+            && let Outcome::Completed { output } = &mut r.outcome
+            && aob_runtime::payload::reference(output).is_none()
+            && serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0)
+                > self.cfg.state_inline_limit
+        {
+            let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
+            let inline = std::mem::take(output);
+            *output = self.offload_always(inline, &key).await?;
+        }
+        Ok(())
     }
 
     async fn offload_always(&self, value: Value, key: &str) -> Result<Value> {
@@ -767,7 +842,7 @@ impl<S: RunStore> Engine<S> {
         tenant: &str,
         run_id: &str,
         def: Option<Arc<Compiled>>,
-        event: Event,
+        mut event: Event,
     ) -> Result<bool> {
         let key = RunState::key(tenant, run_id);
         loop {
@@ -796,6 +871,11 @@ impl<S: RunStore> Engine<S> {
                 }
             };
             if let Some(s) = &state {
+                if let Event::Result(r) = &event
+                    && machine::is_current(s, &r.at)
+                {
+                    self.offload_output(&mut event).await?;
+                }
                 self.resolve_for_conditions(&def, s, &event).await;
             }
             let lookup = |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
