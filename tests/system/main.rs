@@ -4,4 +4,5 @@
 mod audit;
 mod flow;
 mod robustness;
+mod secrets;
 mod topology;
