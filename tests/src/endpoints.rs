@@ -63,10 +63,7 @@ impl Counters {
 
     /// The idempotency keys `/hold` saw, in arrival order.
     pub fn hold_keys(&self) -> Vec<String> {
-        self.hold_keys
-            .lock()
-            .map(|k| k.clone())
-            .unwrap_or_default()
+        self.hold_keys.lock().map(|k| k.clone()).unwrap_or_default()
     }
 
     /// Requests seen on a path.

@@ -281,7 +281,11 @@ async fn a_function_killed_mid_step_loses_nothing_and_applies_once() {
     second.kill().unwrap();
     let _ = second.wait();
     assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
-    assert_eq!(counters.hits("/hold:no-key"), 0, "every request carried a key");
+    assert_eq!(
+        counters.hits("/hold:no-key"),
+        0,
+        "every request carried a key"
+    );
     assert_eq!(counters.hits("/hold"), 2, "delivered twice");
     // Both deliveries of the first attempt carry that attempt's key, so the endpoint can
     // recognise the second as a repeat.

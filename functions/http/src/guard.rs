@@ -69,7 +69,9 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -438,7 +440,10 @@ mod tests {
             "10.0.0.0/8,evil.example",
         )
         .unwrap();
-        assert!(p.check_addr("169.254.169.254", ip("169.254.169.254")).is_ok());
+        assert!(
+            p.check_addr("169.254.169.254", ip("169.254.169.254"))
+                .is_ok()
+        );
         assert!(p.check_addr("metadata.internal", ip("169.254.1.1")).is_ok());
         assert!(p.check_addr("x", ip("169.254.1.1")).is_err());
         let d = p.check_addr("db.local", ip("10.2.3.4")).unwrap_err();
@@ -447,9 +452,20 @@ mod tests {
             .check_url(&Url::parse("http://Evil.Example./x").unwrap())
             .unwrap_err();
         assert_eq!(d.addr, None);
-        assert!(p.check_url(&Url::parse("http://ok.example/").unwrap()).is_ok());
-        assert!(Policy::parse("10.0.0.0/99", "").unwrap_err().contains(ALLOW_VAR));
-        assert!(Policy::parse("", "bad host!").unwrap_err().contains(DENY_VAR));
+        assert!(
+            p.check_url(&Url::parse("http://ok.example/").unwrap())
+                .is_ok()
+        );
+        assert!(
+            Policy::parse("10.0.0.0/99", "")
+                .unwrap_err()
+                .contains(ALLOW_VAR)
+        );
+        assert!(
+            Policy::parse("", "bad host!")
+                .unwrap_err()
+                .contains(DENY_VAR)
+        );
         assert_eq!(Policy::parse(" , ", "").unwrap(), Policy::default());
     }
 
@@ -463,9 +479,18 @@ mod tests {
             d.to_string(),
             "address 169.254.169.254 is denied to http steps (cloud metadata address); to allow it, add `169.254.169.254` to AOB_HTTP_ALLOW"
         );
-        assert!(p.check_url(&Url::parse("http://[fe80::1]/").unwrap()).is_err());
-        assert!(p.check_url(&Url::parse("http://0.0.0.0:8080/").unwrap()).is_err());
-        assert!(p.check_url(&Url::parse("http://127.0.0.1:8080/").unwrap()).is_ok());
+        assert!(
+            p.check_url(&Url::parse("http://[fe80::1]/").unwrap())
+                .is_err()
+        );
+        assert!(
+            p.check_url(&Url::parse("http://0.0.0.0:8080/").unwrap())
+                .is_err()
+        );
+        assert!(
+            p.check_url(&Url::parse("http://127.0.0.1:8080/").unwrap())
+                .is_ok()
+        );
     }
 
     #[test]

@@ -429,8 +429,11 @@ mod tests {
     const TOKEN: &str = "s3cr3t-t0k3n";
 
     fn handler() -> HttpHandler {
-        HttpHandler::with(Policy::default(), Secrets::from_values([("API_TOKEN", TOKEN)]))
-            .unwrap()
+        HttpHandler::with(
+            Policy::default(),
+            Secrets::from_values([("API_TOKEN", TOKEN)]),
+        )
+        .unwrap()
     }
 
     async fn run_on(handler: &HttpHandler, task: Task) -> Result<Value, StepError> {
@@ -447,8 +450,7 @@ mod tests {
         fn lookup(
             &self,
             host: &str,
-        ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>
-        {
+        ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>> {
             let found: Vec<IpAddr> = self
                 .0
                 .iter()
@@ -466,7 +468,12 @@ mod tests {
     }
 
     fn with_names(policy: Policy, names: Vec<(&'static str, &str)>) -> HttpHandler {
-        let table = Table(names.into_iter().map(|(n, a)| (n, a.parse().unwrap())).collect());
+        let table = Table(
+            names
+                .into_iter()
+                .map(|(n, a)| (n, a.parse().unwrap()))
+                .collect(),
+        );
         HttpHandler::with_lookup(policy, Secrets::none(), Arc::new(table)).unwrap()
     }
 
@@ -824,8 +831,16 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
-        assert!(e.message.contains("field `headers.x-api-key`"), "{}", e.message);
-        assert!(e.message.contains("secret `NOT_SET` is not set"), "{}", e.message);
+        assert!(
+            e.message.contains("field `headers.x-api-key`"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("secret `NOT_SET` is not set"),
+            "{}",
+            e.message
+        );
     }
 
     #[tokio::test]
@@ -840,7 +855,12 @@ mod tests {
         );
         let e = run_on(&handler(), t).await.unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
-        assert!(e.message.contains("also appears in a value this step reads"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("also appears in a value this step reads"),
+            "{}",
+            e.message
+        );
     }
 
     #[tokio::test]
@@ -849,7 +869,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
-        assert!(e.message.contains("address 169.254.169.254"), "{}", e.message);
+        assert!(
+            e.message.contains("address 169.254.169.254"),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("AOB_HTTP_ALLOW"), "{}", e.message);
     }
 
@@ -864,20 +888,27 @@ mod tests {
                 ("fine.test", "127.0.0.1"),
             ],
         );
-        let e = run_on(&h, task(json!({"url": format!("http://rebound.test:{port}/json")})))
-            .await
-            .unwrap_err();
+        let e = run_on(
+            &h,
+            task(json!({"url": format!("http://rebound.test:{port}/json")})),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
         assert!(
-            e.message.contains("host `rebound.test` (address 169.254.10.10)"),
+            e.message
+                .contains("host `rebound.test` (address 169.254.10.10)"),
             "{}",
             e.message
         );
         assert!(e.message.contains("link-local"), "{}", e.message);
         // The same resolver lets an allowed name through.
-        let out = run_on(&h, task(json!({"url": format!("http://fine.test:{port}/json")})))
-            .await
-            .unwrap();
+        let out = run_on(
+            &h,
+            task(json!({"url": format!("http://fine.test:{port}/json")})),
+        )
+        .await
+        .unwrap();
         assert_eq!(out["status"], 200);
     }
 
@@ -888,7 +919,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
-        assert!(e.message.contains("address 169.254.169.254"), "{}", e.message);
+        assert!(
+            e.message.contains("address 169.254.169.254"),
+            "{}",
+            e.message
+        );
     }
 
     #[tokio::test]
@@ -900,15 +935,25 @@ mod tests {
         let e = run_on(&h, task(json!({"url": format!("{base}/json")})))
             .await
             .unwrap_err();
-        assert!(e.message.contains("AOB_HTTP_DENY has `127.0.0.0/8`"), "{}", e.message);
-        let e = run_on(&h, task(json!({"url": format!("http://local.test:{port}/json")})))
-            .await
-            .unwrap_err();
+        assert!(
+            e.message.contains("AOB_HTTP_DENY has `127.0.0.0/8`"),
+            "{}",
+            e.message
+        );
+        let e = run_on(
+            &h,
+            task(json!({"url": format!("http://local.test:{port}/json")})),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
         let h = with_names(Policy::parse("local.test", "127.0.0.0/8").unwrap(), names());
-        let out = run_on(&h, task(json!({"url": format!("http://local.test:{port}/json")})))
-            .await
-            .unwrap();
+        let out = run_on(
+            &h,
+            task(json!({"url": format!("http://local.test:{port}/json")})),
+        )
+        .await
+        .unwrap();
         assert_eq!(out["status"], 200);
     }
 

@@ -278,14 +278,19 @@ fn check_http_secrets(c: &HttpConfig) -> Result<(), (String, String)> {
         }
         secret_refs(value).map_err(|e| (field, e))?;
     }
-    if templated(&c.url) || !secret_refs(&c.url).map_err(|e| ("url".to_string(), e))?.is_empty()
+    if templated(&c.url)
+        || !secret_refs(&c.url)
+            .map_err(|e| ("url".to_string(), e))?
+            .is_empty()
     {
         return Err(misplaced("url"));
     }
     let mut body_err = None;
     if let Some(body) = &c.body {
         crate::expr::each_string(body, "body", &mut |path, s| {
-            if body_err.is_none() && (templated(s) || !matches!(secret_refs(s), Ok(v) if v.is_empty())) {
+            if body_err.is_none()
+                && (templated(s) || !matches!(secret_refs(s), Ok(v) if v.is_empty()))
+            {
                 body_err = Some(misplaced(path));
             }
         });
@@ -306,7 +311,11 @@ mod tests {
         assert_eq!(names, ["API_TOKEN", "other_1"]);
         assert_eq!(&s[refs[0].span.clone()], "${secrets.API_TOKEN}");
         assert_eq!(&s[refs[1].span.clone()], "${ secrets.other_1 }");
-        assert!(secret_refs("no references, {{ input.x }}").unwrap().is_empty());
+        assert!(
+            secret_refs("no references, {{ input.x }}")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

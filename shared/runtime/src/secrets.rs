@@ -307,11 +307,7 @@ fn scrub_with(value: &mut Value, secrets: &[&str]) {
         out
     };
     match value {
-        Value::String(s) => {
-            if secrets.iter().any(|x| s.contains(x)) {
-                *s = clean(s);
-            }
-        }
+        Value::String(s) if secrets.iter().any(|x| s.contains(x)) => *s = clean(s),
         Value::Array(items) => items.iter_mut().for_each(|v| scrub_with(v, secrets)),
         Value::Object(map) => {
             if map.keys().any(|k| secrets.iter().any(|x| k.contains(x))) {
@@ -351,7 +347,10 @@ mod tests {
         }});
         let out = crate::render_config("http", &cfg, &json!({"input": {"id": 7}})).unwrap();
         assert_eq!(out["url"], "http://x/7");
-        assert_eq!(out["headers"]["authorization"], "Bearer ${secrets.API_TOKEN}");
+        assert_eq!(
+            out["headers"]["authorization"],
+            "Bearer ${secrets.API_TOKEN}"
+        );
         assert_eq!(out["headers"]["x-mixed"], "7:${ secrets.API_TOKEN }");
     }
 
