@@ -24,6 +24,11 @@ pub struct Counters {
     pub max_in_flight: AtomicUsize,
     /// Idempotency keys whose effect was applied.
     pub applied: Mutex<HashSet<String>>,
+    /// The idempotency key of every `/hold` request that carried one, in arrival order
+    /// (requests without one are answered 400 and counted as hits of `/hold:no-key`).
+    pub hold_keys: Mutex<Vec<String>>,
+    /// The bearer token `/auth` expects.
+    pub token: Mutex<Option<String>>,
     /// `/hold` requests wait for a permit of this (none until the test releases them).
     pub release: Semaphore,
     /// Signalled when a `/hold` request arrives.
@@ -37,6 +42,8 @@ impl Default for Counters {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             applied: Mutex::default(),
+            hold_keys: Mutex::default(),
+            token: Mutex::default(),
             release: Semaphore::new(0),
             arrived: Notify::new(),
         }
@@ -47,6 +54,16 @@ impl Counters {
     /// Lets every held `/hold` request (and later ones) go on.
     pub fn release_all(&self) {
         self.release.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Sets the bearer token `/auth` expects.
+    pub fn expect_token(&self, token: &str) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.to_string());
+    }
+
+    /// The idempotency keys `/hold` saw, in arrival order.
+    pub fn hold_keys(&self) -> Vec<String> {
+        self.hold_keys.lock().map(|k| k.clone()).unwrap_or_default()
     }
 
     /// Requests seen on a path.
@@ -71,7 +88,11 @@ fn hit(c: &Counters, path: &str) -> usize {
 /// - `/slow/<ms>`: 200 after a delay, tracking requests in flight;
 /// - `/big/<bytes>`: 200 with a JSON body `{"data": "xxxx…"}` of about that size;
 /// - `/hold`: waits for [`Counters::release`], then applies the effect named by the
-///   `aob-idempotency-key` header once.
+///   `aob-idempotency-key` header once; a request without that header gets 400 at once;
+/// - `/auth/<pad>`: 401 unless `authorization` is `Bearer <the token set by
+///   Counters::expect_token>`; else 200 echoing the header it got in its body (with `pad`
+///   bytes of padding, to make the output large) and in `set-cookie` and `x-echo`, as careless
+///   endpoints do.
 pub async fn serve() -> (SocketAddr, Arc<Counters>) {
     let counters = Arc::new(Counters::default());
     let app = Router::new()
@@ -90,6 +111,7 @@ pub async fn serve() -> (SocketAddr, Arc<Counters>) {
         .route("/slow/{ms}", get(slow))
         .route("/big/{bytes}", get(big))
         .route("/hold", get(hold))
+        .route("/auth/{pad}", get(auth))
         .with_state(counters.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -126,16 +148,53 @@ async fn big(Path(bytes): Path<usize>) -> Response {
 }
 
 async fn hold(State(c): State<Arc<Counters>>, headers: HeaderMap) -> Response {
+    let Some(key) = headers
+        .get("aob-idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        hit(&c, "/hold:no-key");
+        c.arrived.notify_one();
+        return (StatusCode::BAD_REQUEST, "no aob-idempotency-key header").into_response();
+    };
     hit(&c, "/hold");
+    if let Ok(mut keys) = c.hold_keys.lock() {
+        keys.push(key.clone());
+    }
     c.arrived.notify_one();
     if let Ok(p) = c.release.acquire().await {
         p.forget();
     }
-    let key = headers
-        .get("aob-idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_string();
     let fresh = c.applied.lock().map(|mut s| s.insert(key)).unwrap_or(false);
     axum::Json(json!({"applied": fresh})).into_response()
+}
+
+async fn auth(
+    State(c): State<Arc<Counters>>,
+    Path(pad): Path<usize>,
+    headers: HeaderMap,
+) -> Response {
+    hit(&c, "/auth");
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let expected = c
+        .token
+        .lock()
+        .ok()
+        .and_then(|t| t.clone())
+        .map(|t| format!("Bearer {t}"));
+    if expected.as_deref() != Some(got.as_str()) {
+        return (StatusCode::UNAUTHORIZED, "wrong or missing token").into_response();
+    }
+    (
+        [
+            ("set-cookie", format!("session={got}")),
+            ("x-echo", got.clone()),
+        ],
+        axum::Json(json!({"ok": true, "echo": got, "pad": "x".repeat(pad)})),
+    )
+        .into_response()
 }

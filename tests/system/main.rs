@@ -5,4 +5,5 @@ mod audit;
 mod core;
 mod flow;
 mod robustness;
+mod secrets;
 mod topology;

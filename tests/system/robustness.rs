@@ -281,7 +281,22 @@ async fn a_function_killed_mid_step_loses_nothing_and_applies_once() {
     second.kill().unwrap();
     let _ = second.wait();
     assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    assert_eq!(
+        counters.hits("/hold:no-key"),
+        0,
+        "every request carried a key"
+    );
     assert_eq!(counters.hits("/hold"), 2, "delivered twice");
+    // Both deliveries of the first attempt carry that attempt's key, so the endpoint can
+    // recognise the second as a repeat.
+    let first_attempt = StepRef {
+        step: "call".into(),
+        item: None,
+        iteration: None,
+        attempt: 1,
+    };
+    let expected = format!("{run}.{}", first_attempt.token());
+    assert_eq!(counters.hold_keys(), [expected.clone(), expected]);
     assert_eq!(
         counters.applied.lock().unwrap().len(),
         1,

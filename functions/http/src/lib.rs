@@ -1,16 +1,23 @@
 //! `aob-http`: calls a URL and turns the response into a step output.
 //!
 //! 2xx and 3xx complete the step; 408, 429 and 5xx are retryable; other 4xx are terminal.
-//! Connection trouble and timeouts are retryable.
+//! Connection trouble and timeouts are retryable. Calls to denied addresses ([`guard`]) and
+//! missing secrets are terminal.
+
+pub mod guard;
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
-use aob_model::nodes::HttpConfig;
+use aob_model::nodes::{HttpConfig, secret_refs};
 use aob_model::wire::{Outcome, StepError, Task};
+use aob_runtime::secrets::{self, Secret, Secrets};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
+
+pub use guard::Policy;
 
 /// Largest response body read, in bytes (10 MiB).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -21,36 +28,100 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes of an error response's body kept in the error details.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
-/// The `http` function. Holds one connection-pooling client for all tasks.
+/// What can go wrong building the function.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `AOB_HTTP_ALLOW` or `AOB_HTTP_DENY` does not parse.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The `http` function. Holds one connection-pooling client for all tasks, the address
+/// policy it enforces and where its secrets come from.
 #[derive(Debug, Clone)]
 pub struct HttpHandler {
     client: reqwest::Client,
+    policy: Arc<Policy>,
+    secrets: Secrets,
 }
 
 /// Header carrying `<run_id>.<attempt token>`, the same on every delivery of one attempt.
 pub const IDEMPOTENCY_HEADER: &str = "aob-idempotency-key";
 
 impl HttpHandler {
-    /// A handler with its own client.
-    pub fn new() -> Result<Self, reqwest::Error> {
+    /// A handler configured from the environment: `AOB_HTTP_ALLOW`, `AOB_HTTP_DENY`,
+    /// `AOB_SECRETS_DIR` and `AOB_SECRET_<NAME>`.
+    pub fn new() -> Result<Self, Error> {
+        let policy = Policy::from_env().map_err(Error::Config)?;
+        HttpHandler::with(policy, Secrets::from_env())
+    }
+
+    /// A handler with the given address policy and secrets, resolving names with the system
+    /// resolver.
+    pub fn with(policy: Policy, secrets: Secrets) -> Result<Self, Error> {
+        HttpHandler::with_lookup(policy, secrets, Arc::new(guard::SystemLookup))
+    }
+
+    /// Like [`HttpHandler::with`], resolving names with `lookup`.
+    pub fn with_lookup(
+        policy: Policy,
+        secrets: Secrets,
+        lookup: Arc<dyn guard::Lookup>,
+    ) -> Result<Self, Error> {
+        let policy = Arc::new(policy);
         let client = reqwest::Client::builder()
             .user_agent(concat!("aob-http/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(guard::GuardedResolver {
+                policy: policy.clone(),
+                lookup,
+            }))
+            .redirect(guard::redirect_policy(policy.clone()))
             .build()?;
-        Ok(HttpHandler { client })
+        Ok(HttpHandler {
+            client,
+            policy,
+            secrets,
+        })
     }
 
-    /// A handler using the given client.
-    pub fn with_client(client: reqwest::Client) -> Self {
-        HttpHandler { client }
-    }
-
-    /// Makes the call one task asks for and returns the step output.
+    /// Makes the call one task asks for and returns the step output. Secret references in
+    /// header values are substituted here, and any secret value the endpoint echoes is
+    /// replaced by `***` in the output and the error.
     pub async fn call(&self, config: &HttpConfig) -> Result<Value, StepError> {
+        let mut used = Vec::new();
+        let result = self.call_with(config, &mut used).await;
+        match result {
+            Ok(mut output) => {
+                secrets::scrub(&mut output, &used);
+                Ok(output)
+            }
+            Err(mut e) => {
+                e.message = secrets::scrub_str(&e.message, &used);
+                if let Some(d) = e.details.as_mut() {
+                    secrets::scrub(d, &used);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn call_with(
+        &self,
+        config: &HttpConfig,
+        used: &mut Vec<Secret>,
+    ) -> Result<Value, StepError> {
         let method = parse_method(&config.method)?;
         let url = parse_url(&config.url)?;
         let shown = display_url(&url);
         let what = format!("{method} {shown}");
-        let headers = parse_headers(&config.headers)?;
+        self.policy
+            .check_url(&url)
+            .map_err(|d| StepError::terminal(format!("{what}: {d}")))?;
+        let headers = parse_headers(&config.headers, &self.secrets, used)?;
         let timeout = config.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
 
         let has_content_type = headers.contains_key(CONTENT_TYPE);
@@ -113,6 +184,34 @@ impl HttpHandler {
     }
 }
 
+/// Refuses header values whose secret references came from the step's inputs rather than
+/// from the workflow: a value a template copied from run input or a previous output must
+/// not be able to ask for a secret.
+fn check_injected_refs(config: &HttpConfig, context: &Value) -> Result<(), StepError> {
+    let mut in_context = std::collections::BTreeSet::new();
+    aob_model::expr::each_string(context, "", &mut |_, s| {
+        if s.contains("${") {
+            for r in secret_refs(s).unwrap_or_default() {
+                in_context.insert(r.name.to_string());
+            }
+        }
+    });
+    if in_context.is_empty() {
+        return Ok(());
+    }
+    for (name, value) in &config.headers {
+        for r in secret_refs(value).unwrap_or_default() {
+            if in_context.contains(r.name) {
+                return Err(StepError::terminal(format!(
+                    "field `headers.{name}`: the secret reference `${{secrets.{}}}` also appears in a value this step reads; references are substituted only when written in the workflow, never when they come from input or another step's output",
+                    r.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl aob_runtime::Handler for HttpHandler {
     fn node_type(&self) -> &'static str {
         "http"
@@ -124,6 +223,7 @@ impl aob_runtime::Handler for HttpHandler {
 
     async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
         let mut config: HttpConfig = aob_runtime::parse_config("http", &task.config)?;
+        check_injected_refs(&config, &task.context)?;
         // At-least-once delivery: let the endpoint recognise a repeat of the same attempt.
         if !config
             .headers
@@ -173,6 +273,8 @@ fn parse_url(url: &str) -> Result<Url, StepError> {
 
 fn parse_headers(
     headers: &std::collections::BTreeMap<String, String>,
+    secrets: &Secrets,
+    used: &mut Vec<Secret>,
 ) -> Result<HeaderMap, StepError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
@@ -183,7 +285,18 @@ fn parse_headers(
         };
         let n = HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| bad("not a valid header name"))?;
-        let v = HeaderValue::from_str(value).map_err(|_| bad("not a valid header value"))?;
+        let (text, values) = secrets.substitute(value).map_err(|e| {
+            let mut err = StepError::from(e);
+            err.message = format!("field `headers.{name}`: {}", err.message);
+            err
+        })?;
+        let has_secret = !values.is_empty();
+        used.extend(values);
+        // The message must not quote the value: it may hold a secret.
+        let mut v = HeaderValue::from_str(&text).map_err(|_| bad("not a valid header value"))?;
+        if has_secret || secrets::is_sensitive_header(name) {
+            v.set_sensitive(true);
+        }
         map.append(n, v);
     }
     Ok(map)
@@ -200,7 +313,9 @@ fn display_url(url: &Url) -> String {
 
 /// Classifies a failure to send the request or read the response.
 fn transport_error(e: &reqwest::Error, what: &str, timeout: Duration) -> StepError {
-    if e.is_timeout() {
+    if let Some(denied) = guard::find_denial(e) {
+        StepError::terminal(format!("{what}: {denied}"))
+    } else if e.is_timeout() {
         StepError::retryable(format!(
             "{what} timed out after {}",
             humantime::format_duration(timeout)
@@ -232,9 +347,17 @@ fn error_chain(e: &reqwest::Error) -> String {
     out
 }
 
+/// Response headers as JSON, names lowercase, credentials (`set-cookie`, tokens) redacted.
 fn headers_json(headers: &HeaderMap) -> Value {
     let mut out = Map::new();
     for name in headers.keys() {
+        if secrets::is_sensitive_header(name.as_str()) {
+            out.insert(
+                name.as_str().to_ascii_lowercase(),
+                Value::String(secrets::REDACTED.into()),
+            );
+            continue;
+        }
         let joined = headers
             .get_all(name)
             .iter()
@@ -292,17 +415,84 @@ mod tests {
     use axum::http::{HeaderMap as AxHeaders, StatusCode as AxStatus};
     use axum::response::{IntoResponse, Redirect};
     use axum::routing::{get, post};
+    use std::future::Future;
+    use std::net::IpAddr;
 
     fn task(config: Value) -> Task {
         aob_testkit::task("http", "call", config, json!({}))
     }
 
     async fn run(config: Value) -> Result<Value, StepError> {
-        let handler = HttpHandler::new().unwrap();
-        match handler.handle(task(config)).await? {
+        run_on(&handler(), task(config)).await
+    }
+
+    const TOKEN: &str = "s3cr3t-t0k3n";
+
+    fn handler() -> HttpHandler {
+        HttpHandler::with(
+            Policy::default(),
+            Secrets::from_values([("API_TOKEN", TOKEN)]),
+        )
+        .unwrap()
+    }
+
+    async fn run_on(handler: &HttpHandler, task: Task) -> Result<Value, StepError> {
+        match handler.handle(task).await? {
             Outcome::Completed { output } => Ok(output),
             other => panic!("unexpected outcome {other:?}"),
         }
+    }
+
+    /// Answers names from a table, as a DNS server pointed at them would.
+    struct Table(Vec<(&'static str, IpAddr)>);
+
+    impl guard::Lookup for Table {
+        fn lookup(
+            &self,
+            host: &str,
+        ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>> {
+            let found: Vec<IpAddr> = self
+                .0
+                .iter()
+                .filter(|(n, _)| *n == host)
+                .map(|(_, ip)| *ip)
+                .collect();
+            Box::pin(async move {
+                if found.is_empty() {
+                    Err(std::io::Error::other("no such name"))
+                } else {
+                    Ok(found)
+                }
+            })
+        }
+    }
+
+    fn with_names(policy: Policy, names: Vec<(&'static str, &str)>) -> HttpHandler {
+        let table = Table(
+            names
+                .into_iter()
+                .map(|(n, a)| (n, a.parse().unwrap()))
+                .collect(),
+        );
+        HttpHandler::with_lookup(policy, Secrets::none(), Arc::new(table)).unwrap()
+    }
+
+    /// Checks the credential it was sent, then echoes it back in its body and headers, as
+    /// careless endpoints do.
+    async fn auth(headers: AxHeaders) -> impl IntoResponse {
+        let got = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let ok = got == format!("Bearer {TOKEN}");
+        (
+            [
+                ("set-cookie", format!("session={TOKEN}")),
+                ("x-echo", got.clone()),
+            ],
+            axum::Json(json!({"ok": ok, "echo": got})),
+        )
     }
 
     async fn echo(headers: AxHeaders, body: Bytes) -> impl IntoResponse {
@@ -363,6 +553,11 @@ mod tests {
                 }),
             )
             .route("/moved", get(|| async { Redirect::temporary("/json") }))
+            .route(
+                "/to-metadata",
+                get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data") }),
+            )
+            .route("/auth", get(auth))
             .route("/big", get(|| async { vec![b'a'; MAX_BODY_BYTES + 1] }))
             .route("/echo", post(echo).put(echo));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -610,8 +805,160 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn secrets_are_sent_and_never_returned() {
+        let base = server().await;
+        let out = run(json!({
+            "url": format!("{base}/auth"),
+            "headers": {"authorization": "Bearer ${secrets.API_TOKEN}"}
+        }))
+        .await
+        .unwrap();
+        assert_eq!(out["body"]["ok"], true, "the endpoint got the real token");
+        assert_eq!(out["body"]["echo"], "Bearer ***");
+        assert_eq!(out["headers"]["set-cookie"], "***");
+        assert_eq!(out["headers"]["x-echo"], "Bearer ***");
+        assert!(!out.to_string().contains(TOKEN), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_is_terminal_and_named() {
+        let base = server().await;
+        let e = run(json!({
+            "url": format!("{base}/auth"),
+            "headers": {"x-api-key": "${secrets.NOT_SET}"}
+        }))
+        .await
+        .unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        assert!(
+            e.message.contains("field `headers.x-api-key`"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("secret `NOT_SET` is not set"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn references_coming_from_step_inputs_are_refused() {
+        let base = server().await;
+        // What rendering `{{ input.auth }}` with a hostile input would give.
+        let t = aob_testkit::task(
+            "http",
+            "call",
+            json!({"url": format!("{base}/auth"), "headers": {"authorization": "${secrets.API_TOKEN}"}}),
+            json!({"input": {"auth": "${secrets.API_TOKEN}"}}),
+        );
+        let e = run_on(&handler(), t).await.unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        assert!(
+            e.message
+                .contains("also appears in a value this step reads"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn metadata_addresses_are_refused() {
+        let e = run(json!({"url": "http://169.254.169.254/latest/meta-data/"}))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        assert!(
+            e.message.contains("address 169.254.169.254"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("AOB_HTTP_ALLOW"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_link_local_addresses_are_refused() {
+        let base = server().await;
+        let port = base.rsplit(':').next().unwrap().to_string();
+        let h = with_names(
+            Policy::default(),
+            vec![
+                ("rebound.test", "169.254.10.10"),
+                ("fine.test", "127.0.0.1"),
+            ],
+        );
+        let e = run_on(
+            &h,
+            task(json!({"url": format!("http://rebound.test:{port}/json")})),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        assert!(
+            e.message
+                .contains("host `rebound.test` (address 169.254.10.10)"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("link-local"), "{}", e.message);
+        // The same resolver lets an allowed name through.
+        let out = run_on(
+            &h,
+            task(json!({"url": format!("http://fine.test:{port}/json")})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["status"], 200);
+    }
+
+    #[tokio::test]
+    async fn redirects_to_denied_addresses_are_refused() {
+        let base = server().await;
+        let e = run(json!({"url": format!("{base}/to-metadata")}))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        assert!(
+            e.message.contains("address 169.254.169.254"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn configured_denials_and_allowances_apply() {
+        let base = server().await;
+        let port = base.rsplit(':').next().unwrap().to_string();
+        let names = || vec![("local.test", "127.0.0.1")];
+        let h = with_names(Policy::parse("", "127.0.0.0/8").unwrap(), names());
+        let e = run_on(&h, task(json!({"url": format!("{base}/json")})))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message.contains("AOB_HTTP_DENY has `127.0.0.0/8`"),
+            "{}",
+            e.message
+        );
+        let e = run_on(
+            &h,
+            task(json!({"url": format!("http://local.test:{port}/json")})),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e.class, ErrorClass::Terminal), "{e:?}");
+        let h = with_names(Policy::parse("local.test", "127.0.0.0/8").unwrap(), names());
+        let out = run_on(
+            &h,
+            task(json!({"url": format!("http://local.test:{port}/json")})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["status"], 200);
+    }
+
     #[test]
     fn node_type_is_http() {
-        assert_eq!(HttpHandler::new().unwrap().node_type(), "http");
+        assert_eq!(handler().node_type(), "http");
     }
 }

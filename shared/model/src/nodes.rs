@@ -144,7 +144,7 @@ pub fn check_config(kind: &str, config: &Map<String, Value>) -> Result<(), (Stri
         "http" => serde_json::from_value::<HttpConfig>(value).map(|c| {
             let m = c.method.to_ascii_uppercase();
             if ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"].contains(&m.as_str()) {
-                Ok(())
+                check_http_secrets(&c)
             } else {
                 Err((
                     "method".to_string(),
@@ -191,4 +191,171 @@ fn field_of_serde_error(msg: &str) -> String {
         }
     }
     String::new()
+}
+
+/// A reference to a secret inside a string: `${secrets.NAME}` (spaces inside the braces
+/// allowed). Single braces are plain text to MiniJinja, so a reference survives rendering
+/// and reaches the function, which substitutes the value just before it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef<'a> {
+    /// Byte range of the whole reference in the string.
+    pub span: std::ops::Range<usize>,
+    /// The secret's name.
+    pub name: &'a str,
+}
+
+/// The secret references in `s`, in order; an error describes a malformed one. A `${...}`
+/// that does not start with `secrets.` is plain text.
+pub fn secret_refs(s: &str) -> Result<Vec<SecretRef<'_>>, String> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(at) = s[from..].find("${") {
+        let start = from + at;
+        let body_start = start + 2;
+        let rest = &s[body_start..];
+        let Some(close) = rest.find('}') else {
+            if rest.trim_start().starts_with("secrets") {
+                return Err(format!(
+                    "secret reference `{}` has no closing `}}`; write `${{secrets.NAME}}`",
+                    &s[start..]
+                ));
+            }
+            break;
+        };
+        let inner = rest[..close].trim();
+        let end = body_start + close + 1;
+        if let Some(name) = inner.strip_prefix("secrets.") {
+            if !is_secret_name(name) {
+                return Err(format!(
+                    "secret reference `{}`: `{name}` is not a secret name (letters, digits and _, not starting with a digit)",
+                    &s[start..end]
+                ));
+            }
+            out.push(SecretRef {
+                span: start..end,
+                name,
+            });
+        } else if inner == "secrets" || inner.starts_with("secrets") {
+            return Err(format!(
+                "secret reference `{}` names no secret; write `${{secrets.NAME}}`",
+                &s[start..end]
+            ));
+        }
+        from = end;
+    }
+    Ok(out)
+}
+
+/// Secret names are identifiers, so the same name works as a file name and in an
+/// environment variable (`AOB_SECRET_<NAME>`).
+pub fn is_secret_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks the secret references of an `http` step: well formed, and only in header values
+/// (a secret in a URL or body would end up in messages, logs and echoing endpoints).
+fn check_http_secrets(c: &HttpConfig) -> Result<(), (String, String)> {
+    let misplaced = |field: &str| {
+        (
+            field.to_string(),
+            "secret references (`${secrets.NAME}`) are substituted only in `headers` values"
+                .to_string(),
+        )
+    };
+    let templated = |s: &str| {
+        let squeezed: String = s.split_whitespace().collect();
+        squeezed.contains("{{secrets.")
+    };
+    for (name, value) in &c.headers {
+        let field = format!("headers.{name}");
+        if templated(value) {
+            return Err((
+                field,
+                "`{{ secrets.NAME }}` is a template and would be rendered into run state; write `${secrets.NAME}`".to_string(),
+            ));
+        }
+        secret_refs(value).map_err(|e| (field, e))?;
+    }
+    if templated(&c.url)
+        || !secret_refs(&c.url)
+            .map_err(|e| ("url".to_string(), e))?
+            .is_empty()
+    {
+        return Err(misplaced("url"));
+    }
+    let mut body_err = None;
+    if let Some(body) = &c.body {
+        crate::expr::each_string(body, "body", &mut |path, s| {
+            if body_err.is_none()
+                && (templated(s) || !matches!(secret_refs(s), Ok(v) if v.is_empty()))
+            {
+                body_err = Some(misplaced(path));
+            }
+        });
+    }
+    body_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn secret_references_are_found_with_their_spans() {
+        let s = "Bearer ${secrets.API_TOKEN} and ${ secrets.other_1 } but not ${HOME}";
+        let refs = secret_refs(s).unwrap();
+        let names: Vec<_> = refs.iter().map(|r| r.name).collect();
+        assert_eq!(names, ["API_TOKEN", "other_1"]);
+        assert_eq!(&s[refs[0].span.clone()], "${secrets.API_TOKEN}");
+        assert_eq!(&s[refs[1].span.clone()], "${ secrets.other_1 }");
+        assert!(
+            secret_refs("no references, {{ input.x }}")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn malformed_secret_references_are_errors() {
+        for bad in [
+            "${secrets.API-TOKEN}",
+            "${secrets.}",
+            "${secrets}",
+            "Bearer ${secrets.TOKEN",
+            "${secrets.9lives}",
+        ] {
+            assert!(secret_refs(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn http(config: Value) -> Result<(), (String, String)> {
+        let Value::Object(map) = config else {
+            panic!("not an object")
+        };
+        check_config("http", &map)
+    }
+
+    #[test]
+    fn http_steps_take_secrets_only_in_headers() {
+        http(json!({"url": "http://x", "headers": {"authorization": "Bearer ${secrets.T}"}}))
+            .unwrap();
+        let (field, msg) =
+            http(json!({"url": "http://x", "headers": {"authorization": "Bearer ${secrets.T-1}"}}))
+                .unwrap_err();
+        assert_eq!(field, "headers.authorization");
+        assert!(msg.contains("`T-1` is not a secret name"), "{msg}");
+        let (field, msg) =
+            http(json!({"url": "http://x", "headers": {"x-key": "${{ secrets.T }}"}})).unwrap_err();
+        assert_eq!(field, "headers.x-key");
+        assert!(msg.contains("write `${secrets.NAME}`"), "{msg}");
+        let (field, _) = http(json!({"url": "http://x/?k=${secrets.T}"})).unwrap_err();
+        assert_eq!(field, "url");
+        let (field, msg) =
+            http(json!({"url": "http://x", "body": {"auth": {"pw": "${secrets.T}"}}})).unwrap_err();
+        assert_eq!(field, "body.auth.pw");
+        assert!(msg.contains("only in `headers`"), "{msg}");
+    }
 }

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod nats;
 pub mod payload;
 pub mod registry;
+pub mod secrets;
 pub mod timers;
 
 use std::future::Future;
@@ -212,7 +213,8 @@ pub async fn execute_audited<H: Handler>(
     record.finished_at_us = finished_us;
     record.duration_us = Some(finished_us - started_us);
     if let Some(input) = &rendered {
-        record = record.with_input(input);
+        // Credentials written into headers must not reach the audit trail.
+        record = record.with_input(&secrets::redact_config(input));
     }
     record = match &outcome {
         Outcome::Completed { output } => {
