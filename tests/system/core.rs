@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aob_model::audit::{AuditKind, DecisionRecord};
 use aob_model::state::RunStatus;
-use aob_model::wire::{HistoryKind, Signal, StepRef, TimerKind};
+use aob_model::wire::{HistoryKind, Outcome, Signal, StepRef, StepResult, Task, TimerKind};
 use aob_runtime::timers::Timers;
 use aob_streams::{Topology, subjects};
 use aob_tests::{Fns, Stack, test_topology};
@@ -572,4 +572,91 @@ async fn a_start_reusing_a_live_runs_id_never_writes_into_it() {
         reasons.iter().all(|r| r.contains("`live-1` is taken")),
         "{reasons:?}"
     );
+}
+
+/// Takes one task from a function's consumer, as that function would, and acks it.
+async fn take_task(s: &Stack, node_type: &str, within: Duration) -> anyhow::Result<Option<Task>> {
+    let tasks = aob_runtime::nats::bind(
+        &s.js,
+        aob_streams::TASKS,
+        &aob_streams::function_consumer(node_type),
+    )
+    .await?;
+    let mut batch = tasks
+        .fetch()
+        .max_messages(1)
+        .expires(within)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match batch.next().await {
+        Some(m) => {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(Some(serde_json::from_slice(&m.payload)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A condition reads an output passed by reference whose object cannot be loaded yet:
+/// the result is retried until it can, and the run then takes the branch the value says.
+/// Before, the condition saw the reference instead of the value and took the wrong branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_cannot_be_loaded_yet_never_picks_a_branch() {
+    let mut s = Stack::bare().await.unwrap();
+    s.publish(
+        T,
+        "name: branch\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], when: 'steps.a.output.go', output: 2}\n",
+    )
+    .await
+    .unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine.clone());
+    let run = s.start_run(T, "branch", json!({})).await.unwrap();
+    // The test is the transform function. Its output for `a` is a reference to an object
+    // that is not there yet (written late, or its store briefly unreachable).
+    let a = take_task(&s, "transform", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("a's task");
+    let rel = format!("payloads/{T}/{run}/late.json");
+    let result = StepResult {
+        tenant: T.into(),
+        run_id: run.clone(),
+        at: a.at.clone(),
+        outcome: Outcome::Completed {
+            output: json!({"$aob_ref": rel, "size": 12}),
+        },
+        duration_ms: 1,
+    };
+    aob_runtime::nats::deliver_result(&s.js, &result, None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while engine
+        .metrics
+        .retried
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the result was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.run_state(T, &run).await.unwrap().unwrap().steps["b"].status,
+        aob_model::state::StepStatus::Pending,
+        "b was decided without a's value"
+    );
+    let file = s.data.path().join("payloads").join(&rel);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, br#"{"go": true}"#).unwrap();
+    let b = take_task(&s, "transform", Duration::from_secs(15))
+        .await
+        .unwrap()
+        .expect("b runs once a's value loads");
+    assert_eq!(b.at.step, "b");
 }

@@ -182,7 +182,7 @@ pub fn apply(
 ) -> Option<(RunState, Vec<Effect>)> {
     match transition(def, state, event, now, resolve) {
         Transition::Changed(state, effects) => Some((state, effects)),
-        Transition::Unchanged(_) | Transition::Ahead(_) => None,
+        Transition::Unchanged(_) | Transition::Ahead(_) | Transition::Unresolved(_) => None,
     }
 }
 
@@ -197,6 +197,10 @@ pub enum Transition {
     /// hold yet): nothing changed, and the result must be applied again later, to a newer
     /// state. The state given comes back untouched.
     Ahead(Option<RunState>),
+    /// A condition needed an offloaded value that `resolve` did not have (its load
+    /// failed): nothing may be decided without it, so nothing changed, and the event must
+    /// be applied again once the values can be loaded. Names the missing references.
+    Unresolved(Vec<String>),
 }
 
 /// Like [`apply`], but when nothing changed the state comes back, so a caller that owns
@@ -364,6 +368,8 @@ struct Machine<'a> {
     now: u64,
     resolve: Resolve<'a>,
     effects: Vec<Effect>,
+    /// References conditions needed that `resolve` did not have.
+    missing: std::cell::RefCell<Vec<String>>,
 }
 
 impl<'a> Machine<'a> {
@@ -376,10 +382,15 @@ impl<'a> Machine<'a> {
             now,
             resolve,
             effects: Vec::new(),
+            missing: std::cell::RefCell::default(),
         }
     }
 
     fn finish(mut self) -> Transition {
+        let missing = self.missing.take();
+        if !missing.is_empty() {
+            return Transition::Unresolved(missing);
+        }
         self.s.updated_ms = self.now;
         Transition::Changed(self.s, self.effects)
     }
@@ -438,7 +449,9 @@ impl<'a> Machine<'a> {
         for id in reads.into_iter().flatten() {
             if let Some(st) = self.s.steps.get(id) {
                 let mut output = st.output.clone().unwrap_or(Value::Null);
-                if for_condition {
+                // Only outputs some condition reads are loaded for conditions (the others
+                // stay references, which templates resolve in the function).
+                if for_condition && self.def.condition_reads.contains(id) {
                     output = self.resolved(output);
                 }
                 steps.insert(id.clone(), json!({"status": st.status, "output": output}));
@@ -465,9 +478,18 @@ impl<'a> Machine<'a> {
         Value::Object(ctx)
     }
 
+    /// The value behind a reference a condition reads. A reference that cannot be
+    /// resolved is remembered, and the transition is given up as [`Transition::Unresolved`]:
+    /// a condition must never see the reference in place of its value.
     fn resolved(&self, v: Value) -> Value {
         match aob_runtime::payload::reference(&v) {
-            Some(path) => (self.resolve)(&path).unwrap_or(v),
+            Some(path) => match (self.resolve)(&path) {
+                Some(value) => value,
+                None => {
+                    self.missing.borrow_mut().push(path);
+                    v
+                }
+            },
             None => v,
         }
     }

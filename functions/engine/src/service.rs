@@ -876,7 +876,7 @@ impl<S: RunStore> Engine<S> {
                 {
                     self.offload_output(&mut event).await?;
                 }
-                self.resolve_for_conditions(&def, s, &event).await;
+                self.resolve_for_conditions(&def, s, &event).await?;
             }
             let lookup = |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
             let existed = state.is_some();
@@ -913,6 +913,12 @@ impl<S: RunStore> Engine<S> {
                     }
                     // A cached state may be behind the store (another engine wrote): it
                     // stays out of the cache, and the next pass reads the store.
+                    machine::Transition::Unresolved(paths) => {
+                        return Err(Error::Runtime(aob_runtime::Error::Payload(format!(
+                            "could not load {} for a condition of run {key}; retrying",
+                            paths.join(", ")
+                        ))));
+                    }
                     machine::Transition::Ahead(_) if from_cache => continue,
                     machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
@@ -1000,7 +1006,12 @@ impl<S: RunStore> Engine<S> {
     }
 
     /// Loads offloaded outputs (and input) that conditions read, so the machine sees values.
-    async fn resolve_for_conditions(&self, def: &Compiled, state: &RunState, event: &Event) {
+    async fn resolve_for_conditions(
+        &self,
+        def: &Compiled,
+        state: &RunState,
+        event: &Event,
+    ) -> Result<()> {
         let mut wanted = Vec::new();
         for id in &def.condition_reads {
             if let Some(p) = state
@@ -1023,28 +1034,31 @@ impl<S: RunStore> Engine<S> {
         if let Some(p) = aob_runtime::payload::reference(&state.input) {
             wanted.push(p);
         }
+        // Room for this event's values is made first, so none of them is evicted before
+        // the machine reads it.
+        if let Ok(mut m) = self.resolved.lock()
+            && m.len() + wanted.len() > 1024
+        {
+            m.clear();
+        }
         for p in wanted {
             if self
                 .resolved
                 .lock()
                 .map(|m| m.contains_key(&p))
-                .unwrap_or(true)
+                .unwrap_or(false)
             {
                 continue;
             }
             let r = json!({ aob_runtime::payload::REF_KEY: p });
-            match self.payloads.hydrate(r).await {
-                Ok(v) => {
-                    if let Ok(mut m) = self.resolved.lock() {
-                        if m.len() > 1024 {
-                            m.clear();
-                        }
-                        m.insert(p, v);
-                    }
-                }
-                Err(e) => tracing::warn!("could not load {p} for a condition: {e}"),
+            // A value that cannot be loaded now fails the event (it is retried): a
+            // condition must not decide without it.
+            let v = self.payloads.hydrate(r).await?;
+            if let Ok(mut m) = self.resolved.lock() {
+                m.insert(p, v);
             }
         }
+        Ok(())
     }
 
     /// Sends the tasks among `effects`; the returned futures resolve to the server's acks.

@@ -18,6 +18,8 @@ struct Sim {
     timers: Vec<(TimerKind, u64)>,
     /// Timers cancelled.
     cancelled: Vec<TimerKind>,
+    /// References a transition could not resolve.
+    unresolved: Vec<String>,
     /// Results found ahead of the state (to be applied again later).
     held: usize,
 }
@@ -37,6 +39,7 @@ impl Sim {
             history: Vec::new(),
             timers: Vec::new(),
             cancelled: Vec::new(),
+            unresolved: Vec::new(),
             held: 0,
         }
     }
@@ -49,6 +52,10 @@ impl Sim {
                     back, self.state,
                     "an unchanged run must come back untouched"
                 );
+                false
+            }
+            Transition::Unresolved(paths) => {
+                self.unresolved.extend(paths);
                 false
             }
             Transition::Ahead(back) => {
@@ -675,4 +682,45 @@ fn event_ids_tell_apart_what_a_redelivery_must_match() {
     })
     .id();
     assert_ne!(timer, done);
+}
+
+/// A condition reads an output kept by reference whose value could not be loaded: the
+/// machine decides nothing (no skip, no wrong branch) and asks for the event again.
+#[test]
+fn a_condition_never_sees_a_reference_it_could_not_load() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], when: 'steps.a.output.go', output: 2}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    let big = json!({"$aob_ref": "payloads/t/r1/a.state.0123.json", "size": 20000});
+    assert!(!s.ok(&t[0], big.clone()), "decided without the value");
+    assert_eq!(s.unresolved, ["payloads/t/r1/a.state.0123.json"]);
+    assert_eq!(s.step("b"), StepStatus::Pending);
+    assert_eq!(
+        s.step("a"),
+        StepStatus::Running,
+        "the result is to be applied again"
+    );
+    // Once the value loads, the same result takes the right branch.
+    let state = s.state.clone();
+    let resolve = |p: &str| (p == "payloads/t/r1/a.state.0123.json").then(|| json!({"go": true}));
+    let next = transition(
+        &s.def,
+        state,
+        Event::Result(StepResult {
+            tenant: "t".into(),
+            run_id: "r1".into(),
+            at: t[0].at.clone(),
+            outcome: Outcome::Completed { output: big },
+            duration_ms: 1,
+        }),
+        s.now,
+        &resolve,
+    );
+    let Transition::Changed(state, effects) = next else {
+        panic!("not applied: {next:?}")
+    };
+    assert_eq!(state.steps["b"].status, StepStatus::Running);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Task { .. })));
 }
