@@ -660,3 +660,136 @@ async fn a_value_that_cannot_be_loaded_yet_never_picks_a_branch() {
         .expect("b runs once a's value loads");
     assert_eq!(b.at.step, "b");
 }
+
+/// The largest value a run record takes while `run` goes on, watched as it is written.
+fn watch_record_size(s: &Stack, run: &str) -> tokio::task::JoinHandle<usize> {
+    let js = s.js.clone();
+    let key = aob_model::state::RunState::key(T, run);
+    tokio::spawn(async move {
+        let Ok(kv) = js.get_key_value(aob_streams::RUNS).await else {
+            return 0;
+        };
+        let Ok(mut watch) = kv.watch(&key).await else {
+            return 0;
+        };
+        let mut largest = 0;
+        while let Some(Ok(entry)) = watch.next().await {
+            largest = largest.max(entry.value.len());
+            let done = serde_json::from_slice::<aob_model::state::RunState>(&entry.value)
+                .is_ok_and(|r| r.status.is_terminal());
+            if done {
+                break;
+            }
+        }
+        largest
+    })
+}
+
+/// A for_each of 1,000 items whose outputs are 10 KB each completes, and its run record
+/// stays small all along: item outputs and the step's list of them are kept by
+/// reference. (Before, 300 such items stopped the run at 102 with the state write
+/// refused, and nothing said so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_items_with_large_outputs_keep_the_run_record_small() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    s.publish(
+        T,
+        "name: wide\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 64}, output: '{{ input.pad }}{{ item }}'}\n  - {id: n, type: transform, needs: [f], expr: 'size(steps.f.output)'}\n",
+    )
+    .await
+    .unwrap();
+    let xs: Vec<u32> = (0..1000).collect();
+    let pad = "x".repeat(10_000);
+    let run = aob_runtime::now_ms().to_string();
+    let largest = watch_record_size(&s, &run);
+    let body = json!({"workflow": "wide", "input": {"xs": xs, "pad": pad}, "run_id": run});
+    s.publish_raw(
+        &subjects::start(T),
+        Some(&run),
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+    .unwrap();
+    let events = s
+        .history_until(T, &run, |e| e.kind.is_terminal(), Duration::from_secs(240))
+        .await
+        .unwrap();
+    let end = events.last().unwrap();
+    assert_eq!(end.kind, HistoryKind::Completed, "{:?}", end.message);
+    let state = s.run_state(T, &run).await.unwrap().unwrap();
+    assert_eq!(state.steps["n"].output, Some(json!(1000)));
+    // The documented bound: about 200 bytes per item while the step runs, plus the input.
+    let largest = largest.await.unwrap();
+    assert!(
+        largest < 250 * 1024,
+        "the run record reached {largest} bytes"
+    );
+    // The step's list is one reference, in the state and in the history.
+    let reference = |v: &serde_json::Value| aob_runtime::payload::reference(v).is_some();
+    assert!(reference(state.steps["f"].output.as_ref().unwrap()));
+    let done = events
+        .iter()
+        .find(|e| {
+            e.kind == HistoryKind::StepCompleted
+                && e.step.as_deref() == Some("f")
+                && e.item.is_none()
+        })
+        .unwrap();
+    assert!(reference(&done.data.as_ref().unwrap()["output"]));
+}
+
+/// A run whose state would grow past what the engine writes fails at once, saying why,
+/// instead of hanging on a write the server refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_state_would_outgrow_the_limit_fails_with_the_reason() {
+    let mut s = Stack::bare().await.unwrap();
+    let engine = std::sync::Arc::new(
+        aob_engine::Engine::connect(
+            s.client.clone(),
+            s.payloads.clone(),
+            aob_engine::Config {
+                max_state_bytes: 6 * 1024,
+                ..aob_engine::Config::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    s.spawn_engine(engine);
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    s.publish(
+        T,
+        "name: grows\nsteps:\n  - {id: f, type: transform, for_each: {items: 'input.xs', concurrency: 4}, output: '{{ input.pad }}{{ item }}'}\n",
+    )
+    .await
+    .unwrap();
+    // Item outputs of about 100 bytes stay in the state: 60 of them outgrow 6 KiB.
+    let pad = "p".repeat(90);
+    let xs: Vec<u32> = (0..60).collect();
+    let run = s
+        .start_run(T, "grows", json!({"xs": xs, "pad": pad}))
+        .await
+        .unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Failed);
+    assert!(
+        events.iter().any(|e| e.kind == HistoryKind::StepCompleted),
+        "it failed while running, not at its start"
+    );
+    let why = events.last().unwrap().message.clone().unwrap_or_default();
+    assert!(why.contains("over the limit of 6144"), "{why}");
+    // A run too large from its start is rejected, saying why.
+    let xs: Vec<u32> = (0..400).collect();
+    let run = s
+        .start_run(T, "grows", json!({"xs": xs, "pad": ""}))
+        .await
+        .unwrap();
+    let events = s
+        .history_until(T, &run, |e| e.kind.is_terminal(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let end = events.last().unwrap();
+    assert_eq!(end.kind, HistoryKind::Rejected);
+    let why = end.message.clone().unwrap_or_default();
+    assert!(why.contains("over the limit of 6144"), "{why}");
+}

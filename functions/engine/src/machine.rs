@@ -20,6 +20,15 @@ use aob_model::wire::{
     StepResult, Task, TimerKind,
 };
 
+/// Most elements one for_each step runs. Each costs about 150 bytes of run state while the
+/// step runs (its slot, with its output by reference), so this keeps a run record far below
+/// the KV value limit of 1 MiB.
+pub const MAX_FOR_EACH_ITEMS: usize = 4096;
+
+/// Largest for_each list kept in run state (serialized); a longer one is evaluated again
+/// when an element is launched.
+pub const ITEMS_INLINE_LIMIT: usize = 16 * 1024;
+
 /// A workflow version ready to schedule: expressions compiled, graph indexed.
 #[derive(Debug)]
 pub struct Compiled {
@@ -314,6 +323,49 @@ fn is_ahead(state: &RunState, at: &StepRef) -> bool {
     }
 }
 
+/// The task of attempt `at` rebuilt from the state that launched it, as a stored outbox
+/// keeps only [`Effect::Launched`]. Its context reads only completed outputs and the input,
+/// which do not change, so it is the task that was sent. `None` if the step is gone from
+/// the definition or a value could not be resolved.
+pub fn task_of(
+    def: &Compiled,
+    state: &RunState,
+    at: &StepRef,
+    deadline_ms: Option<u64>,
+    resolve: Resolve<'_>,
+) -> Option<Task> {
+    let step = def.step(&at.step)?;
+    let m = Machine::new(def, state.clone(), state.updated_ms, resolve);
+    let task = m.task(step, at, deadline_ms);
+    m.missing.borrow().is_empty().then_some(task)
+}
+
+/// The form a stored outbox keeps of effects: tasks as [`Effect::Launched`].
+pub fn stored_outbox(effects: &[Effect]) -> Vec<Effect> {
+    effects
+        .iter()
+        .map(|e| match e {
+            Effect::Task { task } => Effect::Launched {
+                at: task.at.clone(),
+                deadline_ms: task.deadline_ms,
+            },
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// Ends a run as FAILED with `why`, whatever it was doing: running steps are told to stop
+/// (the `abort` event), pending ones skipped, timers cancelled. For what the engine cannot
+/// go on with, such as a run whose state would grow past what the store keeps.
+pub fn fail_run(def: &Compiled, state: RunState, why: String, now: u64) -> Transition {
+    if state.status.is_terminal() {
+        return Transition::Unchanged(Some(state));
+    }
+    let mut m = Machine::new(def, state, now, &|_| None);
+    m.end_early(RunStatus::Failed, why);
+    m.finish()
+}
+
 /// Whether `at` is the attempt the run has out now (running or waiting): a result for it
 /// would be applied. A result for any other attempt is stale or ahead.
 pub fn is_current(state: &RunState, at: &StepRef) -> bool {
@@ -370,6 +422,8 @@ struct Machine<'a> {
     effects: Vec<Effect>,
     /// References conditions needed that `resolve` did not have.
     missing: std::cell::RefCell<Vec<String>>,
+    /// for_each lists not kept in state, evaluated at most once per transition.
+    items: std::cell::RefCell<HashMap<String, Vec<Value>>>,
 }
 
 impl<'a> Machine<'a> {
@@ -383,6 +437,7 @@ impl<'a> Machine<'a> {
             resolve,
             effects: Vec::new(),
             missing: std::cell::RefCell::default(),
+            items: std::cell::RefCell::default(),
         }
     }
 
@@ -662,12 +717,28 @@ impl<'a> Machine<'a> {
             if items.is_empty() {
                 return self.complete_step(&id, json!([]), None);
             }
+            if items.len() > MAX_FOR_EACH_ITEMS {
+                return self.fail_step(
+                    &id,
+                    StepError::terminal(format!(
+                        "`for_each.items` has {} items; at most {MAX_FOR_EACH_ITEMS} are run by one step (split the list, or run a sub-workflow per batch)",
+                        items.len()
+                    )),
+                    None,
+                );
+            }
+            // A long list is not kept in the run's state: it is evaluated again, from the
+            // same completed outputs and input, when an item is launched.
+            let keep = serde_json::to_vec(&items).map_or(0, |b| b.len()) <= ITEMS_INLINE_LIMIT;
             if let Some(st) = self.s.steps.get_mut(&id) {
                 st.status = StepStatus::Running;
                 st.attempt = 1;
                 st.started_ms = Some(self.now);
                 st.slots = vec![Slot::pending(); items.len()];
-                st.items = Some(items);
+                st.items = keep.then_some(items.clone());
+            }
+            if !keep {
+                self.items.borrow_mut().insert(id.clone(), items);
             }
             self.fill_slots(step);
             return;
@@ -727,16 +798,8 @@ impl<'a> Machine<'a> {
 
     /// Publishes the task of one attempt.
     fn launch(&mut self, step: &Step, at: StepRef) {
-        let item = at.item.and_then(|i| {
-            self.s
-                .steps
-                .get(&step.id)
-                .and_then(|s| s.items.as_ref())
-                .and_then(|items| items.get(i as usize))
-                .cloned()
-        });
-        let context = self.context(&step.id, item.as_ref(), at.iteration, false);
         let deadline_ms = step.timeout.map(|t| self.now + t.as_millis());
+        let task = self.task(step, &at, deadline_ms);
         let Some(st) = self.s.steps.get_mut(&step.id) else {
             return;
         };
@@ -752,17 +815,6 @@ impl<'a> Machine<'a> {
                 st.attempt = at.attempt;
             }
         }
-        let task = Task {
-            tenant: self.s.tenant.clone(),
-            run_id: self.s.run_id.clone(),
-            workflow: self.s.workflow.clone(),
-            version: self.s.version,
-            node_type: step.kind.clone(),
-            at: at.clone(),
-            config: Value::Object(step.config.clone()),
-            context,
-            deadline_ms,
-        };
         self.effects.push(Effect::Task {
             task: Box::new(task),
         });
@@ -778,6 +830,48 @@ impl<'a> Machine<'a> {
             None,
             Some(json!({"type": step.kind})),
         );
+    }
+
+    /// The task of attempt `at`: the step's raw config and the context it reads.
+    fn task(&self, step: &Step, at: &StepRef, deadline_ms: Option<u64>) -> Task {
+        let item = at.item.and_then(|i| self.item(&step.id, i as usize));
+        let context = self.context(&step.id, item.as_ref(), at.iteration, false);
+        Task {
+            tenant: self.s.tenant.clone(),
+            run_id: self.s.run_id.clone(),
+            workflow: self.s.workflow.clone(),
+            version: self.s.version,
+            node_type: step.kind.clone(),
+            at: at.clone(),
+            config: Value::Object(step.config.clone()),
+            context,
+            deadline_ms,
+        }
+    }
+
+    /// Element `i` of a for_each step's list: kept in state when short, else evaluated
+    /// again (once per transition) from the completed outputs and input it was made of.
+    fn item(&self, step: &str, i: usize) -> Option<Value> {
+        if let Some(items) = self.s.steps.get(step).and_then(|s| s.items.as_ref()) {
+            return items.get(i).cloned();
+        }
+        if let Some(items) = self.items.borrow().get(step) {
+            return items.get(i).cloned();
+        }
+        let expr = self.def.items.get(step)?;
+        let ctx = self.context(step, None, None, true);
+        let items = match expr.eval_list(&ctx) {
+            Ok(items) => items,
+            Err(e) => {
+                // It evaluated when the step began; only a value that could not be loaded
+                // now (recorded as missing) can make it fail.
+                tracing::debug!(%step, "for_each list not evaluated again: {e}");
+                return None;
+            }
+        };
+        let item = items.get(i).cloned();
+        self.items.borrow_mut().insert(step.to_string(), items);
+        item
     }
 
     /// The attempt `at` is the one currently out (running or waiting).

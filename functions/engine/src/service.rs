@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use aob_model::audit::DecisionRecord;
 use aob_model::state::{Effect, RunState};
 use aob_model::wire::{
-    HandoffReply, HistoryEvent, Outcome, Signal, StartCommand, StepResult, Task,
+    HandoffReply, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepResult, Task,
 };
 use aob_runtime::registry::Registry;
 use aob_runtime::timers::{Timer, Timers};
@@ -62,6 +62,10 @@ pub enum Error {
         /// The attempt's token.
         at: String,
     },
+    /// A run's state would be larger than the engine writes (a start whose first state
+    /// is already too large; a running run fails instead).
+    #[error("{0}")]
+    TooLarge(String),
     /// A stored run state or definition does not parse.
     #[error("corrupt {what}: {message}")]
     Corrupt {
@@ -83,7 +87,7 @@ impl Error {
                 aob_runtime::Error::WorkflowNotFound { .. } | aob_runtime::Error::Config(_)
             ),
             Error::Store(_) | Error::Ahead { .. } => true,
-            Error::Corrupt { .. } => false,
+            Error::Corrupt { .. } | Error::TooLarge(_) => false,
         }
     }
 }
@@ -108,8 +112,16 @@ pub struct Config {
     pub workers: usize,
     /// Largest command or result accepted, in bytes (default 768 KiB; larger payloads travel by reference).
     pub max_message_bytes: usize,
-    /// Outputs larger than this are kept in run state by reference (default 16 KiB).
+    /// Outputs larger than this are kept in run state by reference (default 16 KiB); so
+    /// are step outputs the engine assembles (a for_each step's list of item outputs).
     pub state_inline_limit: usize,
+    /// Outputs of for_each items larger than this are kept by reference (default 128
+    /// bytes): a for_each step keeps one per item until it completes.
+    pub item_inline_limit: usize,
+    /// Largest run record written, in bytes (default 900 KiB, under the server's 1 MiB
+    /// value limit). A run whose next state would be larger fails with the reason, rather
+    /// than stalling on a write the server refuses.
+    pub max_state_bytes: usize,
     /// How long a result may wait for its run to reach its attempt, while the run store
     /// answers, before it is dead-lettered (default 1 hour). An outage of the store does not
     /// count: a result is held for as long as the store cannot be read.
@@ -122,6 +134,8 @@ impl Default for Config {
             workers: 64,
             max_message_bytes: 768 * 1024,
             state_inline_limit: 16 * 1024,
+            item_inline_limit: 128,
+            max_state_bytes: 900 * 1024,
             hold_limit: Duration::from_secs(3600),
         }
     }
@@ -725,21 +739,32 @@ impl<S: RunStore> Engine<S> {
             }
         }
         let mut cmd = cmd;
+        let workflow = cmd.workflow.clone();
         cmd.input = self
             .payloads
             .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
             .await?;
-        self.apply(
-            tenant,
-            run_id,
-            Some(def),
-            Event::Start {
-                tenant: tenant.to_string(),
-                run_id: run_id.to_string(),
-                cmd,
-            },
-        )
-        .await
+        let started = self
+            .apply(
+                tenant,
+                run_id,
+                Some(def),
+                Event::Start {
+                    tenant: tenant.to_string(),
+                    run_id: run_id.to_string(),
+                    cmd,
+                },
+            )
+            .await;
+        match started {
+            Err(Error::TooLarge(why)) => {
+                self.reject(tenant, run_id, Some(&workflow), &why, None)
+                    .await?;
+                self.dead_letter_start(msg, &why).await;
+                Ok(false)
+            }
+            other => other,
+        }
     }
 
     /// Dead-letters a start the engine will not apply, so `aob dlq ls` shows it and
@@ -765,7 +790,11 @@ impl<S: RunStore> Engine<S> {
             && let Outcome::Completed { output } = &mut r.outcome
             && aob_runtime::payload::reference(output).is_none()
             && serde_json::to_vec(output).map(|b| b.len()).unwrap_or(0)
-                > self.cfg.state_inline_limit
+                > if r.at.item.is_some() {
+                    self.cfg.item_inline_limit
+                } else {
+                    self.cfg.state_inline_limit
+                }
         {
             let key = format!("{}/{}/{}.state", r.tenant, r.run_id, r.at.token());
             let inline = std::mem::take(output);
@@ -847,16 +876,8 @@ impl<S: RunStore> Engine<S> {
         let key = RunState::key(tenant, run_id);
         loop {
             let loaded = self.load(&key).await?;
-            // A stored outbox is dealt with once, here, and cleared by the next write.
-            let mut recovered = false;
             let (state, rev, known, from_cache) = match loaded {
-                Some((state, rev, known, from_cache)) => {
-                    if !from_cache && !state.outbox.is_empty() {
-                        recovered = true;
-                        self.recover_outbox(&key, &state, &event).await?;
-                    }
-                    (Some(state), rev, known, from_cache)
-                }
+                Some((state, rev, known, from_cache)) => (Some(state), rev, known, from_cache),
                 None => (None, 0, Instant::now(), false),
             };
             let def = match (&def, &state) {
@@ -879,6 +900,15 @@ impl<S: RunStore> Engine<S> {
                 self.resolve_for_conditions(&def, s, &event).await?;
             }
             let lookup = |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
+            // A stored outbox is dealt with once, here, and cleared by the next write.
+            let mut recovered = false;
+            if let Some(s) = &state
+                && !from_cache
+                && !s.outbox.is_empty()
+            {
+                recovered = true;
+                self.recover_outbox(&key, s, &event, &def, &lookup).await?;
+            }
             let existed = state.is_some();
             let (mut next, effects) =
                 match machine::transition(&def, state, event.clone(), now_ms(), &lookup) {
@@ -928,8 +958,16 @@ impl<S: RunStore> Engine<S> {
             } else {
                 None
             };
-            next.outbox = effects.clone();
+            let mut effects = effects;
+            self.bound_outputs(&mut next, &mut effects).await?;
+            next.outbox = machine::stored_outbox(&effects);
             next.outbox_cause = Some(event.id());
+            let size = serde_json::to_vec(&next).map_or(0, |b| b.len());
+            if size > self.cfg.max_state_bytes {
+                // Written, the state would be refused by the server and the run would stall
+                // in silence: it ends instead, with the reason in its history.
+                return self.fail_oversized(&key, &def, size).await;
+            }
             let written = self.write(&key, &next, existed.then_some(rev)).await?;
             match written {
                 Ok(new_rev) => {
@@ -966,6 +1004,86 @@ impl<S: RunStore> Engine<S> {
         }
     }
 
+    /// Keeps step outputs the engine assembled (a for_each step's list) out of the run
+    /// record and the history when large: offloaded once, the same reference in the state,
+    /// the step's `step_completed` event and the run's `completed` event.
+    async fn bound_outputs(&self, next: &mut RunState, effects: &mut [Effect]) -> Result<()> {
+        let mut moved: HashMap<String, Value> = HashMap::new();
+        for (id, st) in next.steps.iter_mut() {
+            let Some(output) = st.output.as_mut() else {
+                continue;
+            };
+            if aob_runtime::payload::reference(output).is_some()
+                || serde_json::to_vec(output).map_or(0, |b| b.len()) <= self.cfg.state_inline_limit
+            {
+                continue;
+            }
+            let key = format!("{}/{}/{id}.output", next.tenant, next.run_id);
+            let r = self.offload_always(std::mem::take(output), &key).await?;
+            *output = r.clone();
+            moved.insert(id.clone(), r);
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        for e in effects.iter_mut() {
+            let Effect::History { event } = e else {
+                continue;
+            };
+            let Some(data) = event.data.as_mut() else {
+                continue;
+            };
+            match (event.kind, event.step.as_ref(), event.item) {
+                (HistoryKind::StepCompleted, Some(step), None) => {
+                    if let Some(r) = moved.get(step) {
+                        data["output"] = r.clone();
+                    }
+                }
+                (HistoryKind::Completed, _, _) => {
+                    if let Some(outputs) = data.get_mut("outputs").and_then(Value::as_object_mut) {
+                        for (id, r) in &moved {
+                            if let Some(o) = outputs.get_mut(id) {
+                                *o = r.clone();
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a run whose next state would be larger than `max_state_bytes`, from its stored
+    /// state, with the reason.
+    async fn fail_oversized(&self, key: &str, def: &Compiled, size: usize) -> Result<bool> {
+        let why = format!(
+            "the run's state would grow to {size} bytes, over the limit of {} (keep large values in step outputs, which travel by reference, or split the work into smaller runs)",
+            self.cfg.max_state_bytes
+        );
+        tracing::warn!(%key, "{why}");
+        let Some((state, rev, _, _)) = self.load(key).await? else {
+            return Err(Error::TooLarge(why));
+        };
+        let machine::Transition::Changed(next, effects) =
+            machine::fail_run(def, state, why, now_ms())
+        else {
+            return Ok(false);
+        };
+        let mut next = next;
+        next.outbox = machine::stored_outbox(&effects);
+        next.outbox_cause = Some("oversized".to_string());
+        if self.write(key, &next, Some(rev)).await?.is_err() {
+            // Someone wrote meanwhile: the event is applied again to the newer state.
+            return Err(Error::Store(crate::store::StoreError(format!(
+                "{key} changed while failing an oversized run"
+            ))));
+        }
+        self.publish(&next.workflow, next.version, &effects, None)
+            .await?;
+        Ok(true)
+    }
+
     /// Writes a run state: create-only without a revision, else compare-and-set on it.
     async fn write(
         &self,
@@ -992,11 +1110,36 @@ impl<S: RunStore> Engine<S> {
     /// of its cause. Anything older was published long ago: publishing it again would
     /// run a task twice or repeat a run's `completed` event. The caller's next write
     /// clears it either way.
-    async fn recover_outbox(&self, key: &str, state: &RunState, event: &Event) -> Result<()> {
+    async fn recover_outbox(
+        &self,
+        key: &str,
+        state: &RunState,
+        event: &Event,
+        def: &Compiled,
+        resolve: &(dyn Fn(&str) -> Option<Value> + Sync),
+    ) -> Result<()> {
         let age = Duration::from_millis(now_ms().saturating_sub(state.updated_ms));
         let cause = state.outbox_cause.as_deref() == Some(event.id().as_str());
         if age < self.dedup_within || cause {
-            self.publish(&state.workflow, state.version, &state.outbox, None)
+            let mut effects = Vec::with_capacity(state.outbox.len());
+            for e in &state.outbox {
+                match e {
+                    Effect::Launched { at, deadline_ms } => {
+                        let task = machine::task_of(def, state, at, *deadline_ms, resolve)
+                            .ok_or_else(|| {
+                                Error::Runtime(aob_runtime::Error::Payload(format!(
+                                    "the task of {} in the outbox of {key} cannot be rebuilt yet",
+                                    at.token()
+                                )))
+                            })?;
+                        effects.push(Effect::Task {
+                            task: Box::new(task),
+                        });
+                    }
+                    other => effects.push(other.clone()),
+                }
+            }
+            self.publish(&state.workflow, state.version, &effects, None)
                 .await?;
         } else {
             self.metrics.outbox_skipped.fetch_add(1, Ordering::Relaxed);
@@ -1107,7 +1250,10 @@ impl<S: RunStore> Engine<S> {
         for e in effects {
             match e {
                 Effect::Task { task } if !tasks_sent => acks.push(self.send_task(task).await?),
-                Effect::Task { .. } | Effect::Timer { .. } | Effect::CancelTimer { .. } => {}
+                Effect::Task { .. }
+                | Effect::Launched { .. }
+                | Effect::Timer { .. }
+                | Effect::CancelTimer { .. } => {}
                 Effect::History { event } => {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
@@ -1178,7 +1324,7 @@ fn run_of(effects: &[Effect]) -> Option<(String, String)> {
     effects.iter().find_map(|e| match e {
         Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
         Effect::History { event } => Some((event.tenant.clone(), event.run_id.clone())),
-        Effect::Timer { .. } | Effect::CancelTimer { .. } => None,
+        Effect::Launched { .. } | Effect::Timer { .. } | Effect::CancelTimer { .. } => None,
     })
 }
 

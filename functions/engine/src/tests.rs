@@ -73,6 +73,7 @@ impl Sim {
                         }
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
                         Effect::CancelTimer { timer } => self.cancelled.push(timer),
+                        Effect::Launched { .. } => panic!("the machine emits whole tasks"),
                     }
                 }
                 self.state = Some(s);
@@ -723,4 +724,52 @@ fn a_condition_never_sees_a_reference_it_could_not_load() {
     };
     assert_eq!(state.steps["b"].status, StepStatus::Running);
     assert!(effects.iter().any(|e| matches!(e, Effect::Task { .. })));
+}
+
+/// The stored outbox keeps a task as its attempt and deadline; rebuilt from the state that
+/// launched it, it is the task that was sent, for plain steps and for_each items alike.
+#[test]
+fn tasks_rebuilt_from_the_stored_outbox_are_the_tasks_sent() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: f, type: http, url: 'http://x/{{ item }}', timeout: 1m, needs: [a], for_each: {items: 'input.xs', concurrency: 2}}\n",
+    );
+    s.start(json!({"xs": ["p", "q", "r"]}));
+    let a = s.take();
+    let Transition::Changed(state, effects) = transition(
+        &s.def,
+        s.state.clone(),
+        Event::Result(StepResult {
+            tenant: "t".into(),
+            run_id: "r1".into(),
+            at: a[0].at.clone(),
+            outcome: Outcome::Completed {
+                output: json!({"big": "x".repeat(100)}),
+            },
+            duration_ms: 1,
+        }),
+        s.now,
+        &no_resolve,
+    ) else {
+        panic!("not applied")
+    };
+    let sent: Vec<Task> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Task { task } => Some((**task).clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 2);
+    let stored = crate::machine::stored_outbox(&effects);
+    let rebuilt: Vec<Task> = stored
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Launched { at, deadline_ms } => {
+                crate::machine::task_of(&s.def, &state, at, *deadline_ms, &no_resolve)
+            }
+            Effect::Task { .. } => panic!("a whole task in the stored outbox"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rebuilt, sent);
 }

@@ -158,6 +158,16 @@ pub enum Effect {
         /// When (ms since the Unix epoch).
         due_ms: u64,
     },
+    /// A task as the stored outbox keeps it: which attempt, and its deadline. The task
+    /// itself (config and context, possibly large) is rebuilt from the state it was stored
+    /// with if the outbox must be published again.
+    Launched {
+        /// The attempt.
+        at: crate::wire::StepRef,
+        /// Its deadline (ms since the Unix epoch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<u64>,
+    },
     /// Delete a timer whose step or run has ended, so it never fires.
     CancelTimer {
         /// Which timer.
