@@ -9,7 +9,8 @@
 //! (a) with one chain and (b) are measured in alternating rounds (`AOB_BENCH_ROUNDS`,
 //! default 15), so that both see the machine in the same state; (b)/(a) is the median of
 //! the rounds' ratios. Sizes can be lowered with AOB_BENCH_SCALE (e.g. 0.1) for a quick
-//! look.
+//! look. `AOB_BENCH_SYNC=always` runs the server with `jetstream { sync_interval: always }`
+//! (every stored write fsynced before it is acknowledged).
 
 // The allocator of the `aob` binary, which runs all of this in one process (`aob dev`).
 #[global_allocator]
@@ -221,7 +222,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let stack = Stack::start().await?;
+    // AOB_BENCH_SYNC=always: the server fsyncs every write before acknowledging it, the
+    // durability of systems that fsync their log.
+    let sync = std::env::var("AOB_BENCH_SYNC").ok().filter(|v| !v.is_empty());
+    let stack = match &sync {
+        Some(every) => {
+            let conf = format!("jetstream {{ sync_interval: {every} }}\n");
+            println!("server: jetstream sync_interval {every}");
+            Stack::start_on(aob_testkit::NatsServer::start_with_config(&conf)?).await?
+        }
+        None => Stack::start().await?,
+    };
     let rounds: usize = std::env::var("AOB_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

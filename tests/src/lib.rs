@@ -79,7 +79,29 @@ impl Stack {
 
     /// Server and a given topology only (a shortened duplicate window, say).
     pub async fn bare_with(topology: Topology) -> Result<Stack> {
-        let server = NatsServer::start()?;
+        Stack::bare_on(NatsServer::start()?, topology).await
+    }
+
+    /// Server, topology, engine and all functions, on a given server (one started with a
+    /// configuration, say).
+    pub async fn start_on(server: NatsServer) -> Result<Stack> {
+        let mut s = Stack::bare_on(server, test_topology()).await?;
+        let client = s.server.connect().await?;
+        let engine = Arc::new(
+            Engine::connect(
+                client.clone(),
+                s.payloads.clone(),
+                aob_engine::Config::default(),
+            )
+            .await?,
+        );
+        s.spawn_engine_on(engine, client);
+        s.spawn_functions(Fns::All).await?;
+        Ok(s)
+    }
+
+    /// A given server and topology only.
+    pub async fn bare_on(server: NatsServer, topology: Topology) -> Result<Stack> {
         let client = server.connect().await?;
         let js = jetstream::new(client.clone());
         topology.apply(&js).await?;

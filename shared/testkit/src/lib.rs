@@ -21,6 +21,8 @@ pub struct NatsServer {
     store: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     log: PathBuf,
+    /// A configuration file given with `-c`, if any.
+    config: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NatsServer {
@@ -67,10 +69,33 @@ pub fn nats_server_binary() -> Result<PathBuf> {
 impl NatsServer {
     /// Starts a server with JetStream in a fresh temporary directory.
     pub fn start() -> Result<NatsServer> {
+        NatsServer::start_with_config("")
+    }
+
+    /// Like [`NatsServer::start`], with configuration text for the server (for example
+    /// `jetstream { sync_interval: always }`); the command-line flags still set the
+    /// address, port and store.
+    pub fn start_with_config(config: &str) -> Result<NatsServer> {
         let tmp = tempfile::Builder::new().prefix("aob-nats-").tempdir()?;
         let store = tmp.path().to_path_buf();
-        let mut s = NatsServer::start_in(&store, 0)?;
-        s._tmp = Some(tmp);
+        let conf = if config.is_empty() {
+            None
+        } else {
+            let path = store.join("server.conf");
+            std::fs::write(&path, config)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Some(path)
+        };
+        let log = store.join("nats-server.log");
+        let mut s = NatsServer {
+            child: None,
+            port: 0,
+            store: store.clone(),
+            _tmp: Some(tmp),
+            log,
+            config: conf,
+        };
+        s.spawn()?;
         Ok(s)
     }
 
@@ -84,6 +109,7 @@ impl NatsServer {
             store: dir.to_path_buf(),
             _tmp: None,
             log,
+            config: None,
         };
         s.spawn()?;
         Ok(s)
@@ -97,6 +123,9 @@ impl NatsServer {
             self.port.to_string()
         };
         let mut cmd = Command::new(&bin);
+        if let Some(conf) = &self.config {
+            cmd.arg("-c").arg(conf);
+        }
         // Its own process group: a terminal's Ctrl-C goes to `aob dev`, which drains its
         // work before the server is stopped.
         #[cfg(unix)]
