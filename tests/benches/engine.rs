@@ -224,7 +224,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() -> Result<()> {
     // AOB_BENCH_SYNC=always: the server fsyncs every write before acknowledging it, the
     // durability of systems that fsync their log.
-    let sync = std::env::var("AOB_BENCH_SYNC").ok().filter(|v| !v.is_empty());
+    let sync = std::env::var("AOB_BENCH_SYNC")
+        .ok()
+        .filter(|v| !v.is_empty());
     let stack = match &sync {
         Some(every) => {
             let conf = format!("jetstream {{ sync_interval: {every} }}\n");

@@ -793,3 +793,77 @@ async fn a_run_whose_state_would_outgrow_the_limit_fails_with_the_reason() {
     let why = end.message.clone().unwrap_or_default();
     assert!(why.contains("over the limit of 6144"), "{why}");
 }
+
+/// A measurement, not a check (`cargo test -p aob-tests --test system -- --ignored
+/// --nocapture recovery`): 300 runs of five steps while the engine process is killed
+/// five times and started again at once, with the consumers' ack wait at its old value
+/// (30 s) and its new one (6 s). Prints how long the runs took and the longest time no
+/// run completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+async fn recovery_after_engine_kills_under_load() {
+    const FIVE: &str = "name: five\nsteps:\n  - {id: s0, type: transform, output: 0}\n  - {id: s1, type: transform, needs: [s0], output: '{{ steps.s0.output + 1 }}'}\n  - {id: s2, type: transform, needs: [s1], output: '{{ steps.s1.output + 1 }}'}\n  - {id: s3, type: transform, needs: [s2], output: '{{ steps.s2.output + 1 }}'}\n  - {id: s4, type: transform, needs: [s3], output: '{{ steps.s3.output + 1 }}'}\n";
+    for (ack_wait, kills) in [(30, 0), (30, 5), (6, 0), (6, 5)] {
+        let topology = Topology {
+            ack_wait: Duration::from_secs(ack_wait),
+            ..Topology::default()
+        };
+        let mut s = Stack::bare_with(topology).await.unwrap();
+        s.spawn_functions(Fns::AllButHttp).await.unwrap();
+        s.publish(T, FIVE).await.unwrap();
+        let spawn = || {
+            std::process::Command::new(aob_tests::binary("aob-engine").unwrap())
+                .env("NATS_URL", s.server.url())
+                .env("AOB_PAYLOAD_URL", &s.payload_url)
+                .env("RUST_LOG", "error")
+                .spawn()
+                .unwrap()
+        };
+        let mut engine = spawn();
+        let mut done = s
+            .client
+            .subscribe(format!("aob.{T}.run.*.completed"))
+            .await
+            .unwrap();
+        let runs = 300;
+        let begun = std::time::Instant::now();
+        for _ in 0..runs {
+            s.start_run(T, "five", json!({})).await.unwrap();
+        }
+        let mut finished = 0;
+        let mut last = std::time::Instant::now();
+        let mut longest = Duration::ZERO;
+        let mut killed = 0;
+        while finished < runs {
+            let next = tokio::time::timeout(Duration::from_millis(300), done.next()).await;
+            match next {
+                Ok(Some(_)) => {
+                    finished += 1;
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                Ok(None) => panic!("subscription ended"),
+                Err(_) => {}
+            }
+            // Kill at every 50 runs completed, up to `kills` times.
+            if killed < kills && finished >= 50 * (killed + 1) {
+                engine.kill().unwrap();
+                engine.wait().unwrap();
+                engine = spawn();
+                killed += 1;
+            }
+            assert!(
+                begun.elapsed() < Duration::from_secs(300),
+                "{finished} of {runs} runs after 5 minutes"
+            );
+        }
+        longest = longest.max(last.elapsed());
+        println!(
+            "ack wait {ack_wait:>2} s, {killed} kills: {runs} runs in {:.1} s, longest time without a completion {:.1} s",
+            begun.elapsed().as_secs_f64(),
+            longest.as_secs_f64()
+        );
+        engine.kill().unwrap();
+        let _ = engine.wait();
+    }
+}

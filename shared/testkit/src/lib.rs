@@ -82,8 +82,7 @@ impl NatsServer {
             None
         } else {
             let path = store.join("server.conf");
-            std::fs::write(&path, config)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
             Some(path)
         };
         let log = store.join("nats-server.log");
