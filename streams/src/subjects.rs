@@ -11,6 +11,24 @@ pub fn signal(tenant: &str, run: &str) -> String {
     format!("aob.{tenant}.cmd.signal.{run}")
 }
 
+/// Signals only AOB itself sends (timer firings, step timeouts):
+/// `aob.<tenant>.cmd.internal.<run>`. Clients are granted `cmd.start` and `cmd.signal.*`,
+/// never this subject, so no client can forge a timeout; the engine refuses a timer signal
+/// arriving on [`signal`].
+pub fn internal_signal(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.cmd.internal.{run}")
+}
+
+/// The internal-signal subject for a signal subject of the same run (timers stored before
+/// internal signals existed name the client subject).
+pub fn internal_for(subject: &str) -> Option<String> {
+    let parts: Vec<&str> = subject.split('.').collect();
+    match parts.as_slice() {
+        ["aob", tenant, "cmd", "signal", run] => Some(internal_signal(tenant, run)),
+        _ => None,
+    }
+}
+
 /// Tasks for a node type: `aob.<tenant>.task.<type>`.
 pub fn task(tenant: &str, node_type: &str) -> String {
     format!("aob.{tenant}.task.{node_type}")

@@ -29,13 +29,14 @@ async fn outlive_the_duplicate_window(t: &Topology) {
     tokio::time::sleep(t.duplicate_window + Duration::from_millis(500)).await;
 }
 
+/// Publishes a signal to a run as AOB would: timer signals on the internal subject.
 async fn signal(s: &Stack, run: &str, id: &str, signal: &Signal) -> anyhow::Result<()> {
-    s.publish_raw(
-        &subjects::signal(T, run),
-        Some(id),
-        serde_json::to_vec(signal)?,
-    )
-    .await
+    let subject = match signal {
+        Signal::Timer { .. } => subjects::internal_signal(T, run),
+        _ => subjects::signal(T, run),
+    };
+    s.publish_raw(&subject, Some(id), serde_json::to_vec(signal)?)
+        .await
 }
 
 /// History events of one kind for a run, as stored.
@@ -866,4 +867,69 @@ async fn recovery_after_engine_kills_under_load() {
         engine.kill().unwrap();
         let _ = engine.wait();
     }
+}
+
+/// A client cannot forge a timeout: a timer signal on the client signal subject is refused
+/// (dead-lettered) and changes nothing; timers fire on the internal subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_signal_from_a_client_is_refused() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    s.publish(
+        T,
+        "name: long\ntimeout: 1h\nsteps:\n  - {id: w, type: wait, duration: 1h}\n",
+    )
+    .await
+    .unwrap();
+    let run = s.start_run(T, "long", json!({})).await.unwrap();
+    s.history_until(
+        T,
+        &run,
+        |e| e.kind == HistoryKind::StepWaiting,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let forged = Signal::Timer {
+        timer: TimerKind::RunTimeout,
+    };
+    s.publish_raw(
+        &subjects::signal(T, &run),
+        Some("forged"),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .await
+    .unwrap();
+    s.drained(
+        aob_streams::CMD,
+        aob_streams::ENGINE_CMD,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let state = s.run_state(T, &run).await.unwrap().unwrap();
+    assert_eq!(
+        state.status,
+        RunStatus::Running,
+        "a forged timeout ended the run"
+    );
+    let letters = s
+        .messages(aob_streams::DLQ, "aob.default.dlq.engine")
+        .await
+        .unwrap();
+    assert!(
+        letters.iter().any(|l| l["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timer signals are internal")),
+        "{letters:?}"
+    );
+    // The run's own timeout is stored for the internal subject.
+    let timer = Timers::open(&s.js)
+        .await
+        .unwrap()
+        .get(&format!("{T}.{run}.run-timeout"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(timer.subject, subjects::internal_signal(T, &run));
 }

@@ -608,9 +608,15 @@ impl<S: RunStore> Engine<S> {
                     cmd,
                 })
             }
-            ["aob", _, "cmd", "signal", run] => {
+            ["aob", _, "cmd", kind @ ("signal" | "internal"), run] => {
                 let signal: Signal = serde_json::from_slice(&msg.payload)
                     .map_err(|e| format!("not a signal: {e}"))?;
+                if matches!(signal, Signal::Timer { .. }) && *kind != "internal" {
+                    return Err(format!(
+                        "timer signals are internal: only the timer service sends them, on {}",
+                        subjects::internal_signal(tenant, run)
+                    ));
+                }
                 Ok(Parsed::Signal {
                     tenant: tenant.to_string(),
                     run_id: run.to_string(),
@@ -1307,7 +1313,7 @@ impl<S: RunStore> Engine<S> {
         .unwrap_or_default();
         let t = Timer {
             due_ms,
-            subject: subjects::signal(&tenant, &run_id),
+            subject: subjects::internal_signal(&tenant, &run_id),
             msg_id: format!("timer.{run_id}.{name}"),
             body,
         };
@@ -1436,7 +1442,9 @@ fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
 fn shard_of(msg: &Message, workers: usize) -> usize {
     let parts: Vec<&str> = msg.subject.split('.').collect();
     let key = match parts.as_slice() {
-        ["aob", _, "cmd", "signal", _] | ["aob", _, "result", _] => run_key(&msg.subject),
+        ["aob", _, "cmd", "signal" | "internal", _] | ["aob", _, "result", _] => {
+            run_key(&msg.subject)
+        }
         ["aob", t, "cmd", "start"] => format!("{t}.{}", start_run_id(msg)),
         _ => match msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             Some(id) => id.as_str().to_string(),
@@ -1459,7 +1467,7 @@ fn shard_of_key(key: &str, workers: usize) -> usize {
 fn run_key(subject: &str) -> String {
     let parts: Vec<&str> = subject.split('.').collect();
     match parts.as_slice() {
-        ["aob", t, "cmd", "signal", run]
+        ["aob", t, "cmd", "signal" | "internal", run]
         | ["aob", t, "result", run]
         | ["aob", t, "handoff", run] => format!("{t}.{run}"),
         _ => subject.to_string(),

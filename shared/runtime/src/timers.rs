@@ -335,7 +335,15 @@ impl LeaseConfig {
 
 async fn fire(js: &jetstream::Context, t: &Timer) -> Result<()> {
     let body = serde_json::to_vec(&t.body).map_err(|e| Error::Payload(e.to_string()))?;
-    crate::bus::publish(js, t.subject.clone(), &t.msg_id, body.into())
+    // A timer signal stored before internal signals existed names the client subject, on
+    // which the engine now refuses timer signals: it goes to the internal one instead.
+    let subject = match t.body.get("signal").and_then(|s| s.as_str()) {
+        Some("timer") => {
+            aob_streams::subjects::internal_for(&t.subject).unwrap_or_else(|| t.subject.clone())
+        }
+        _ => t.subject.clone(),
+    };
+    crate::bus::publish(js, subject, &t.msg_id, body.into())
         .await?
         .await
         .map_err(|e| Error::Nats(format!("publishing timer to {}: {e}", t.subject)))?;
