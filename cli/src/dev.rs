@@ -67,8 +67,9 @@ pub async fn run_stack(
     let mut set: JoinSet<Component> = JoinSet::new();
     {
         let (client, payloads, stop) = (client.clone(), payloads.clone(), stop.clone());
+        let cfg = aob_engine::Config::from_env()?;
         set.spawn(async move {
-            let res = aob_engine::run(client, payloads, aob_engine::Config::default(), stop).await;
+            let res = aob_engine::run(client, payloads, cfg, stop).await;
             ("engine", res.map_err(anyhow::Error::from))
         });
     }

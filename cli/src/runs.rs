@@ -311,28 +311,39 @@ pub async fn list_states(
     limit: usize,
 ) -> Result<(Vec<RunState>, usize)> {
     let kv = runs_bucket(js).await?;
-    let prefix = format!("{tenant}.");
-    let mut keys = kv.keys().await.context("listing runs")?;
-    let mut mine = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.context("listing runs")?;
-        if k.starts_with(&prefix) {
-            mine.push(k);
-        }
+    // Only this tenant's keys (`<tenant>.<run>`) are read: the server filters the bucket's
+    // stream by subject, last value per key, so other tenants' runs are never scanned.
+    let filter = format!("{tenant}.*");
+    let stream = js
+        .get_stream(format!("KV_{}", aob_streams::RUNS))
+        .await
+        .context("listing runs")?;
+    let mut counts = stream
+        .info_with_subjects(format!("$KV.{}.{filter}", aob_streams::RUNS))
+        .await
+        .context("listing runs")?;
+    let mut keys = 0usize;
+    while let Some(c) = counts.next().await {
+        c.context("listing runs")?;
+        keys += 1;
     }
-    let reads = futures::stream::iter(mine.into_iter().map(|k| {
-        let kv = kv.clone();
-        async move { read_state(&kv, &k).await }
-    }))
-    .buffer_unordered(16)
-    .collect::<Vec<_>>()
-    .await;
-    let mut states = Vec::with_capacity(reads.len());
-    for r in reads {
-        match r {
-            Ok(Some(s)) => states.push(s),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("{e:#}"),
+    let mut states = Vec::with_capacity(keys);
+    if keys > 0 {
+        let mut watch = kv
+            .watch_with_history(&filter)
+            .await
+            .context("listing runs")?;
+        while let Some(entry) = watch.next().await {
+            let entry = entry.context("listing runs")?;
+            if entry.operation == kv::Operation::Put {
+                match serde_json::from_slice::<RunState>(&entry.value) {
+                    Ok(s) => states.push(s),
+                    Err(e) => tracing::warn!(key = %entry.key, "run state does not parse: {e}"),
+                }
+            }
+            if entry.delta == 0 {
+                break;
+            }
         }
     }
     states.sort_by(|a, b| {

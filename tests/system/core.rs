@@ -933,3 +933,47 @@ async fn a_timer_signal_from_a_client_is_refused() {
         .unwrap();
     assert_eq!(timer.subject, subjects::internal_signal(T, &run));
 }
+
+/// `aob run list` shows the tenant's runs and no other tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_list_reads_one_tenants_runs() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let mut mine = Vec::new();
+    let mut theirs = Vec::new();
+    for tenant in [T, "acme"] {
+        s.publish(tenant, ONE_STEP).await.unwrap();
+        for _ in 0..(if tenant == T { 3 } else { 2 }) {
+            let run = s.start_run(tenant, "one", json!({})).await.unwrap();
+            s.history_until(
+                tenant,
+                &run,
+                |e| e.kind.is_terminal(),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+            if tenant == T {
+                mine.push(run)
+            } else {
+                theirs.push(run)
+            }
+        }
+    }
+    let (ok, listed) = aob(&s, &["run", "list"]).unwrap();
+    assert!(ok, "{listed}");
+    assert!(mine.iter().all(|r| listed.contains(r.as_str())), "{listed}");
+    assert!(
+        !theirs.iter().any(|r| listed.contains(r.as_str())),
+        "{listed}"
+    );
+    let (ok, listed) = aob(&s, &["--tenant", "acme", "run", "list"]).unwrap();
+    assert!(ok, "{listed}");
+    assert!(
+        theirs.iter().all(|r| listed.contains(r.as_str())),
+        "{listed}"
+    );
+    assert!(
+        !mine.iter().any(|r| listed.contains(r.as_str())),
+        "{listed}"
+    );
+}

@@ -128,6 +128,71 @@ pub struct Config {
     pub hold_limit: Duration,
 }
 
+impl Config {
+    /// The environment variables [`Config::from_env`] reads, with their meaning.
+    pub const ENV_VARS: [(&'static str, &'static str); 6] = [
+        ("AOB_ENGINE_WORKERS", "runs processed at once (default 64)"),
+        (
+            "AOB_MAX_MESSAGE_BYTES",
+            "largest command or result accepted (default 786432)",
+        ),
+        (
+            "AOB_STATE_INLINE_LIMIT",
+            "outputs larger than this many bytes are kept in run state by reference (default 16384)",
+        ),
+        (
+            "AOB_ITEM_INLINE_LIMIT",
+            "for_each item outputs larger than this many bytes are kept by reference (default 128)",
+        ),
+        (
+            "AOB_MAX_STATE_BYTES",
+            "largest run record written; a run that would outgrow it fails (default 921600)",
+        ),
+        (
+            "AOB_HOLD_LIMIT",
+            "how long a result may wait for its run to reach its attempt (default 1h)",
+        ),
+    ];
+
+    /// The defaults, overridden by `AOB_*` environment variables ([`Config::ENV_VARS`]).
+    pub fn from_env() -> std::result::Result<Self, aob_runtime::Error> {
+        Config::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// Like [`Config::from_env`] with another source of variables.
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Self, aob_runtime::Error> {
+        let mut c = Config::default();
+        let bytes = |name: &str, into: &mut usize| -> std::result::Result<(), aob_runtime::Error> {
+            if let Some(v) = var(name) {
+                *into = v.trim().parse().map_err(|_| {
+                    aob_runtime::Error::Config(format!("{name}=`{v}` is not a number of bytes"))
+                })?;
+            }
+            Ok(())
+        };
+        bytes("AOB_ENGINE_WORKERS", &mut c.workers)?;
+        bytes("AOB_MAX_MESSAGE_BYTES", &mut c.max_message_bytes)?;
+        bytes("AOB_STATE_INLINE_LIMIT", &mut c.state_inline_limit)?;
+        bytes("AOB_ITEM_INLINE_LIMIT", &mut c.item_inline_limit)?;
+        bytes("AOB_MAX_STATE_BYTES", &mut c.max_state_bytes)?;
+        if let Some(v) = var("AOB_HOLD_LIMIT") {
+            c.hold_limit = humantime::parse_duration(v.trim()).map_err(|e| {
+                aob_runtime::Error::Config(format!(
+                    "AOB_HOLD_LIMIT=`{v}` is not a duration ({e}); write it like `30m` or `2h`"
+                ))
+            })?;
+        }
+        if c.workers == 0 {
+            return Err(aob_runtime::Error::Config(
+                "AOB_ENGINE_WORKERS must be at least 1".into(),
+            ));
+        }
+        Ok(c)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -773,3 +773,27 @@ fn tasks_rebuilt_from_the_stored_outbox_are_the_tasks_sent() {
         .collect();
     assert_eq!(rebuilt, sent);
 }
+
+#[test]
+fn engine_configuration_comes_from_the_environment_and_names_bad_values() {
+    use crate::Config;
+    let vars = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let c = Config::from_vars(vars(&[
+        ("AOB_ENGINE_WORKERS", "8"),
+        ("AOB_HOLD_LIMIT", "2h"),
+    ]))
+    .unwrap();
+    assert_eq!(c.workers, 8);
+    assert_eq!(c.hold_limit, std::time::Duration::from_secs(7200));
+    assert_eq!(c.max_state_bytes, Config::default().max_state_bytes);
+    let e = Config::from_vars(vars(&[("AOB_MAX_STATE_BYTES", "lots")])).unwrap_err();
+    assert!(e.to_string().contains("AOB_MAX_STATE_BYTES=`lots`"), "{e}");
+    assert!(Config::from_vars(vars(&[("AOB_HOLD_LIMIT", "soon")])).is_err());
+}

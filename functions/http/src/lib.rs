@@ -221,6 +221,27 @@ impl aob_runtime::Handler for HttpHandler {
         aob_model::audit::AuditKind::ToolCall
     }
 
+    fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            (
+                "AOB_HTTP_ALLOW",
+                "CIDRs, addresses or hosts http steps may call even if denied (default none)",
+            ),
+            (
+                "AOB_HTTP_DENY",
+                "CIDRs, addresses or hosts denied besides link-local and metadata addresses",
+            ),
+            (
+                "AOB_SECRETS_DIR",
+                "directory of secret files, one per name, read at call time",
+            ),
+            (
+                "AOB_SECRET_<NAME>",
+                "a secret, when no file of that name exists",
+            ),
+        ]
+    }
+
     async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
         let mut config: HttpConfig = aob_runtime::parse_config("http", &task.config)?;
         check_injected_refs(&config, &task.context)?;

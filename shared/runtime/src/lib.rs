@@ -9,6 +9,7 @@ pub mod payload;
 pub mod registry;
 pub mod secrets;
 pub mod timers;
+pub mod usage;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,6 +94,11 @@ pub trait Handler: Send + Sync + 'static {
     /// The kind of the audit record of one attempt (a call to an outside tool is a `tool_call`).
     fn audit_kind(&self) -> AuditKind {
         AuditKind::TaskExecuted
+    }
+    /// Environment variables the function reads besides the common ones, with their
+    /// meaning, for `--help`.
+    fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
     }
 }
 
@@ -360,6 +366,19 @@ pub fn init_logging() {
 
 /// The whole `main` of a function binary: read [`Env`], connect, serve until SIGTERM, drain.
 pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
+    let name = format!("aob-{}", handler.node_type());
+    let about = format!(
+        "The `{}` function: takes tasks of that node type from its durable consumer, runs them, hands their results to the engine.",
+        handler.node_type()
+    );
+    let mut vars = FUNCTION_VARS.to_vec();
+    vars.extend_from_slice(handler.env_vars());
+    usage::Usage {
+        name: &name,
+        about: &about,
+        vars: &vars,
+    }
+    .handle_args();
     init_logging();
     let env = Env::from_env()?;
     let client = env.connect().await?;
@@ -378,6 +397,15 @@ pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
         .map_err(|e| Error::Nats(e.to_string()))?;
     Ok(())
 }
+
+/// The variables every function reads besides [`usage::COMMON_VARS`].
+pub const FUNCTION_VARS: [(&str, &str); 2] = [
+    ("AOB_CONCURRENCY", "tasks run at once (default 64)"),
+    (
+        "AOB_HANDOFF_MS",
+        "how long to wait for an engine to take a result directly, in ms; 0 publishes every result to AOB_RESULTS (default 5000)",
+    ),
+];
 
 /// Deserializes a step config; the error is terminal and names the offending field.
 pub fn parse_config<T: DeserializeOwned>(kind: &str, config: &Value) -> Result<T, StepError> {
