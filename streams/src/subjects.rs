@@ -29,6 +29,12 @@ pub fn internal_for(subject: &str) -> Option<String> {
     }
 }
 
+/// What a running step emits (progress, streamed chunks): `aob.<tenant>.stream.<run>.<step>`,
+/// core NATS only, captured by no stream.
+pub fn stream(tenant: &str, run: &str, step: &str) -> String {
+    format!("aob.{tenant}.stream.{run}.{step}")
+}
+
 /// Tasks for a node type: `aob.<tenant>.task.<type>`.
 pub fn task(tenant: &str, node_type: &str) -> String {
     format!("aob.{tenant}.task.{node_type}")

@@ -242,7 +242,11 @@ impl aob_runtime::Handler for HttpHandler {
         ]
     }
 
-    async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
+    async fn handle(
+        &self,
+        task: Task,
+        _cx: &aob_runtime::context::Context,
+    ) -> Result<Outcome, StepError> {
         let mut config: HttpConfig = aob_runtime::parse_config("http", &task.config)?;
         check_injected_refs(&config, &task.context)?;
         // At-least-once delivery: let the endpoint recognise a repeat of the same attempt.
@@ -458,7 +462,8 @@ mod tests {
     }
 
     async fn run_on(handler: &HttpHandler, task: Task) -> Result<Value, StepError> {
-        match handler.handle(task).await? {
+        let cx = aob_runtime::context::Context::detached(&task);
+        match handler.handle(task, &cx).await? {
             Outcome::Completed { output } => Ok(output),
             other => panic!("unexpected outcome {other:?}"),
         }

@@ -41,7 +41,11 @@ impl aob_runtime::Handler for TransformHandler {
         "transform"
     }
 
-    async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
+    async fn handle(
+        &self,
+        task: Task,
+        _cx: &aob_runtime::context::Context,
+    ) -> Result<Outcome, StepError> {
         self.transform(&task)
             .map(|output| Outcome::Completed { output })
     }
@@ -59,10 +63,9 @@ mod tests {
     }
 
     async fn run(config: Value, context: Value) -> Result<Value, StepError> {
-        match TransformHandler::new()
-            .handle(task(config, context))
-            .await?
-        {
+        let t = task(config, context);
+        let cx = aob_runtime::context::Context::detached(&t);
+        match TransformHandler::new().handle(t, &cx).await? {
             Outcome::Completed { output } => Ok(output),
             other => panic!("unexpected outcome {other:?}"),
         }

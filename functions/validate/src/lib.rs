@@ -99,7 +99,11 @@ impl aob_runtime::Handler for ValidateHandler {
         "validate"
     }
 
-    async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
+    async fn handle(
+        &self,
+        task: Task,
+        _cx: &aob_runtime::context::Context,
+    ) -> Result<Outcome, StepError> {
         self.validate(&task)
             .map(|output| Outcome::Completed { output })
     }
@@ -143,7 +147,9 @@ mod tests {
     }
 
     async fn run(config: Value, context: Value) -> Result<Value, StepError> {
-        match ValidateHandler::new().handle(task(config, context)).await? {
+        let t = task(config, context);
+        let cx = aob_runtime::context::Context::detached(&t);
+        match ValidateHandler::new().handle(t, &cx).await? {
             Outcome::Completed { output } => Ok(output),
             other => panic!("unexpected outcome {other:?}"),
         }

@@ -30,7 +30,11 @@ impl aob_runtime::Handler for WaitHandler {
         "wait"
     }
 
-    async fn handle(&self, task: Task) -> Result<Outcome, StepError> {
+    async fn handle(
+        &self,
+        task: Task,
+        _cx: &aob_runtime::context::Context,
+    ) -> Result<Outcome, StepError> {
         let config: WaitConfig = aob_runtime::parse_config("wait", &task.config)?;
         match plan(&task, &config, aob_runtime::now_ms())? {
             Plan::Done { output } => Ok(Outcome::Completed { output }),

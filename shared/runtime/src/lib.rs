@@ -4,6 +4,8 @@
 //! result without knowing where the task came from.
 
 pub mod bus;
+pub mod context;
+pub mod delivery;
 pub mod nats;
 pub mod payload;
 pub mod registry;
@@ -89,8 +91,13 @@ pub fn now_ms() -> u64 {
 pub trait Handler: Send + Sync + 'static {
     /// Node type served (`http`, `transform`, ...).
     fn node_type(&self) -> &'static str;
-    /// Runs one attempt.
-    fn handle(&self, task: Task) -> impl Future<Output = Result<Outcome, StepError>> + Send;
+    /// Runs one attempt. `cx` carries the cancellation signal, the emitter for progress and
+    /// streamed chunks, the record fields the handler may set, and its secrets.
+    fn handle(
+        &self,
+        task: Task,
+        cx: &context::Context,
+    ) -> impl Future<Output = Result<Outcome, StepError>> + Send;
     /// The kind of the audit record of one attempt (a call to an outside tool is a `tool_call`).
     fn audit_kind(&self) -> AuditKind {
         AuditKind::TaskExecuted
@@ -159,6 +166,28 @@ pub async fn execute_audited<H: Handler>(
     payloads: &PayloadStore,
     cancel: &CancellationToken,
 ) -> Option<(StepResult, DecisionRecord)> {
+    let cx = context::Context::new(
+        &task.tenant,
+        &task.run_id,
+        &task.at,
+        cancel.clone(),
+        std::sync::Arc::new(context::Discard),
+        secrets::Secrets::none(),
+    );
+    execute_in(handler, task, payloads, &cx).await
+}
+
+/// Runs one task through a handler with its context: prepare, enforce the deadline, honour
+/// the context's cancellation, offload a large output; returns the result and the
+/// attempt's audit record (with what the handler set through the context). `None` when
+/// cancelled.
+pub async fn execute_in<H: Handler>(
+    handler: &H,
+    task: Task,
+    payloads: &PayloadStore,
+    cx: &context::Context,
+) -> Option<(StepResult, DecisionRecord)> {
+    let cancel = cx.cancelled();
     let started_us = now_us();
     let mut record = DecisionRecord::new(
         format!("{}.{}.{}.task", task.tenant, task.run_id, task.at.token()),
@@ -188,19 +217,21 @@ pub async fn execute_audited<H: Handler>(
         let task = prepare(task, payloads).await?;
         rendered = Some(task.config.clone());
         match deadline {
-            Some(limit) => match tokio::time::timeout(limit, handler.handle(task)).await {
+            Some(limit) => match tokio::time::timeout(limit, handler.handle(task, cx)).await {
                 Ok(r) => r,
                 Err(_) => Err(StepError::retryable(format!(
                     "step timed out after {}",
                     humantime::format_duration(limit)
                 ))),
             },
-            None => handler.handle(task).await,
+            None => handler.handle(task, cx).await,
         }
     };
+    // An aborted run wins over work that finishes in the same instant: nobody waits for it.
     let result = tokio::select! {
-        r = work => r,
+        biased;
         _ = cancel.cancelled() => return None,
+        r = work => r,
     };
     let outcome = match result {
         Ok(Outcome::Completed { output }) => {
@@ -216,6 +247,7 @@ pub async fn execute_audited<H: Handler>(
         Err(error) => Outcome::Failed { error },
     };
     let finished_us = now_us();
+    cx.usage().apply(&mut record);
     record.finished_at_us = finished_us;
     record.duration_us = Some(finished_us - started_us);
     if let Some(input) = &rendered {

@@ -1,4 +1,5 @@
-//! The NATS transport: a durable pull consumer per function type.
+//! The NATS transport: a durable pull consumer per function type, behind the delivery
+//! contract of [`crate::delivery`].
 //!
 //! Per message: parse (garbage is dead-lettered and terminated, never retried), run the
 //! handler under a concurrency limit while sending in-progress heartbeats, hand the result
@@ -13,12 +14,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use aob_model::audit::DecisionRecord;
 use aob_model::wire::{HandoffReply, Outcome, StepResult, Task};
 
-use crate::{Error, Handler, PayloadStore, Result, bus, execute_audited};
+use crate::{Error, Handler, PayloadStore, Result, bus};
 
 /// Settings of the NATS transport.
 #[derive(Debug, Clone)]
@@ -113,6 +116,13 @@ pub async fn serve<H: Handler>(
         }
     });
 
+    let contract = crate::delivery::Contract {
+        payloads,
+        max_message_bytes: cfg.max_message_bytes,
+        heartbeat: cfg.heartbeat,
+        emitter: Arc::new(NatsEmitter(client.clone())),
+        secrets: crate::secrets::Secrets::from_env(),
+    };
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     tracing::info!(node_type, "serving tasks");
     loop {
@@ -135,12 +145,12 @@ pub async fn serve<H: Handler>(
         };
         let handler = handler.clone();
         let js = js.clone();
-        let payloads = payloads.clone();
+        let contract = contract.clone();
         let inflight = inflight.clone();
         let component = component.clone();
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            handle_message(&*handler, &js, &payloads, &inflight, &component, &cfg, msg).await;
+            handle_message(&*handler, &js, &contract, &inflight, &component, &cfg, msg).await;
             drop(permit);
         });
     }
@@ -151,80 +161,131 @@ pub async fn serve<H: Handler>(
     Ok(())
 }
 
+/// One task from `fn-<type>`, as the delivery contract sees it.
+struct NatsDelivery<'a> {
+    msg: jetstream::Message,
+    subject: String,
+    js: &'a jetstream::Context,
+    component: &'a str,
+    handoff: Option<Duration>,
+    inflight: &'a Inflight,
+    /// Where this delivery's cancel token is registered, to take it out when done.
+    registered: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl Drop for NatsDelivery<'_> {
+    fn drop(&mut self) {
+        let Some((key, id)) = self.registered.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        if let Ok(mut map) = self.inflight.lock()
+            && let Some(list) = map.get_mut(&key)
+        {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+impl crate::delivery::Delivery for NatsDelivery<'_> {
+    fn origin(&self) -> &str {
+        &self.subject
+    }
+    fn body(&self) -> &[u8] {
+        &self.msg.payload
+    }
+    fn cancel_for(&self, task: &Task) -> CancellationToken {
+        // `abort` events of the run cancel it (see `serve`).
+        let key = format!("{}.{}", task.tenant, task.run_id);
+        let cancel = CancellationToken::new();
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut map) = self.inflight.lock() {
+            map.entry(key.clone())
+                .or_default()
+                .push((id, cancel.clone()));
+        }
+        if let Ok(mut r) = self.registered.lock() {
+            *r = Some((key, id));
+        }
+        cancel
+    }
+    fn in_progress(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            let _ = self.msg.ack_with(AckKind::Progress).await;
+        })
+    }
+    fn settle<'b>(&'b self, result: &'b StepResult) -> BoxFuture<'b, Result<()>> {
+        Box::pin(deliver_result(self.js, result, self.handoff))
+    }
+    fn audit<'b>(&'b self, record: &'b DecisionRecord) -> BoxFuture<'b, Result<()>> {
+        Box::pin(async move {
+            bus::publish_record(self.js, record)
+                .await?
+                .await
+                .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))?;
+            Ok(())
+        })
+    }
+    fn ack(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            let _ = self.msg.ack().await;
+        })
+    }
+    fn retry(&self, delay: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.msg.ack_with(AckKind::Nak(Some(delay))).await;
+        })
+    }
+    fn refuse<'b>(&'b self, reason: &'b str) -> BoxFuture<'b, ()> {
+        Box::pin(async move {
+            bus::dead_letter(
+                self.js,
+                self.component,
+                &self.subject,
+                &self.msg.payload,
+                reason,
+            )
+            .await;
+            let _ = self.msg.ack_with(AckKind::Term).await;
+        })
+    }
+}
+
+/// NATS core publishes of what handlers emit, on `aob.<tenant>.stream.<run>.<step>`.
+struct NatsEmitter(async_nats::Client);
+
+impl crate::context::Emitter for NatsEmitter {
+    fn emit(&self, e: crate::context::Emitted) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let subject = aob_streams::subjects::stream(&e.tenant, &e.run_id, &e.at.step);
+            if let Ok(body) = serde_json::to_vec(&e) {
+                let _ = self.0.publish(subject, body.into()).await;
+            }
+        })
+    }
+}
+
 async fn handle_message<H: Handler>(
     handler: &H,
     js: &jetstream::Context,
-    payloads: &PayloadStore,
+    contract: &crate::delivery::Contract,
     inflight: &Inflight,
     component: &str,
     cfg: &ServeConfig,
     msg: jetstream::Message,
 ) {
-    let subject = msg.subject.to_string();
-    let task = match parse_task(&msg.payload, &subject, cfg.max_message_bytes) {
-        Ok(t) => t,
-        Err(reason) => {
-            bus::dead_letter(js, component, &subject, &msg.payload, &reason).await;
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
-        }
+    let d = NatsDelivery {
+        subject: msg.subject.to_string(),
+        msg,
+        js,
+        component,
+        handoff: cfg.handoff,
+        inflight,
+        registered: std::sync::Mutex::new(None),
     };
-    let key = format!("{}.{}", task.tenant, task.run_id);
-    let cancel = CancellationToken::new();
-    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Ok(mut map) = inflight.lock() {
-        map.entry(key.clone())
-            .or_default()
-            .push((id, cancel.clone()));
-    }
-    let heartbeat = {
-        let every = cfg.heartbeat;
-        let ack = msg.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let _ = ack.ack_with(AckKind::Progress).await;
-            }
-        })
-    };
-    let result = execute_audited(handler, task, payloads, &cancel).await;
-    if let Ok(mut map) = inflight.lock()
-        && let Some(list) = map.get_mut(&key)
-    {
-        list.retain(|(i, _)| *i != id);
-        if list.is_empty() {
-            map.remove(&key);
-        }
-    }
-    let Some((result, record)) = result else {
-        // The run was aborted: nobody waits for this result.
-        heartbeat.abort();
-        let _ = msg.ack().await;
-        return;
-    };
-    // The audit record goes out with the result; the task is acked only when both are stored.
-    let audited = async {
-        bus::publish_record(js, &record)
-            .await?
-            .await
-            .map_err(|e| Error::Nats(format!("publishing an audit record: {e}")))
-    };
-    // Heartbeats go on while the engine takes the result: it may be busy for a while.
-    let (published, audited) = tokio::join!(deliver_result(js, &result, cfg.handoff), audited);
-    heartbeat.abort();
-    match published.and(audited.map(|_| ())) {
-        Ok(()) => {
-            let _ = msg.ack().await;
-        }
-        Err(e) => {
-            tracing::warn!("result not published, task will be redelivered: {e}");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
-    }
+    crate::delivery::deliver(handler, &d, contract).await;
 }
 
 /// Parses and checks a task body; the error is the reason for the dead letter.
