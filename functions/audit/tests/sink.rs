@@ -50,6 +50,14 @@ impl Env {
         }
     }
 
+    /// Creation time of `AOB_AUDIT` in nanoseconds since the Unix epoch, as object names
+    /// carry it.
+    async fn stream_created(&self) -> u64 {
+        let mut s = self.js.get_stream(aob_streams::AUDIT).await.unwrap();
+        let created = s.info().await.unwrap().created.unix_timestamp_nanos();
+        u64::try_from(created).unwrap()
+    }
+
     fn url(&self) -> String {
         format!("file://{}", self.dir.path().join("audit").display())
     }
@@ -217,6 +225,7 @@ async fn writes_1200_records_of_two_tenants_once_in_the_layout() {
         assert!(["acme", "beta"].contains(&name.tenant.as_str()), "{name:?}");
         assert_eq!(name.date, "2026-11-21");
         assert!(name.first_seq <= name.last_seq);
+        assert_eq!(name.stream, Some(env.stream_created().await));
         assert!(f.size > 0 && f.rows > 0);
         assert_eq!(
             f.path,
@@ -224,6 +233,7 @@ async fn writes_1200_records_of_two_tenants_once_in_the_layout() {
                 &prefix,
                 &name.tenant,
                 Date::from_unix_micros(NOV21_US),
+                name.stream.unwrap(),
                 name.first_seq,
                 name.last_seq
             )
@@ -278,8 +288,9 @@ async fn an_interrupted_batch_is_rewritten_under_the_same_names() {
     // truncated object and one that the rewrite will not produce.
     let (store, prefix) = env.store();
     let day = Date::from_unix_micros(NOV21_US);
-    let name = object_path(&prefix, "acme", day, 1, 200);
-    let stale = object_path(&prefix, "acme", Date::from_days(0), 1, 3);
+    let created = env.stream_created().await;
+    let name = object_path(&prefix, "acme", day, created, 1, 200);
+    let stale = object_path(&prefix, "acme", Date::from_days(0), created, 1, 3);
     let partial = aob_audit::encode(&records[..3]).unwrap();
     for p in [&name, &stale] {
         object_store::ObjectStoreExt::put(store.as_ref(), p, partial.clone().into())
@@ -326,7 +337,14 @@ async fn a_written_batch_is_not_written_again() {
     env.publish(&records).await;
     // A sink died after writing sequences 1..=60, before acknowledging them.
     let (store, prefix) = env.store();
-    let name = object_path(&prefix, "acme", Date::from_unix_micros(NOV21_US), 1, 60);
+    let name = object_path(
+        &prefix,
+        "acme",
+        Date::from_unix_micros(NOV21_US),
+        env.stream_created().await,
+        1,
+        60,
+    );
     object_store::ObjectStoreExt::put(
         store.as_ref(),
         &name,
