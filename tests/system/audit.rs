@@ -460,34 +460,32 @@ struct Sink {
 }
 
 impl Sink {
-    async fn start(s: &Stack, url: &str) -> Sink {
-        let client = s.server.connect().await.unwrap();
+    async fn start(s: &Stack, url: &str) -> anyhow::Result<Sink> {
+        let client = s.server.connect().await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let (url, token) = (url.to_string(), stop.clone());
         let task = tokio::spawn(async move {
             aob_fn_audit::run(client, &url, SinkConfig::default(), token).await
         });
-        Sink { stop, task }
+        Ok(Sink { stop, task })
     }
 
-    async fn stop(self) {
+    async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        Ok(self.task.await??)
     }
 }
 
 /// Writes `records` and waits until the sink has them in files.
-async fn write_through(s: &Stack, records: &[DecisionRecord]) {
+async fn write_through(s: &Stack, records: &[DecisionRecord]) -> anyhow::Result<()> {
     for r in records {
-        publish_record(s, r).await.unwrap();
+        publish_record(s, r).await?;
     }
-    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60))
-        .await
-        .unwrap();
+    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60)).await
 }
 
 /// `(rows, distinct record ids, rows whose id starts with each prefix)` of the trail.
-fn census(dir: &std::path::Path, prefixes: &[&str]) -> Vec<Value> {
+fn census(dir: &std::path::Path, prefixes: &[&str]) -> anyhow::Result<Vec<Value>> {
     let trail = aob_tests::audit::trail(dir);
     let per: Vec<String> = prefixes
         .iter()
@@ -496,9 +494,10 @@ fn census(dir: &std::path::Path, prefixes: &[&str]) -> Vec<Value> {
     let got = aob_tests::audit::duckdb(&format!(
         "SELECT count(*), count(DISTINCT record_id), {} FROM {trail}",
         per.join(", ")
-    ))
-    .unwrap();
-    got[0].clone()
+    ))?;
+    got.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("DuckDB returned no row"))
 }
 
 /// `aob streams apply` asks an operator to delete the sink's consumer when its ack policy
@@ -508,11 +507,11 @@ async fn recreating_the_sink_consumer_writes_no_record_twice() {
     let s = Stack::bare().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let sink = Sink::start(&s, &url).await;
+    let sink = Sink::start(&s, &url).await.unwrap();
     // Two batches, so that a second pass over the stream would cut them differently.
-    write_through(&s, &numbered("first", 0, 120)).await;
-    write_through(&s, &numbered("second", 0, 80)).await;
-    sink.stop().await;
+    write_through(&s, &numbered("first", 0, 120)).await.unwrap();
+    write_through(&s, &numbered("second", 0, 80)).await.unwrap();
+    sink.stop().await.unwrap();
 
     let stream = s.js.get_stream(aob_streams::AUDIT).await.unwrap();
     stream
@@ -537,11 +536,11 @@ async fn recreating_the_sink_consumer_writes_no_record_twice() {
         "the new consumer delivers everything again"
     );
 
-    let sink = Sink::start(&s, &url).await;
-    write_through(&s, &numbered("third", 0, 30)).await;
-    sink.stop().await;
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &numbered("third", 0, 30)).await.unwrap();
+    sink.stop().await.unwrap();
     assert_eq!(
-        census(dir.path(), &["first", "second", "third"]),
+        census(dir.path(), &["first", "second", "third"]).unwrap(),
         [json!(230), json!(230), json!(120), json!(80), json!(30)],
         "rows, distinct ids, then rows per batch of records"
     );
@@ -555,9 +554,9 @@ async fn recreating_the_audit_stream_writes_no_record_twice() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let old = numbered("old", 0, 100);
-    let sink = Sink::start(&s, &url).await;
-    write_through(&s, &old).await;
-    sink.stop().await;
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &old).await.unwrap();
+    sink.stop().await.unwrap();
 
     s.js.delete_stream(aob_streams::AUDIT).await.unwrap();
     let changes = aob_tests::test_topology().apply(&s.js).await.unwrap();
@@ -569,13 +568,13 @@ async fn recreating_the_audit_stream_writes_no_record_twice() {
     );
     // New records first, in a batch of their own: they take the sequences the old ones had
     // in the old stream, and their file the name the old one would have without the stream.
-    let sink = Sink::start(&s, &url).await;
-    write_through(&s, &numbered("new", 0, 100)).await;
-    write_through(&s, &old).await;
-    write_through(&s, &numbered("new", 100, 50)).await;
-    sink.stop().await;
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &numbered("new", 0, 100)).await.unwrap();
+    write_through(&s, &old).await.unwrap();
+    write_through(&s, &numbered("new", 100, 50)).await.unwrap();
+    sink.stop().await.unwrap();
     assert_eq!(
-        census(dir.path(), &["old", "new"]),
+        census(dir.path(), &["old", "new"]).unwrap(),
         [json!(250), json!(250), json!(100), json!(150)],
         "rows, distinct ids, old rows, new rows"
     );
