@@ -39,7 +39,8 @@ pub type Folder = (String, Date);
 /// The record ids of the folders in memory.
 #[derive(Debug, Default)]
 pub struct Index {
-    folders: HashMap<Folder, Ids>,
+    /// By tenant, then day: looked up with the record's `&str` tenant, no copy per row.
+    folders: HashMap<String, HashMap<Date, Ids>>,
     keys: (RandomState, RandomState),
 }
 
@@ -52,11 +53,8 @@ struct Ids {
 /// Ids of a batch's rows by folder, to add once the batch's objects are durable.
 pub struct Pending(Vec<(Folder, Vec<u128>)>);
 
-fn folder_of(row: &Row) -> Folder {
-    (
-        row.1.tenant.clone(),
-        Date::from_unix_micros(row.1.finished_at_us),
-    )
+fn day_of(row: &Row) -> Date {
+    Date::from_unix_micros(row.1.finished_at_us)
 }
 
 impl Index {
@@ -68,9 +66,13 @@ impl Index {
     pub fn missing(&self, rows: &[Row]) -> Vec<Folder> {
         let mut out: Vec<Folder> = Vec::new();
         for row in rows {
-            let f = folder_of(row);
-            if !self.folders.contains_key(&f) && !out.contains(&f) {
-                out.push(f);
+            let (tenant, day) = (row.1.tenant.as_str(), day_of(row));
+            let loaded = self
+                .folders
+                .get(tenant)
+                .is_some_and(|days| days.contains_key(&day));
+            if !loaded && !out.iter().any(|(t, d)| t == tenant && *d == day) {
+                out.push((tenant.to_string(), day));
             }
         }
         out
@@ -108,8 +110,8 @@ impl Index {
             .await?;
         }
         tracing::debug!(folder = %dir, ids = ids.len(), "read the record ids of an audit folder");
-        self.folders.insert(
-            folder.clone(),
+        self.folders.entry(folder.0.clone()).or_default().insert(
+            folder.1,
             Ids {
                 ids,
                 touched: Instant::now(),
@@ -127,7 +129,11 @@ impl Index {
             .into_iter()
             .filter(|row| {
                 let key = self.key(&row.1.record_id);
-                match self.folders.get_mut(&folder_of(row)) {
+                match self
+                    .folders
+                    .get_mut(row.1.tenant.as_str())
+                    .and_then(|days| days.get_mut(&day_of(row)))
+                {
                     Some(f) => {
                         f.touched = now;
                         !f.ids.contains(&key)
@@ -160,18 +166,28 @@ impl Index {
         let now = Instant::now();
         for (folder, keys) in pending.0 {
             // A folder dropped meanwhile is read from the files again when needed.
-            if let Some(f) = self.folders.get_mut(&folder) {
+            if let Some(f) = self
+                .folders
+                .get_mut(&folder.0)
+                .and_then(|days| days.get_mut(&folder.1))
+            {
                 f.ids.extend(keys);
                 f.touched = now;
             }
         }
-        self.folders
-            .retain(|_, f| now.duration_since(f.touched) < INDEX_IDLE);
+        for days in self.folders.values_mut() {
+            days.retain(|_, f| now.duration_since(f.touched) < INDEX_IDLE);
+        }
+        self.folders.retain(|_, days| !days.is_empty());
     }
 
     /// Ids in memory, all folders together.
     pub fn len(&self) -> usize {
-        self.folders.values().map(|f| f.ids.len()).sum()
+        self.folders
+            .values()
+            .flat_map(|days| days.values())
+            .map(|f| f.ids.len())
+            .sum()
     }
 
     /// True when no id is in memory.
