@@ -372,6 +372,62 @@ async fn a_written_batch_is_not_written_again() {
     task.await.unwrap().unwrap();
 }
 
+/// An intent log left by a sink of a stream that was deleted since: its sequences, floor and
+/// interrupted batch speak of the old stream, and applied to the new one they would skip new
+/// records and rewrite old names with new rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intent_of_a_deleted_stream_is_not_applied_to_the_new_one() {
+    let env = Env::start(Duration::from_secs(30)).await;
+    let records: Vec<DecisionRecord> = (0..80).map(|i| record("acme", i, NOV21_US)).collect();
+    env.publish(&records).await;
+    let created = env.stream_created().await;
+    // What the old stream's sink left: one file of 10 rows that are not in the new stream,
+    // and an interrupted batch of sequences 1..=40 listing that file.
+    let (store, prefix) = env.store();
+    let old: Vec<DecisionRecord> = (100..110).map(|i| record("acme", i, NOV21_US)).collect();
+    let old_file = object_path(
+        &prefix,
+        "acme",
+        Date::from_unix_micros(NOV21_US),
+        created - 1,
+        1,
+        40,
+    );
+    object_store::ObjectStoreExt::put(
+        store.as_ref(),
+        &old_file,
+        aob_audit::encode(&old).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let kv = env
+        .js
+        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
+        .await
+        .unwrap();
+    let intent = serde_json::json!({
+        "first": 1, "last": 40, "count": 40, "state": "writing",
+        "seqs": [[1, 40]], "files": [old_file.to_string()],
+        "written": [[41, 60]], "floor": 70, "stream": created - 1
+    });
+    kv.put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
+        .await
+        .unwrap();
+
+    let (stop, task) = env.sink(SinkConfig::default()).await;
+    let files = env.flush_until(90, Duration::from_secs(30)).await;
+    assert!(
+        files.iter().any(|f| f.path == old_file && f.rows == 10),
+        "the old stream's file stays as it was: {files:?}"
+    );
+    assert_unique(&env.record_ids(), 90);
+    let after: serde_json::Value =
+        serde_json::from_slice(&kv.get(INTENT_KEY).await.unwrap().unwrap()).unwrap();
+    assert_eq!(after["stream"], created);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// Sinks killed over and over (their task dropped mid-await, their connection closed)
 /// while records arrive for two tenants across midnight: at a random moment, right after
 /// the intent says `writing` (objects half written), or right after it says `written`
