@@ -18,7 +18,7 @@
 //! ids collide with probability 2^-128.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,30 @@ pub struct Index {
 
 #[derive(Debug)]
 struct Ids {
-    ids: HashSet<u128>,
+    ids: HashSet<u128, BuildHasherDefault<Prehashed>>,
     touched: Instant,
+}
+
+/// The keys are already keyed hashes: the set uses their low bits instead of hashing again
+/// (a third of the index's time per record).
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u128` keys go in; mix anything else in rather than ignore it.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
 }
 
 /// Ids of a batch's rows by folder, to add once the batch's objects are durable.
@@ -88,7 +110,7 @@ impl Index {
         exclude: &[String],
     ) -> Result<()> {
         let dir = partition_path(prefix, &folder.0, folder.1);
-        let mut ids = HashSet::new();
+        let mut ids = HashSet::default();
         let mut listing = store.list(Some(&dir));
         let mut files = Vec::new();
         while let Some(meta) = listing.next().await {
