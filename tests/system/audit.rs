@@ -23,6 +23,37 @@ async fn records_of(s: &Stack, run: &str) -> anyhow::Result<Vec<DecisionRecord>>
         .collect())
 }
 
+/// Waits, on a consumer of the audit stream, for the first record of a run.
+async fn first_record_of(
+    s: &Stack,
+    run: &str,
+    within: std::time::Duration,
+) -> anyhow::Result<DecisionRecord> {
+    use futures::StreamExt;
+    let consumer =
+        s.js.get_stream(aob_streams::AUDIT)
+            .await?
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: aob_streams::subjects::audit(T),
+                ..Default::default()
+            })
+            .await?;
+    let mut messages = consumer.messages().await?;
+    let wait = async {
+        while let Some(m) = messages.next().await {
+            if let Ok(r) = serde_json::from_slice::<DecisionRecord>(&m?.payload)
+                && r.run_id == run
+            {
+                return Ok(r);
+            }
+        }
+        anyhow::bail!("the audit stream's consumer ended")
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("no audit record of run {run} within {within:?}"))?
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_history_event_and_every_task_becomes_one_record() {
     let s = Stack::start().await.unwrap();
@@ -89,13 +120,11 @@ async fn a_rejected_start_is_audited_and_an_http_call_is_a_tool_call() {
     let wf = s.publish_example(T, "chain").await.unwrap();
     // Input that fails the schema: a rejection, audited with the workflow named.
     let run = s.start_run(T, &wf, json!({"name": 5})).await.unwrap();
-    let records = loop {
-        let r = records_of(&s, &run).await.unwrap();
-        if !r.is_empty() {
-            break r;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    // The rejection has no run to wait on: wait for its record on the stream.
+    first_record_of(&s, &run, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let records = records_of(&s, &run).await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].event_kind, AuditKind::RunRejected);
     assert_eq!(records[0].workflow.as_deref(), Some(wf.as_str()));
@@ -291,12 +320,23 @@ async fn the_sink_writes_to_an_s3_compatible_server() {
 
 /// Kills the sink mid-batch and between upload and ack, over and over, while records keep
 /// coming; afterwards DuckDB counts every record exactly once.
+///
+/// Each killed sink is shown to have been at work: a sink with the `after_write` failpoint
+/// must exit with an error leaving the intent log in `writing` (objects written, nothing
+/// acknowledged), and a sink killed from outside is killed right after it was seen, through
+/// a watch of the intent log, entering a given stage of a batch (`writing`, `written`,
+/// `done`, in turn).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_sink_loses_and_duplicates_nothing() {
+    use futures::StreamExt;
     let s = Stack::bare().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let nats = s.server.url();
+    let kv =
+        s.js.get_key_value(aob_streams::AUDIT_SINK_BUCKET)
+            .await
+            .unwrap();
     // Small batches that flush often, so kills land in every phase.
     let small = [
         ("AOB_AUDIT_MAX_ROWS", "300".to_string()),
@@ -323,29 +363,67 @@ async fn killing_the_sink_loses_and_duplicates_nothing() {
                     .unwrap()
                     .await
                     .unwrap();
+                // Pacing, so that the sinks below are killed while records still arrive.
                 if i % 100 == 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             }
         })
     };
-    let mut kills = 0;
+    let stage = |v: &Value| v["state"].as_str().unwrap_or_default().to_string();
+    let stages = ["writing", "written", "done"];
     for round in 0..8 {
+        // Updates of the intent log from now on are this round's sink's.
+        let mut updates = kv.watch(aob_audit::sink::INTENT_KEY).await.unwrap();
         if round % 2 == 0 {
             // Dies right after writing its objects, before any ack.
             let mut env = small.to_vec();
             env.push(("AOB_AUDIT_FAILPOINT", "after_write".to_string()));
             let mut p = SinkProcess::start(&nats, &url, &env).unwrap();
-            p.wait_exit(std::time::Duration::from_secs(20))
+            let status = p
+                .wait_exit(std::time::Duration::from_secs(20))
                 .await
                 .unwrap();
+            assert!(
+                !status.success(),
+                "round {round}: the failpoint exits with an error"
+            );
+            let intent: Value = serde_json::from_slice(
+                &kv.get(aob_audit::sink::INTENT_KEY).await.unwrap().unwrap(),
+            )
+            .unwrap();
+            assert_eq!(stage(&intent), "writing", "round {round}: {intent}");
+            let files = intent["files"].as_array().cloned().unwrap_or_default();
+            assert!(!files.is_empty(), "round {round}: {intent}");
+            for f in files {
+                let f = f.as_str().unwrap_or_default();
+                assert!(
+                    dir.path().join(f).is_file(),
+                    "round {round}: {f} was written"
+                );
+            }
         } else {
-            // Killed at some point of its work.
+            // Killed right after it is seen entering a stage of a batch.
+            let want = stages[(round / 2) % stages.len()];
             let mut p = SinkProcess::start(&nats, &url, &small).unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(300 + 170 * round as u64)).await;
+            let seen = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                while let Some(entry) = updates.next().await {
+                    let entry = entry.unwrap();
+                    let v: Value = serde_json::from_slice(&entry.value).unwrap_or(Value::Null);
+                    if stage(&v) == want {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
             p.kill();
+            assert_eq!(
+                seen,
+                Ok(true),
+                "round {round}: the sink never reached `{want}` in 20 s"
+            );
         }
-        kills += 1;
     }
     publisher.await.unwrap();
     // A last sink that is left alone, with the topology's short ack wait for redeliveries.
@@ -354,8 +432,150 @@ async fn killing_the_sink_loses_and_duplicates_nothing() {
     let query =
         format!("SELECT count(DISTINCT record_id), count(*), count(DISTINCT tenant) FROM {trail}");
     let got = settle(&s, &query).await.unwrap();
-    assert_eq!(kills, 8);
     assert_eq!(got[0][0], json!(total), "every record is in the trail");
     assert_eq!(got[0][1], json!(total), "and none twice");
     assert_eq!(got[0][2], json!(2));
+}
+
+/// Records numbered `from..from + n` with ids `<prefix>-<i>`, of tenant `default`.
+fn numbered(prefix: &str, from: usize, n: usize) -> Vec<DecisionRecord> {
+    (from..from + n)
+        .map(|i| {
+            DecisionRecord::new(
+                format!("{prefix}-{i}"),
+                T,
+                &format!("run-{}", i / 10),
+                AuditKind::TaskExecuted,
+                "fn.transform",
+                aob_runtime::now_us(),
+            )
+        })
+        .collect()
+}
+
+/// An in-process sink on its own connection, stopped (flushing first) by [`Sink::stop`].
+struct Sink {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<aob_audit::Result<()>>,
+}
+
+impl Sink {
+    async fn start(s: &Stack, url: &str) -> anyhow::Result<Sink> {
+        let client = s.server.connect().await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (url, token) = (url.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            aob_fn_audit::run(client, &url, SinkConfig::default(), token).await
+        });
+        Ok(Sink { stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        Ok(self.task.await??)
+    }
+}
+
+/// Writes `records` and waits until the sink has them in files.
+async fn write_through(s: &Stack, records: &[DecisionRecord]) -> anyhow::Result<()> {
+    for r in records {
+        publish_record(s, r).await?;
+    }
+    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60)).await
+}
+
+/// `(rows, distinct record ids, rows whose id starts with each prefix)` of the trail.
+fn census(dir: &std::path::Path, prefixes: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let trail = aob_tests::audit::trail(dir);
+    let per: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("count(*) FILTER (WHERE record_id LIKE '{p}-%')"))
+        .collect();
+    let got = aob_tests::audit::duckdb(&format!(
+        "SELECT count(*), count(DISTINCT record_id), {} FROM {trail}",
+        per.join(", ")
+    ))?;
+    got.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("DuckDB returned no row"))
+}
+
+/// `aob streams apply` asks an operator to delete the sink's consumer when its ack policy
+/// must change; the consumer it creates again delivers the whole stream from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreating_the_sink_consumer_writes_no_record_twice() {
+    let s = Stack::bare().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let sink = Sink::start(&s, &url).await.unwrap();
+    // Two batches, so that a second pass over the stream would cut them differently.
+    write_through(&s, &numbered("first", 0, 120)).await.unwrap();
+    write_through(&s, &numbered("second", 0, 80)).await.unwrap();
+    sink.stop().await.unwrap();
+
+    let stream = s.js.get_stream(aob_streams::AUDIT).await.unwrap();
+    stream
+        .delete_consumer(aob_streams::AUDIT_SINK)
+        .await
+        .unwrap();
+    let changes = aob_tests::test_topology().apply(&s.js).await.unwrap();
+    assert_eq!(
+        changes.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        [format!(
+            "consumer {}/{}: missing",
+            aob_streams::AUDIT,
+            aob_streams::AUDIT_SINK
+        )]
+    );
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(aob_streams::AUDIT_SINK).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        (info.ack_floor.stream_sequence, info.num_pending),
+        (0, 200),
+        "the new consumer delivers everything again"
+    );
+
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &numbered("third", 0, 30)).await.unwrap();
+    sink.stop().await.unwrap();
+    assert_eq!(
+        census(dir.path(), &["first", "second", "third"]).unwrap(),
+        [json!(230), json!(230), json!(120), json!(80), json!(30)],
+        "rows, distinct ids, then rows per batch of records"
+    );
+}
+
+/// The stream deleted and created again (`aob streams apply` after a `nats stream rm`):
+/// sequences restart at 1, and producers publish records again with the ids they had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreating_the_audit_stream_writes_no_record_twice() {
+    let s = Stack::bare().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let old = numbered("old", 0, 100);
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &old).await.unwrap();
+    sink.stop().await.unwrap();
+
+    s.js.delete_stream(aob_streams::AUDIT).await.unwrap();
+    let changes = aob_tests::test_topology().apply(&s.js).await.unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|d| d.to_string() == format!("stream {}: missing", aob_streams::AUDIT)),
+        "{changes:?}"
+    );
+    // New records first, in a batch of their own: they take the sequences the old ones had
+    // in the old stream, and their file the name the old one would have without the stream.
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &numbered("new", 0, 100)).await.unwrap();
+    write_through(&s, &old).await.unwrap();
+    write_through(&s, &numbered("new", 100, 50)).await.unwrap();
+    sink.stop().await.unwrap();
+    assert_eq!(
+        census(dir.path(), &["old", "new"]).unwrap(),
+        [json!(250), json!(250), json!(100), json!(150)],
+        "rows, distinct ids, old rows, new rows"
+    );
 }

@@ -50,6 +50,14 @@ impl Env {
         }
     }
 
+    /// Creation time of `AOB_AUDIT` in nanoseconds since the Unix epoch, as object names
+    /// carry it.
+    async fn stream_created(&self) -> u64 {
+        let mut s = self.js.get_stream(aob_streams::AUDIT).await.unwrap();
+        let created = s.info().await.unwrap().created.unix_timestamp_nanos();
+        u64::try_from(created).unwrap()
+    }
+
     fn url(&self) -> String {
         format!("file://{}", self.dir.path().join("audit").display())
     }
@@ -217,6 +225,7 @@ async fn writes_1200_records_of_two_tenants_once_in_the_layout() {
         assert!(["acme", "beta"].contains(&name.tenant.as_str()), "{name:?}");
         assert_eq!(name.date, "2026-11-21");
         assert!(name.first_seq <= name.last_seq);
+        assert_eq!(name.stream, Some(env.stream_created().await));
         assert!(f.size > 0 && f.rows > 0);
         assert_eq!(
             f.path,
@@ -224,6 +233,7 @@ async fn writes_1200_records_of_two_tenants_once_in_the_layout() {
                 &prefix,
                 &name.tenant,
                 Date::from_unix_micros(NOV21_US),
+                name.stream.unwrap(),
                 name.first_seq,
                 name.last_seq
             )
@@ -278,8 +288,9 @@ async fn an_interrupted_batch_is_rewritten_under_the_same_names() {
     // truncated object and one that the rewrite will not produce.
     let (store, prefix) = env.store();
     let day = Date::from_unix_micros(NOV21_US);
-    let name = object_path(&prefix, "acme", day, 1, 200);
-    let stale = object_path(&prefix, "acme", Date::from_days(0), 1, 3);
+    let created = env.stream_created().await;
+    let name = object_path(&prefix, "acme", day, created, 1, 200);
+    let stale = object_path(&prefix, "acme", Date::from_days(0), created, 1, 3);
     let partial = aob_audit::encode(&records[..3]).unwrap();
     for p in [&name, &stale] {
         object_store::ObjectStoreExt::put(store.as_ref(), p, partial.clone().into())
@@ -326,7 +337,14 @@ async fn a_written_batch_is_not_written_again() {
     env.publish(&records).await;
     // A sink died after writing sequences 1..=60, before acknowledging them.
     let (store, prefix) = env.store();
-    let name = object_path(&prefix, "acme", Date::from_unix_micros(NOV21_US), 1, 60);
+    let name = object_path(
+        &prefix,
+        "acme",
+        Date::from_unix_micros(NOV21_US),
+        env.stream_created().await,
+        1,
+        60,
+    );
     object_store::ObjectStoreExt::put(
         store.as_ref(),
         &name,
@@ -350,6 +368,62 @@ async fn a_written_batch_is_not_written_again() {
     let files = env.flush_until(100, Duration::from_secs(30)).await;
     assert_eq!(files.len(), 2, "{files:?}");
     assert_unique(&env.record_ids(), 100);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An intent log left by a sink of a stream that was deleted since: its sequences, floor and
+/// interrupted batch speak of the old stream, and applied to the new one they would skip new
+/// records and rewrite old names with new rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intent_of_a_deleted_stream_is_not_applied_to_the_new_one() {
+    let env = Env::start(Duration::from_secs(30)).await;
+    let records: Vec<DecisionRecord> = (0..80).map(|i| record("acme", i, NOV21_US)).collect();
+    env.publish(&records).await;
+    let created = env.stream_created().await;
+    // What the old stream's sink left: one file of 10 rows that are not in the new stream,
+    // and an interrupted batch of sequences 1..=40 listing that file.
+    let (store, prefix) = env.store();
+    let old: Vec<DecisionRecord> = (100..110).map(|i| record("acme", i, NOV21_US)).collect();
+    let old_file = object_path(
+        &prefix,
+        "acme",
+        Date::from_unix_micros(NOV21_US),
+        created - 1,
+        1,
+        40,
+    );
+    object_store::ObjectStoreExt::put(
+        store.as_ref(),
+        &old_file,
+        aob_audit::encode(&old).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let kv = env
+        .js
+        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
+        .await
+        .unwrap();
+    let intent = serde_json::json!({
+        "first": 1, "last": 40, "count": 40, "state": "writing",
+        "seqs": [[1, 40]], "files": [old_file.to_string()],
+        "written": [[41, 60]], "floor": 70, "stream": created - 1
+    });
+    kv.put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
+        .await
+        .unwrap();
+
+    let (stop, task) = env.sink(SinkConfig::default()).await;
+    let files = env.flush_until(90, Duration::from_secs(30)).await;
+    assert!(
+        files.iter().any(|f| f.path == old_file && f.rows == 10),
+        "the old stream's file stays as it was: {files:?}"
+    );
+    assert_unique(&env.record_ids(), 90);
+    let after: serde_json::Value =
+        serde_json::from_slice(&kv.get(INTENT_KEY).await.unwrap().unwrap()).unwrap();
+    assert_eq!(after["stream"], created);
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -4,9 +4,12 @@
 //!   ([`schema()`]), record batches ([`to_batch`]) and Parquet bytes ([`encode`]).
 //! - [`mod@store`]: object stores from URLs ([`open`]), the object layout ([`object_path`]) and
 //!   listing files with their row counts from the footers ([`list`]).
+//! - [`mod@index`]: the record ids already in the files, per tenant and day, which keep a
+//!   record published again under a new sequence from a second row.
 //! - [`mod@sink`]: the service that moves `AOB_AUDIT` into Parquet objects with every record
 //!   written exactly once, across crashes ([`sink::serve`]).
 
+pub mod index;
 pub mod schema;
 pub mod sink;
 pub mod store;
@@ -40,6 +43,9 @@ pub enum Error {
     /// The intent log changed under the sink: another sink is running on the same consumer.
     #[error("{0}")]
     Conflict(String),
+    /// The `AOB_AUDIT` stream was deleted and created again under the running sink.
+    #[error("{0}")]
+    Recreated(String),
     /// A crash test's failpoint was reached (see [`sink::Failpoint`]).
     #[error("stopped at failpoint {0}")]
     Failpoint(&'static str),

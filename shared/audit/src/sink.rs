@@ -28,6 +28,17 @@
 //! until the consumer's ack floor passes it: a redelivered message whose sequence is at or
 //! below the ack floor, or in `written`, is not written again (the next ack covers it).
 //!
+//! The intent also names the stream it speaks of (`stream`, the creation time of
+//! `AOB_AUDIT`) and keeps `floor`, the highest ack floor the consumer ever reached in that
+//! stream: every sequence at or below it is durable or dead-lettered. A consumer deleted and
+//! created again (as `aob streams apply` asks for on some upgrades) starts from an ack floor
+//! of 0 and delivers everything again; the sink skips it by `floor` and `written`. A stream
+//! created again restarts its sequences, so all of that is forgotten when `stream` differs,
+//! and what keeps a record from a second row then is the record-id index
+//! ([`crate::index`]): before a batch is written, rows whose `record_id` already is in a
+//! file of their tenant and day are left out. Object names carry the stream's creation
+//! time, so a new stream's files never overwrite an old one's.
+//!
 //! Why not just "skip every sequence ≤ the last completed batch's last sequence"
 //! (`done_upto`, still recorded for operators)? Batches are not contiguous in sequence:
 //! a sequence can come back after later ones were written (a redelivery after the ack
@@ -48,6 +59,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::index::Index;
 use crate::store::{Date, object_path};
 use crate::{Error, Result};
 
@@ -303,6 +315,15 @@ pub struct Intent {
     /// Largest `last` of a completed batch; informational only (see the module docs).
     #[serde(default)]
     pub done_upto: u64,
+    /// Creation time of the `AOB_AUDIT` stream the sequences belong to, in nanoseconds
+    /// since the Unix epoch; 0 in an intent written before the field existed (taken to be
+    /// the current stream).
+    #[serde(default)]
+    pub stream: u64,
+    /// Highest ack floor of the consumer seen in that stream: every sequence up to it is
+    /// durable (or dead-lettered), even if the consumer was created again since.
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// The rows of one object: one tenant, one UTC day.
@@ -321,12 +342,13 @@ pub struct Group {
 }
 
 impl Group {
-    /// Object path of the group under `prefix`.
-    pub fn path(&self, prefix: &Path) -> Path {
+    /// Object path of the group under `prefix`, for the stream created at `stream`.
+    pub fn path(&self, prefix: &Path, stream: u64) -> Path {
         object_path(
             prefix,
             &self.tenant,
             self.date,
+            stream,
             self.first_seq,
             self.last_seq,
         )
@@ -534,6 +556,10 @@ struct Writer {
     /// The consumer's ack floor when last read: every sequence up to it is acknowledged.
     floor: u64,
     done_upto: u64,
+    /// Creation time of `AOB_AUDIT` (ns since the Unix epoch): part of every object name.
+    stream: u64,
+    /// Record ids already in the files.
+    index: Index,
 }
 
 /// A flush running on its own task; it hands the writer back. Dropping it (the sink
@@ -577,6 +603,8 @@ struct Sink {
     horizon: u64,
     /// Highest consumer (delivery) sequence seen.
     last_delivery: u64,
+    /// Creation time of `AOB_AUDIT` when the sink started.
+    created: u64,
 }
 
 /// Serves the audit sink until `shutdown`: pulls `audit-sink`, writes Parquet objects under
@@ -606,6 +634,7 @@ pub async fn serve(
         .get_stream(aob_streams::AUDIT)
         .await
         .map_err(|e| topology(&format!("stream {}", aob_streams::AUDIT), &e))?;
+    let created = created_ns(stream.cached_info().created.unix_timestamp_nanos());
     let mut writer = Writer {
         client: client.clone(),
         js: js.clone(),
@@ -618,6 +647,8 @@ pub async fn serve(
         written: Ranges::default(),
         floor: 0,
         done_upto: 0,
+        stream: created,
+        index: Index::default(),
     };
     match writer.recover(&stream, &shutdown).await {
         Ok(()) => {}
@@ -637,6 +668,7 @@ pub async fn serve(
         held: None,
         horizon: 0,
         last_delivery: 0,
+        created,
     };
     // What the last sink was given but did not acknowledge is read from the stream now, so
     // that this sink's acknowledgements never pass a record that is not durable.
@@ -765,6 +797,48 @@ impl Sink {
         self.adopt(upto, shutdown).await
     }
 
+    /// Fails when `AOB_AUDIT` is not the stream this sink started on; otherwise, when
+    /// `delivery` is not above the last one, the consumer was created again and numbers its
+    /// deliveries afresh.
+    async fn check_stream(&mut self, delivery: u64, shutdown: &CancellationToken) -> Result<()> {
+        let mut backoff = Backoff::new();
+        let created = loop {
+            match self.stream.info().await {
+                Ok(info) => break created_ns(info.created.unix_timestamp_nanos()),
+                Err(e) => {
+                    backoff
+                        .wait(
+                            shutdown,
+                            "reading the audit stream's state",
+                            Error::Nats(e.to_string()),
+                        )
+                        .await?
+                }
+            }
+        };
+        if created != self.created {
+            return Err(Error::Recreated(format!(
+                "the stream {} was deleted and created again while the audit sink ran (created \
+                 {} ns, now {created} ns after the Unix epoch); restart the sink, which then \
+                 skips records already in the files by their record_id",
+                aob_streams::AUDIT,
+                self.created
+            )));
+        }
+        if delivery <= self.last_delivery {
+            tracing::info!(
+                was = self.last_delivery,
+                now = delivery,
+                "the {} consumer was created again; records up to the floor of the intent log \
+                 are skipped",
+                aob_streams::AUDIT_SINK
+            );
+            // Numbered afresh: a gap from 0 means deliveries went elsewhere, as at start.
+            self.last_delivery = 0;
+        }
+        Ok(())
+    }
+
     async fn consumer_info(
         &mut self,
         shutdown: &CancellationToken,
@@ -832,6 +906,12 @@ impl Sink {
                 return Ok(());
             }
         };
+        if delivery <= self.last_delivery || self.last_delivery == 0 {
+            // The first delivery, or one numbered below an earlier one: the consumer was
+            // created again, maybe with the stream. The floor and the durable set speak of
+            // the stream this sink started on; in another stream they would skip records.
+            self.check_stream(delivery, shutdown).await?;
+        }
         if delivery > self.last_delivery.saturating_add(1) {
             // A delivery went elsewhere or was lost: adopt what the consumer has delivered.
             let info = self.consumer_info(shutdown).await?;
@@ -990,8 +1070,29 @@ impl Writer {
                 aob_streams::AUDIT_SINK_BUCKET
             ))
         })?;
+        if intent.stream != 0 && intent.stream != self.stream {
+            // Sequences of another stream mean nothing here. What that stream's sink wrote
+            // stays in the files, where the record-id index finds it.
+            tracing::warn!(
+                was = intent.stream,
+                now = self.stream,
+                state = ?intent.state,
+                files = ?intent.files,
+                "{} was created again since the intent log was written; its sequences are \
+                 forgotten, records already in the files are skipped by record_id{}",
+                aob_streams::AUDIT,
+                if intent.state == IntentState::Writing {
+                    " (the interrupted batch cannot be read again: its objects written so \
+                     far stay, the rest of it went with the old stream)"
+                } else {
+                    ""
+                }
+            );
+            return Ok(());
+        }
         self.written = intent.written.clone().normalized();
         self.done_upto = intent.done_upto;
+        self.floor = self.floor.max(intent.floor);
         let seqs = intent.seqs.clone().normalized();
         match intent.state {
             IntentState::Writing => self.replay(stream, &intent, seqs, shutdown).await?,
@@ -1132,6 +1233,27 @@ impl Writer {
         failpoints: bool,
         shutdown: &CancellationToken,
     ) -> Result<(FlushReport, u64)> {
+        // The objects of an interrupted batch (`stale`) are not in the index: this batch
+        // writes them again, and must group its rows as the interrupted attempt did.
+        for folder in self.index.missing(&entries) {
+            let mut backoff = Backoff::new();
+            while let Err(e) = self
+                .index
+                .load(&self.store, &self.prefix, &folder, stale)
+                .await
+            {
+                backoff
+                    .wait(shutdown, "reading the record ids of an audit folder", e)
+                    .await?;
+            }
+        }
+        let (entries, known) = self.index.retain_new(entries);
+        if known > 0 {
+            tracing::info!(
+                known,
+                "left out records whose record_id is already in the files"
+            );
+        }
         let (groups, dropped) = group(entries);
         if dropped > 0 {
             tracing::info!(
@@ -1139,7 +1261,11 @@ impl Writer {
                 "left out records repeating a record_id of the batch"
             );
         }
-        let paths: Vec<Path> = groups.iter().map(|g| g.path(&self.prefix)).collect();
+        let pending = self.index.pending(&groups);
+        let paths: Vec<Path> = groups
+            .iter()
+            .map(|g| g.path(&self.prefix, self.stream))
+            .collect();
         let files: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let stale: Vec<&String> = stale.iter().filter(|s| !files.contains(s)).collect();
         let rows: usize = groups.iter().map(|g| g.records.len()).sum();
@@ -1157,6 +1283,8 @@ impl Writer {
                 .collect(),
             written: self.written.clone(),
             done_upto: self.done_upto,
+            stream: self.stream,
+            floor: self.floor,
         };
         self.put_intent(&intent, shutdown).await?;
         if failpoints {
@@ -1180,6 +1308,7 @@ impl Writer {
                 Err(e) => tracing::warn!("not deleting `{s}`, not an object path: {e}"),
             }
         }
+        self.index.commit(pending);
         if failpoints {
             self.failpoint(Failpoint::AfterWrite)?;
         }
@@ -1218,6 +1347,8 @@ impl Writer {
             files: report.files.clone(),
             written: self.written.clone(),
             done_upto: self.done_upto,
+            stream: self.stream,
+            floor: self.floor,
         };
         self.put_intent(&intent, shutdown).await?;
         Ok(pending)
@@ -1318,6 +1449,11 @@ impl Writer {
             }
         }
     }
+}
+
+/// A stream's creation time (nanoseconds since the Unix epoch) as a `u64` (0 before 1970).
+fn created_ns(unix_ns: i128) -> u64 {
+    u64::try_from(unix_ns).unwrap_or(0)
 }
 
 fn conflict(e: &dyn std::fmt::Display) -> Error {
@@ -1438,14 +1574,17 @@ mod tests {
         let (groups, dropped) = group(shuffled);
         assert_eq!(dropped, 0);
         let prefix = Path::from("audit");
-        let names: Vec<String> = groups.iter().map(|g| g.path(&prefix).to_string()).collect();
+        let names: Vec<String> = groups
+            .iter()
+            .map(|g| g.path(&prefix, 3).to_string())
+            .collect();
         assert_eq!(
             names,
             [
-                "audit/tenant=acme/date=2026-11-20/00000000000000000010-00000000000000000012.parquet",
-                "audit/tenant=acme/date=2026-11-21/00000000000000000014-00000000000000000017.parquet",
-                "audit/tenant=beta/date=2026-11-20/00000000000000000011-00000000000000000013.parquet",
-                "audit/tenant=beta/date=2026-11-21/00000000000000000015-00000000000000000015.parquet",
+                "audit/tenant=acme/date=2026-11-20/00000000000000000003-00000000000000000010-00000000000000000012.parquet",
+                "audit/tenant=acme/date=2026-11-21/00000000000000000003-00000000000000000014-00000000000000000017.parquet",
+                "audit/tenant=beta/date=2026-11-20/00000000000000000003-00000000000000000011-00000000000000000013.parquet",
+                "audit/tenant=beta/date=2026-11-21/00000000000000000003-00000000000000000015-00000000000000000015.parquet",
             ]
         );
         let ids: Vec<Vec<&str>> = groups
@@ -1463,7 +1602,10 @@ mod tests {
         );
         // The same set in another order gives the same objects.
         let (again, _) = group(input);
-        let again: Vec<String> = again.iter().map(|g| g.path(&prefix).to_string()).collect();
+        let again: Vec<String> = again
+            .iter()
+            .map(|g| g.path(&prefix, 3).to_string())
+            .collect();
         assert_eq!(again, names);
     }
 

@@ -1,23 +1,31 @@
 //! Where audit files go: opening a store from a URL, the object layout, and listing.
 //!
-//! Layout: `<prefix>/tenant=<tenant>/date=<YYYY-MM-DD>/<first_seq>-<last_seq>.parquet`, the
-//! date being the UTC day of the records' `finished_at`, and the sequences the first and last
-//! `AOB_AUDIT` stream sequence of the rows in the file, each zero-padded to 20 digits (the
-//! width of `u64::MAX`). The padding makes the lexicographic order of names, which is the
-//! order object stores list them in, the order of the stream; the `key=value` directories
+//! Layout: `<prefix>/tenant=<tenant>/date=<YYYY-MM-DD>/<stream>-<first_seq>-<last_seq>.parquet`,
+//! the date being the UTC day of the records' `finished_at`, `stream` the creation time of
+//! the `AOB_AUDIT` stream in nanoseconds since the Unix epoch (sequences restart when the
+//! stream is created again, so without it a new file could overwrite an old one), and the
+//! sequences the first and last `AOB_AUDIT` stream sequence of the rows in the file, each
+//! number zero-padded to 20 digits (the width of `u64::MAX`). The padding makes the
+//! lexicographic order of names, which is the order object stores list them in, the order
+//! of the stream; the `key=value` directories
 //! are Hive partitions, so `read_parquet('<root>/**/*.parquet', hive_partitioning = true)`
 //! in DuckDB can prune by tenant and date.
 
 use std::sync::Arc;
 
+use arrow_array::cast::AsArray;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt};
-use object_store::ObjectStore;
 use object_store::path::Path;
-use parquet::arrow::async_reader::MetadataFetch;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::{
+    AsyncFileReader, MetadataFetch, ParquetRecordBatchStreamBuilder,
+};
 use parquet::errors::ParquetError;
-use parquet::file::metadata::ParquetMetaDataReader;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use crate::{Error, Result};
 
@@ -64,14 +72,34 @@ impl std::fmt::Display for Date {
     }
 }
 
-/// The object holding the rows of one tenant and day whose stream sequences run from
-/// `first_seq` to `last_seq` (see the module documentation).
-pub fn object_path(prefix: &Path, tenant: &str, date: Date, first_seq: u64, last_seq: u64) -> Path {
+/// The object holding the rows of one tenant and day whose sequences in the stream created
+/// at `stream` (nanoseconds since the Unix epoch) run from `first_seq` to `last_seq` (see
+/// the module documentation).
+pub fn object_path(
+    prefix: &Path,
+    tenant: &str,
+    date: Date,
+    stream: u64,
+    first_seq: u64,
+    last_seq: u64,
+) -> Path {
+    let mut parts = partition_parts(prefix, tenant, date);
+    parts.push(format!(
+        "{stream:020}-{first_seq:020}-{last_seq:020}.parquet"
+    ));
+    Path::from_iter(parts)
+}
+
+/// The folder of one tenant and day: `<prefix>/tenant=<tenant>/date=<YYYY-MM-DD>`.
+pub fn partition_path(prefix: &Path, tenant: &str, date: Date) -> Path {
+    Path::from_iter(partition_parts(prefix, tenant, date))
+}
+
+fn partition_parts(prefix: &Path, tenant: &str, date: Date) -> Vec<String> {
     let mut parts: Vec<String> = prefix.parts().map(|p| p.as_ref().to_string()).collect();
     parts.push(format!("tenant={tenant}"));
     parts.push(format!("date={date}"));
-    parts.push(format!("{first_seq:020}-{last_seq:020}.parquet"));
-    Path::from_iter(parts)
+    parts
 }
 
 /// The parts of an object name made by [`object_path`].
@@ -81,6 +109,9 @@ pub struct ObjectName {
     pub tenant: String,
     /// Day, `YYYY-MM-DD`.
     pub date: String,
+    /// Creation time of the stream the rows came from, in nanoseconds since the Unix
+    /// epoch; `None` for a name from before streams were named (`<first>-<last>.parquet`).
+    pub stream: Option<u64>,
     /// First stream sequence in the file.
     pub first_seq: u64,
     /// Last stream sequence in the file.
@@ -96,8 +127,16 @@ pub fn parse_object_path(prefix: &Path, path: &Path) -> Option<ObjectName> {
     if rest.next().is_some() {
         return None;
     }
-    let (first, last) = file.as_ref().strip_suffix(".parquet")?.split_once('-')?;
+    let numbers: Vec<&str> = file.as_ref().strip_suffix(".parquet")?.split('-').collect();
+    let (stream, first, last) = match numbers[..] {
+        [first, last] => (None, first, last),
+        [stream, first, last] => (Some(stream), first, last),
+        _ => return None,
+    };
     let digits = |s: &str| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if stream.is_some_and(|s| !digits(s)) {
+        return None;
+    }
     let date_ok = date.len() == 10
         && date.bytes().enumerate().all(|(i, b)| {
             if i == 4 || i == 7 {
@@ -112,6 +151,10 @@ pub fn parse_object_path(prefix: &Path, path: &Path) -> Option<ObjectName> {
     Some(ObjectName {
         tenant,
         date,
+        stream: match stream {
+            Some(s) => Some(s.parse().ok()?),
+            None => None,
+        },
         first_seq: first.parse().ok()?,
         last_seq: last.parse().ok()?,
     })
@@ -237,6 +280,81 @@ pub async fn list(store: &Arc<dyn ObjectStore>, prefix: &Path) -> Result<Vec<Fil
     Ok(out)
 }
 
+/// Calls `each` with the `record_id` of every row of the Parquet file at `path` (of `size`
+/// bytes), reading only the footer and that column's pages.
+pub async fn for_each_record_id(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+    size: u64,
+    mut each: impl FnMut(&str),
+) -> Result<()> {
+    let failed =
+        |e: &dyn std::fmt::Display| Error::Store(format!("reading the record ids of {path}: {e}"));
+    let reader = Owned {
+        store: store.clone(),
+        path: path.clone(),
+        size,
+    };
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|e| failed(&e))?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["record_id"]);
+    let mut batches = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| failed(&e))?;
+    while let Some(batch) = batches.next().await {
+        let batch = batch.map_err(|e| failed(&e))?;
+        let ids = batch
+            .column_by_name("record_id")
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| failed(&"no `record_id` column of type Utf8"))?;
+        ids.iter().flatten().for_each(&mut each);
+    }
+    Ok(())
+}
+
+/// One object, read by ranges, owned so that a Parquet stream can hold it.
+struct Owned {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+}
+
+impl AsyncFileReader for Owned {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let footer = ParquetMetaDataReader::new()
+                .load_and_finish(
+                    Ranged {
+                        store: self.store.as_ref(),
+                        path: &self.path,
+                    },
+                    self.size,
+                )
+                .await?;
+            Ok(Arc::new(footer))
+        }
+        .boxed()
+    }
+}
+
 /// Byte ranges of one object, for the Parquet footer reader (a footer is read with one or
 /// two range requests, never the whole file).
 struct Ranged<'a> {
@@ -283,12 +401,25 @@ mod tests {
     #[test]
     fn object_names_sort_by_sequence_and_parse_back() {
         let date = Date::from_unix_micros(1_795_219_200_000_000);
-        let p = object_path(&Path::from("audit/v1"), "acme", date, 7, 1_234);
+        let stream = 1_795_219_200_123_456_789;
+        let p = object_path(&Path::from("audit/v1"), "acme", date, stream, 7, 1_234);
         assert_eq!(
             p.to_string(),
-            "audit/v1/tenant=acme/date=2026-11-21/00000000000000000007-00000000000000001234.parquet"
+            "audit/v1/tenant=acme/date=2026-11-21/01795219200123456789-00000000000000000007-00000000000000001234.parquet"
         );
-        let later = object_path(&Path::from("audit/v1"), "acme", date, 1_235, u64::MAX);
+        let later = object_path(
+            &Path::from("audit/v1"),
+            "acme",
+            date,
+            stream,
+            1_235,
+            u64::MAX,
+        );
+        let next_stream = object_path(&Path::from("audit/v1"), "acme", date, stream + 1, 1, 1);
+        assert!(
+            later.to_string() < next_stream.to_string(),
+            "a stream created later sorts after"
+        );
         assert!(
             p.to_string() < later.to_string(),
             "zero padding keeps stream order"
@@ -298,19 +429,31 @@ mod tests {
                 .to_string()
                 .ends_with("00000000000000001235-18446744073709551615.parquet")
         );
-        let root = object_path(&Path::default(), "t", date, 1, 2);
+        let root = object_path(&Path::default(), "t", date, 5, 1, 2);
         assert_eq!(
             root.to_string(),
-            "tenant=t/date=2026-11-21/00000000000000000001-00000000000000000002.parquet"
+            "tenant=t/date=2026-11-21/00000000000000000005-00000000000000000001-00000000000000000002.parquet"
         );
         assert_eq!(
             parse_object_path(&Path::from("audit/v1"), &p),
             Some(ObjectName {
                 tenant: "acme".into(),
                 date: "2026-11-21".into(),
+                stream: Some(stream),
                 first_seq: 7,
                 last_seq: 1_234
             })
+        );
+        // Names from before the stream was part of them still parse.
+        assert_eq!(
+            parse_object_path(
+                &Path::default(),
+                &Path::from(
+                    "tenant=t/date=2026-11-21/00000000000000000001-00000000000000000002.parquet"
+                )
+            )
+            .map(|n| (n.stream, n.first_seq, n.last_seq)),
+            Some((None, 1, 2))
         );
         assert_eq!(
             parse_object_path(&Path::default(), &Path::from("tenant=t/x.parquet")),
@@ -371,8 +514,8 @@ mod tests {
         let three = crate::encode(&[rec(1), rec(2), rec(3)]).unwrap();
         let one = crate::encode(&[rec(4)]).unwrap();
         let (a, b) = (
-            object_path(&prefix, "acme", date, 1, 3),
-            object_path(&prefix, "acme", date, 4, 4),
+            object_path(&prefix, "acme", date, 9, 1, 3),
+            object_path(&prefix, "acme", date, 9, 4, 4),
         );
         store
             .put(&b, PutPayload::from_bytes(one.clone()))
@@ -393,6 +536,13 @@ mod tests {
             dir.join(a.to_string()).is_file(),
             "paths are relative to the directory"
         );
+        let mut ids = Vec::new();
+        for_each_record_id(&store, &a, three.len() as u64, |id| {
+            ids.push(id.to_string())
+        })
+        .await
+        .unwrap();
+        assert_eq!(ids, ["r1", "r2", "r3"]);
         let files = list(&store, &prefix).await.unwrap();
         assert_eq!(
             files,
