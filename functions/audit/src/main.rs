@@ -5,6 +5,15 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    aob_runtime::usage::Usage {
+        name: "aob-audit",
+        about: "The AOB audit sink: batches DecisionRecords from AOB_AUDIT into Parquet files in object storage, every record once (see functions/audit/README.md for its settings).",
+        vars: &[(
+            "AOB_AUDIT_URL",
+            "where the Parquet files go: file:///dir, s3://bucket/prefix, gs://..., az://... (required)",
+        )],
+    }
+    .handle_args();
     aob_runtime::init_logging();
     let env = aob_runtime::Env::from_env()?;
     let url = aob_fn_audit::store_url(|k| std::env::var(k).ok(), None)?;
