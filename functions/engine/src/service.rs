@@ -1033,13 +1033,13 @@ impl<S: RunStore> Engine<S> {
             self.bound_outputs(&mut next, &mut effects).await?;
             next.outbox = machine::stored_outbox(&effects);
             next.outbox_cause = Some(event.id());
-            let size = serde_json::to_vec(&next).map_or(0, |b| b.len());
-            if size > self.cfg.max_state_bytes {
+            let body = encode(&key, &next)?;
+            if body.len() > self.cfg.max_state_bytes {
                 // Written, the state would be refused by the server and the run would stall
                 // in silence: it ends instead, with the reason in its history.
-                return self.fail_oversized(&key, &def, size).await;
+                return self.fail_oversized(&key, &def, body.len()).await;
             }
-            let written = self.write(&key, &next, existed.then_some(rev)).await?;
+            let written = self.write_bytes(&key, body, existed.then_some(rev)).await?;
             match written {
                 Ok(new_rev) => {
                     let known = Instant::now();
@@ -1079,11 +1079,27 @@ impl<S: RunStore> Engine<S> {
     /// record and the history when large: offloaded once, the same reference in the state,
     /// the step's `step_completed` event and the run's `completed` event.
     async fn bound_outputs(&self, next: &mut RunState, effects: &mut [Effect]) -> Result<()> {
+        // Only outputs this transition set can be new: the steps it completed (results
+        // were bounded before the transition; what is left is lists the engine assembled).
+        let completed: Vec<String> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::History { event }
+                    if event.kind == HistoryKind::StepCompleted && event.item.is_none() =>
+                {
+                    event.step.clone()
+                }
+                _ => None,
+            })
+            .collect();
         let mut moved: HashMap<String, Value> = HashMap::new();
-        for (id, st) in next.steps.iter_mut() {
-            let Some(output) = st.output.as_mut() else {
+        for id in completed {
+            let Some(output) = next.steps.get_mut(&id).and_then(|st| st.output.as_mut()) else {
                 continue;
             };
+            if !output.is_array() {
+                continue;
+            }
             if aob_runtime::payload::reference(output).is_some()
                 || serde_json::to_vec(output).map_or(0, |b| b.len()) <= self.cfg.state_inline_limit
             {
@@ -1162,10 +1178,16 @@ impl<S: RunStore> Engine<S> {
         state: &RunState,
         revision: Option<u64>,
     ) -> Result<std::result::Result<u64, crate::store::Conflict>> {
-        let body = serde_json::to_vec(state).map_err(|e| Error::Corrupt {
-            what: format!("run state {key}"),
-            message: e.to_string(),
-        })?;
+        self.write_bytes(key, encode(key, state)?, revision).await
+    }
+
+    /// [`Self::write`] of a state already encoded.
+    async fn write_bytes(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        revision: Option<u64>,
+    ) -> Result<std::result::Result<u64, crate::store::Conflict>> {
         Ok(match revision {
             None => self.store.create(key, body.into()).await?,
             Some(rev) => self.store.update(key, body.into(), rev).await?,
@@ -1387,6 +1409,14 @@ impl<S: RunStore> Engine<S> {
             .await?;
         Ok(())
     }
+}
+
+/// A run state as stored.
+fn encode(key: &str, state: &RunState) -> Result<Vec<u8>> {
+    serde_json::to_vec(state).map_err(|e| Error::Corrupt {
+        what: format!("run state {key}"),
+        message: e.to_string(),
+    })
 }
 
 /// The run an effect list belongs to: every task and history event carries it, and a
