@@ -688,6 +688,7 @@ mod tests {
             error: Some("step `b` failed: HTTP 404".into()),
             steps,
             history_seq: 7,
+            generation: 0,
             outbox: Vec::new(),
             outbox_cause: None,
         }

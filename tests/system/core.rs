@@ -96,6 +96,7 @@ async fn a_finished_run_never_publishes_its_effects_again() {
         item: None,
         iteration: None,
         attempt: 1,
+        generation: 0,
     };
     for name in [
         "run-timeout".to_string(),
@@ -203,6 +204,7 @@ async fn a_task_out_is_not_sent_again_after_the_duplicate_window() {
                 item: None,
                 iteration: None,
                 attempt: 7,
+                generation: 0,
             },
         },
     };

@@ -294,6 +294,7 @@ async fn a_function_killed_mid_step_loses_nothing_and_applies_once() {
         item: None,
         iteration: None,
         attempt: 1,
+        generation: 0,
     };
     let expected = format!("{run}.{}", first_attempt.token());
     assert_eq!(counters.hold_keys(), [expected.clone(), expected]);
@@ -389,6 +390,7 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
                 item: None,
                 iteration: None,
                 attempt: 1,
+                generation: 0,
             },
             outcome: Outcome::Completed {
                 output: json!(step),
@@ -471,6 +473,7 @@ async fn a_result_ahead_of_its_run_is_held_until_the_run_catches_up() {
             item: None,
             iteration: None,
             attempt: 1,
+            generation: 0,
         },
         outcome: Outcome::Completed {
             output: json!("held"),
@@ -612,6 +615,7 @@ async fn without_an_engine_a_result_is_published_to_its_stream() {
             item: None,
             iteration: None,
             attempt: 1,
+            generation: 0,
         },
         config: json!({"output": "kept"}),
         context: json!({}),

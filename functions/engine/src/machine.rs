@@ -249,6 +249,7 @@ pub fn transition(
                     .map(|st| (st.id.clone(), StepState::pending()))
                     .collect(),
                 history_seq: 0,
+                generation: 0,
                 outbox: Vec::new(),
                 outbox_cause: None,
             };
@@ -271,17 +272,18 @@ pub fn transition(
         (None, Event::Result(_)) => Transition::Ahead(None),
         (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Unchanged(state),
         (Some(state), _) if state.status.is_terminal() => Unchanged(Some(state)),
-        (Some(state), Event::Result(r)) if is_ahead(&state, &r.at) => {
-            Transition::Ahead(Some(state))
-        }
-        (Some(state), Event::Result(r)) => {
-            let mut m = Machine::new(def, state, now, resolve);
-            if m.on_result(r) {
-                m.finish()
-            } else {
-                Unchanged(Some(m.s))
+        (Some(state), Event::Result(r)) => match classify(&state, &r.at) {
+            Standing::Ahead => Transition::Ahead(Some(state)),
+            Standing::Stale => Unchanged(Some(state)),
+            Standing::Current => {
+                let mut m = Machine::new(def, state, now, resolve);
+                if m.on_result(r) {
+                    m.finish()
+                } else {
+                    Unchanged(Some(m.s))
+                }
             }
-        }
+        },
         (Some(state), Event::Signal(Signal::Cancel { reason, by })) => {
             let mut m = Machine::new(def, state, now, resolve);
             let why = match (reason, by) {
@@ -301,6 +303,35 @@ pub fn transition(
                 Unchanged(Some(m.s))
             }
         }
+    }
+}
+
+/// Where a result's attempt stands against a run's state: the one place that decides
+/// whether a result is applied, held or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The attempt the run has out now: its result is applied.
+    Current,
+    /// An attempt the run is past (an earlier attempt, iteration or generation, a step
+    /// already done, a run that ended): its result changes nothing.
+    Stale,
+    /// An attempt the state has not started yet (its task went out before the state that
+    /// started it was written, or it is of a newer generation): held until it catches up.
+    Ahead,
+}
+
+/// Classifies the attempt `at` against `state` (see [`Standing`]).
+pub fn classify(state: &RunState, at: &StepRef) -> Standing {
+    if state.status.is_terminal() || at.generation < state.generation {
+        return Standing::Stale;
+    }
+    if at.generation > state.generation || is_ahead(state, at) {
+        return Standing::Ahead;
+    }
+    if is_current(state, at) {
+        Standing::Current
+    } else {
+        Standing::Stale
     }
 }
 
@@ -369,7 +400,7 @@ pub fn fail_run(def: &Compiled, state: RunState, why: String, now: u64) -> Trans
 /// Whether `at` is the attempt the run has out now (running or waiting): a result for it
 /// would be applied. A result for any other attempt is stale or ahead.
 pub fn is_current(state: &RunState, at: &StepRef) -> bool {
-    if state.status.is_terminal() {
+    if state.status.is_terminal() || at.generation != state.generation {
         return false;
     }
     let Some(st) = state.steps.get(&at.step) else {
@@ -487,6 +518,7 @@ impl<'a> Machine<'a> {
             item: None,
             iteration: None,
             attempt: 0,
+            generation: self.s.generation,
         };
         self.history(kind, Some(&at), message, data);
     }
@@ -755,6 +787,7 @@ impl<'a> Machine<'a> {
                 item: None,
                 iteration,
                 attempt: 1,
+                generation: self.s.generation,
             },
         );
     }
@@ -791,6 +824,7 @@ impl<'a> Machine<'a> {
                     item: Some(next as u32),
                     iteration: None,
                     attempt: 1,
+                    generation: self.s.generation,
                 },
             );
         }
@@ -948,6 +982,7 @@ impl<'a> Machine<'a> {
                 item,
                 iteration: if item.is_some() { None } else { st.iteration },
                 attempt,
+                generation: self.s.generation,
             };
             let mut one = |item: Option<u32>, status: StepStatus, attempt: u32| match status {
                 StepStatus::Running | StepStatus::Waiting if step.timeout.is_some() => {
@@ -1061,6 +1096,7 @@ impl<'a> Machine<'a> {
                             item: None,
                             iteration: Some(next),
                             attempt: 1,
+                            generation: self.s.generation,
                         },
                     );
                 }

@@ -509,6 +509,7 @@ fn results_ahead_of_the_state_are_held_and_stale_ones_dropped() {
         item,
         iteration,
         attempt,
+        generation: 0,
     };
     let done = || Outcome::Completed { output: json!(1) };
 
@@ -663,6 +664,7 @@ fn event_ids_tell_apart_what_a_redelivery_must_match() {
         item: Some(2),
         iteration: None,
         attempt: 1,
+        generation: 0,
     };
     let result = |outcome| {
         Event::Result(StepResult {
@@ -796,4 +798,228 @@ fn engine_configuration_comes_from_the_environment_and_names_bad_values() {
     let e = Config::from_vars(vars(&[("AOB_MAX_STATE_BYTES", "lots")])).unwrap_err();
     assert!(e.to_string().contains("AOB_MAX_STATE_BYTES=`lots`"), "{e}");
     assert!(Config::from_vars(vars(&[("AOB_HOLD_LIMIT", "soon")])).is_err());
+}
+
+/// A result of an older generation (from before a rollback) is stale even when its step
+/// and attempt match the attempt out now; tokens of later generations differ.
+#[test]
+fn results_of_an_earlier_generation_are_stale() {
+    let mut s = Sim::new("name: w\nsteps:\n  - {id: a, type: transform, output: 1}\n");
+    s.start(json!({}));
+    let t = s.take();
+    assert_eq!(t[0].at.generation, 0);
+    // The run moves to generation 1 (as a rollback will) with `a` out again.
+    let mut state = s.state.clone().unwrap();
+    state.generation = 1;
+    s.state = Some(state.clone());
+    assert_eq!(
+        crate::machine::classify(&state, &t[0].at),
+        crate::machine::Standing::Stale
+    );
+    assert!(
+        !s.ok(&t[0], json!("late")),
+        "an old generation's result was applied"
+    );
+    let now = StepRef {
+        generation: 1,
+        ..t[0].at.clone()
+    };
+    assert_ne!(now.token(), t[0].at.token());
+    assert!(s.reply(&now, Outcome::Completed { output: json!(1) }));
+    assert_eq!(s.status(), RunStatus::Completed);
+}
+
+/// A small deterministic generator (no dependency): the same seed, the same sequence.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+/// The outcome a simulated function gives a task: `flaky` fails its first attempt (its
+/// items too), everything else echoes what it is.
+fn outcome_of(task: &Task) -> Outcome {
+    if task.at.step.starts_with("flaky") && task.at.attempt == 1 {
+        return Outcome::Failed {
+            error: StepError::retryable("try again"),
+        };
+    }
+    Outcome::Completed {
+        output: json!({"step": task.at.step, "item": task.context.get("item"), "attempt": task.at.attempt}),
+    }
+}
+
+/// Runs a workflow to its end delivering results and retry timers in the order `rng`
+/// picks, each possibly twice, and results ahead of the state again later; returns what
+/// the run ended with.
+fn run_shuffled(
+    yaml: &str,
+    rng: &mut Lcg,
+) -> (RunStatus, Vec<(String, StepStatus, Option<Value>)>) {
+    let mut s = Sim::new(yaml);
+    s.start(json!({"xs": [1, 2, 3, 4]}));
+    let mut pool: Vec<(Event, bool)> = Vec::new();
+    let mut timers_seen = 0;
+    for _ in 0..10_000 {
+        for task in s.take() {
+            let outcome = outcome_of(&task);
+            pool.push((
+                Event::Result(StepResult {
+                    tenant: "t".into(),
+                    run_id: "r1".into(),
+                    at: task.at.clone(),
+                    outcome,
+                    duration_ms: 1,
+                }),
+                false,
+            ));
+        }
+        for (timer, _) in s.timers[timers_seen..].to_vec() {
+            if matches!(timer, TimerKind::Retry { .. }) {
+                pool.push((Event::Signal(Signal::Timer { timer }), false));
+            }
+        }
+        timers_seen = s.timers.len();
+        if pool.is_empty() {
+            break;
+        }
+        let i = rng.below(pool.len());
+        let (event, duplicated) = pool.swap_remove(i);
+        let held = s.held;
+        s.send(event.clone());
+        if s.held > held {
+            // Ahead of the state: delivered again later.
+            pool.push((event, duplicated));
+        } else if !duplicated && rng.below(3) == 0 {
+            pool.push((event, true));
+        }
+    }
+    assert!(s.unresolved.is_empty());
+    let state = s.state.clone().unwrap();
+    let steps = state
+        .steps
+        .iter()
+        .map(|(id, st)| (id.clone(), st.status, st.output.clone()))
+        .collect();
+    (state.status, steps)
+}
+
+/// Permuting and duplicating deliveries gives the same final state: whatever order results
+/// and retry timers arrive in, and however often, the run ends the same.
+#[test]
+fn delivery_order_and_duplicates_do_not_change_the_outcome() {
+    let yaml = "name: w
+steps:
+  - {id: a, type: transform, output: 1}
+  - {id: flaky, type: http, url: 'http://x', needs: [a], retry: {max_attempts: 3, backoff: {initial: 1s}}}
+  - {id: b, type: transform, needs: [a], output: 2}
+  - {id: fan, type: transform, needs: [a], for_each: {items: 'input.xs', concurrency: 2}, output: 3}
+  - {id: flaky_items, type: http, url: 'http://x', needs: [b], for_each: {items: 'input.xs', concurrency: 3}, retry: {max_attempts: 2, backoff: {initial: 1s}}}
+  - {id: join, type: transform, needs: [flaky, fan, flaky_items], output: 4}
+  - {id: any, type: transform, needs: [flaky, b], trigger: one_success, output: 5}
+";
+    let reference = run_shuffled(yaml, &mut Lcg(1));
+    assert_eq!(reference.0, RunStatus::Completed, "{reference:?}");
+    for seed in 2..60 {
+        let got = run_shuffled(yaml, &mut Lcg(seed));
+        assert_eq!(got, reference, "seed {seed}");
+    }
+}
+
+/// for_each items retry on their own, each with its own timer, and the step completes
+/// with every item's output in order.
+#[test]
+fn for_each_items_retry_on_their_own() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: http, url: 'http://x', for_each: {items: 'input.xs', concurrency: 3}, retry: {max_attempts: 2, backoff: {initial: 1s}}}\n",
+    );
+    s.start(json!({"xs": [1, 2, 3]}));
+    let t = s.take();
+    s.reply(
+        &t[1].at,
+        Outcome::Failed {
+            error: StepError::retryable("503"),
+        },
+    );
+    let retry = s
+        .timers
+        .iter()
+        .find_map(|(k, _)| match k {
+            TimerKind::Retry { at } => Some(at.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!((retry.item, retry.attempt), (Some(1), 2));
+    s.ok(&t[0], json!("x0"));
+    s.ok(&t[2], json!("x2"));
+    assert_eq!(
+        s.step("f"),
+        StepStatus::Running,
+        "waits for the retried item"
+    );
+    assert!(s.send(Event::Signal(Signal::Timer {
+        timer: TimerKind::Retry { at: retry.clone() }
+    })));
+    let again = s.take();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].at, retry);
+    s.ok(&again[0], json!("x1"));
+    assert_eq!(s.status(), RunStatus::Completed);
+    assert_eq!(
+        s.state.as_ref().unwrap().steps["f"].output,
+        Some(json!(["x0", "x1", "x2"]))
+    );
+}
+
+/// An item's timeout fails that attempt (retryable) and retries the item alone.
+#[test]
+fn a_for_each_item_timeout_retries_that_item() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: f, type: http, url: 'http://x', timeout: 1s, for_each: {items: 'input.xs', concurrency: 2}, retry: {max_attempts: 2, backoff: {initial: 10ms}}}\n",
+    );
+    s.start(json!({"xs": [1, 2]}));
+    let t = s.take();
+    let timeout = TimerKind::StepTimeout {
+        at: t[0].at.clone(),
+    };
+    assert!(s.timers.iter().any(|(k, _)| *k == timeout));
+    s.now += 1000;
+    assert!(s.send(Event::Signal(Signal::Timer { timer: timeout })));
+    assert_eq!(s.count(HistoryKind::StepRetrying), 1);
+    // The timed-out attempt's late answer is stale; the other item is unaffected.
+    assert!(!s.ok(&t[0], json!("late")));
+    assert!(s.ok(&t[1], json!("ok")));
+    assert_eq!(s.step("f"), StepStatus::Running);
+}
+
+/// A loop iteration that fails retries that iteration, and the loop goes on after.
+#[test]
+fn a_loop_iteration_retries_then_the_loop_goes_on() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: l, type: http, url: 'http://x', loop: {until: 'steps.l.output.n >= 2', max_iterations: 5}, retry: {max_attempts: 2, backoff: {initial: 1s}}}\n",
+    );
+    s.start(json!({}));
+    let first = s.take();
+    assert_eq!(first[0].at.iteration, Some(0));
+    s.reply(
+        &first[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("503"),
+        },
+    );
+    let (retry, _) = s.timers.last().cloned().unwrap();
+    assert!(s.send(Event::Signal(Signal::Timer { timer: retry })));
+    let again = s.take();
+    assert_eq!((again[0].at.iteration, again[0].at.attempt), (Some(0), 2));
+    s.ok(&again[0], json!({"n": 1}));
+    let next = s.take();
+    assert_eq!((next[0].at.iteration, next[0].at.attempt), (Some(1), 1));
+    s.ok(&next[0], json!({"n": 2}));
+    assert_eq!(s.status(), RunStatus::Completed);
 }

@@ -204,6 +204,10 @@ pub struct RunState {
     pub steps: BTreeMap<String, StepState>,
     /// Number of history events published so far.
     pub history_seq: u64,
+    /// The run's generation: 0 at the start, one more after each rollback. Attempts carry
+    /// it, so results from before a rollback are recognised as stale.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
     /// Effects of the last change, replayed if their publication may not have happened.
     /// Cleared by the next write: a loaded outbox is published at most once more, and only
     /// while the streams still drop it as a duplicate, or for a redelivery of its cause.
@@ -212,6 +216,10 @@ pub struct RunState {
     /// The event whose transition produced the outbox (see `machine::Event::id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox_cause: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl RunState {

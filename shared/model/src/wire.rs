@@ -71,18 +71,31 @@ pub struct StepRef {
     pub iteration: Option<u32>,
     /// Attempt (1-based).
     pub attempt: u32,
+    /// The run's generation when the attempt was made: a rollback starts a new one, and a
+    /// result of an older generation is stale whatever its step and attempt. 0, the first
+    /// generation, is left out of the JSON and of the token.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl StepRef {
     /// A dot-free token naming this attempt, used in message ids and timer keys.
     pub fn token(&self) -> String {
-        format!(
+        let mut t = format!(
             "{}-i{}-l{}-a{}",
             self.step,
             self.item.map_or(-1, i64::from),
             self.iteration.map_or(-1, i64::from),
             self.attempt
-        )
+        );
+        if self.generation > 0 {
+            t.push_str(&format!("-g{}", self.generation));
+        }
+        t
     }
 }
 

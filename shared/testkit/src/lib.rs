@@ -235,6 +235,7 @@ pub fn task(
             item: None,
             iteration: None,
             attempt: 1,
+            generation: 0,
         },
         config,
         context,
