@@ -880,7 +880,7 @@ fn run_shuffled(
                 false,
             ));
         }
-        for (timer, _) in s.timers[timers_seen..].to_vec() {
+        for (timer, _) in s.timers[timers_seen..].iter().cloned() {
             if matches!(timer, TimerKind::Retry { .. }) {
                 pool.push((Event::Signal(Signal::Timer { timer }), false));
             }
