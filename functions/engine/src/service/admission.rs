@@ -1,0 +1,211 @@
+//! Admission: whether a start becomes a run. A taken run id is never written to; a start
+//! that fails admission is rejected on its run's history (only if no run has that id) and
+//! dead-lettered, so `aob dlq replay` can publish it again.
+
+use super::*;
+
+impl<S: RunStore> Engine<S> {
+    /// Records why a message was refused: a rejection event for starts, a dead letter always.
+    pub(super) async fn refuse(&self, msg: &Message, subject: &str, reason: &str) {
+        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+        bus::dead_letter_with_id(
+            &self.js,
+            "engine",
+            subject,
+            &msg.payload,
+            reason,
+            msg_id(msg).as_deref(),
+        )
+        .await;
+        if subject.ends_with(".cmd.start")
+            && let Some(tenant) = subjects::tenant_of(subject).filter(|t| subjects::is_token(t))
+        {
+            // What can be read of a refused body: one parse for both fields.
+            let body = serde_json::from_slice::<Value>(&msg.payload).ok();
+            let field = |name: &str| body.as_ref()?.get(name)?.as_str();
+            let run_id = field("run_id")
+                .filter(|r| subjects::is_token(r))
+                .map_or_else(|| derived_run_id(msg), str::to_string);
+            if let Err(e) = self
+                .reject(tenant, &run_id, field("workflow"), reason, None)
+                .await
+            {
+                // Whether the run exists is unknown: write nothing into it.
+                tracing::warn!(%subject, "refused start not announced on its run: {e}");
+            }
+        }
+    }
+
+    /// Publishes a start's rejection on its run's history subject and in the audit, unless
+    /// a run with that id exists: a rejection never lands in a run. Errors only when the
+    /// store cannot say whether the run exists.
+    pub(super) async fn reject(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        workflow: Option<&str>,
+        reason: &str,
+        details: Option<Value>,
+    ) -> Result<()> {
+        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        if self
+            .store
+            .get(&RunState::key(tenant, run_id))
+            .await?
+            .is_some()
+        {
+            tracing::warn!(%tenant, %run_id, "a start reusing the id of an existing run was refused: {reason}");
+            return Ok(());
+        }
+        let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
+        if let Ok(body) = serde_json::to_vec(&ev) {
+            let subject = subjects::history(tenant, run_id, ev.kind.token());
+            if let Err(e) = bus::publish_acked(
+                &self.js,
+                subject,
+                &format!("hist.{run_id}.rejected"),
+                body.into(),
+            )
+            .await
+            {
+                tracing::error!("could not publish a rejection: {e}");
+            }
+        }
+        let mut record = DecisionRecord::of_history(&ev, workflow, None);
+        record.record_id = format!("{tenant}.{run_id}.rejected");
+        let audited = match bus::publish_record(&self.js, &record).await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = audited {
+            tracing::error!("could not audit a rejection: {e}");
+        }
+        Ok(())
+    }
+
+    /// Admits a start: a run id that is taken is never written to (a repeat of the start
+    /// that made the run is dropped, any other start reported); a start that fails
+    /// admission is rejected on its run's history subject and dead-lettered.
+    pub(super) async fn start(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        cmd: StartCommand,
+        msg: Option<&Message>,
+    ) -> Result<bool> {
+        let key = RunState::key(tenant, run_id);
+        if let Some((bytes, _)) = self.store.get(&key).await? {
+            let run: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                what: format!("run state {key}"),
+                message: e.to_string(),
+            })?;
+            if run.workflow == cmd.workflow
+                && cmd.version.is_none_or(|v| v == run.version)
+                && self.payloads.hydrate(run.input.clone()).await?
+                    == self.payloads.hydrate(cmd.input.clone()).await?
+            {
+                // The same start again (outside the duplicate window): nothing to do.
+                return Ok(false);
+            }
+            let reason = format!(
+                "run id `{run_id}` is taken by a run of `{}` v{} with another input; this start of `{}` was not applied (use another run id)",
+                run.workflow, run.version, cmd.workflow
+            );
+            self.dead_letter_start(msg, &reason).await;
+            return Ok(false);
+        }
+        let (wf, version) = match self.registry.get(tenant, &cmd.workflow, cmd.version).await {
+            Ok(x) => x,
+            Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
+                let reason = e.to_string();
+                self.reject(tenant, run_id, Some(&cmd.workflow), &reason, None)
+                    .await?;
+                self.dead_letter_start(msg, &reason).await;
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let def = self.compiled(tenant, wf, version)?;
+        if let Some(schema) = &def.wf.input {
+            let input = self.payloads.hydrate(cmd.input.clone()).await?;
+            let problems = input_problems(schema, &input);
+            if !problems.is_empty() {
+                let reason = format!(
+                    "input does not match the input schema of `{}` v{version}: {}",
+                    def.wf.name,
+                    problems.join("; ")
+                );
+                self.reject(
+                    tenant,
+                    run_id,
+                    Some(&cmd.workflow),
+                    &reason,
+                    Some(json!({"errors": problems})),
+                )
+                .await?;
+                self.dead_letter_start(msg, &reason).await;
+                return Ok(false);
+            }
+        }
+        let mut cmd = cmd;
+        let workflow = cmd.workflow.clone();
+        cmd.input = self
+            .payloads
+            .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
+            .await?;
+        let started = self
+            .apply(
+                tenant,
+                run_id,
+                Some(def),
+                Event::Start {
+                    tenant: tenant.to_string(),
+                    run_id: run_id.to_string(),
+                    cmd,
+                },
+            )
+            .await;
+        match started {
+            Err(Error::TooLarge(why)) => {
+                self.reject(tenant, run_id, Some(&workflow), &why, None)
+                    .await?;
+                self.dead_letter_start(msg, &why).await;
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
+    /// Dead-letters a start the engine will not apply, so `aob dlq ls` shows it and
+    /// `aob dlq replay` can publish it again once its cause is fixed.
+    pub(super) async fn dead_letter_start(&self, msg: Option<&Message>, reason: &str) {
+        let Some(msg) = msg else { return };
+        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+        bus::dead_letter_with_id(
+            &self.js,
+            "engine",
+            &msg.subject,
+            &msg.payload,
+            reason,
+            msg_id(msg).as_deref(),
+        )
+        .await;
+    }
+}
+
+pub(super) fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
+    match jsonschema::validator_for(schema) {
+        Ok(v) => v
+            .iter_errors(input)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{path}: {e}")
+                }
+            })
+            .collect(),
+        Err(e) => vec![format!("the workflow's input schema is not valid: {e}")],
+    }
+}
