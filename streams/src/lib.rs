@@ -114,9 +114,9 @@ impl Default for Topology {
             ack_wait: Duration::from_secs(6),
             audit_ack_wait: Duration::from_secs(30),
             max_deliver: 20,
-            node_types: aob_model::nodes::NODE_TYPES
-                .iter()
-                .map(|s| s.to_string())
+            node_types: aob_model::nodes::names()
+                .into_iter()
+                .map(str::to_string)
                 .collect(),
         }
     }

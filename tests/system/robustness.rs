@@ -157,7 +157,7 @@ async fn garbage_on_every_consumed_subject_is_dead_lettered_and_work_goes_on() {
         subjects::signal(T, "some-run"),
         subjects::result(T, "some-run"),
     ];
-    for t in aob_model::nodes::NODE_TYPES {
+    for t in aob_model::nodes::names() {
         subjects_hit.push(subjects::task(T, t));
     }
     let garbage: Vec<Vec<u8>> = vec![

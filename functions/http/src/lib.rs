@@ -217,10 +217,6 @@ impl aob_runtime::Handler for HttpHandler {
         "http"
     }
 
-    fn audit_kind(&self) -> aob_model::audit::AuditKind {
-        aob_model::audit::AuditKind::ToolCall
-    }
-
     fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
         &[
             (

@@ -97,24 +97,9 @@ pub fn load_file(path: &Path) -> Result<Workflow> {
 pub fn definition_schema() -> serde_json::Value {
     let mut schema = serde_json::to_value(schemars::schema_for!(Workflow)).unwrap_or_default();
     // Steps carry type-specific fields beside the common ones; describe each type's.
-    let types = [
-        (
-            "transform",
-            serde_json::to_value(schemars::schema_for!(nodes::TransformConfig)),
-        ),
-        (
-            "validate",
-            serde_json::to_value(schemars::schema_for!(nodes::ValidateConfig)),
-        ),
-        (
-            "http",
-            serde_json::to_value(schemars::schema_for!(nodes::HttpConfig)),
-        ),
-        (
-            "wait",
-            serde_json::to_value(schemars::schema_for!(nodes::WaitConfig)),
-        ),
-    ];
+    let types = nodes::REGISTRY
+        .iter()
+        .map(|t| (t.name, serde_json::to_value((t.schema)())));
     let mut all_of = Vec::new();
     for (kind, cfg) in types {
         let Ok(mut cfg) = cfg else { continue };
@@ -136,7 +121,7 @@ pub fn definition_schema() -> serde_json::Value {
     {
         obj.insert("allOf".into(), serde_json::Value::Array(all_of));
         if let Some(t) = obj.get_mut("properties").and_then(|p| p.get_mut("type")) {
-            t["enum"] = serde_json::json!(nodes::NODE_TYPES);
+            t["enum"] = serde_json::json!(nodes::names());
         }
     }
     schema

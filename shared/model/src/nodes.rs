@@ -10,8 +10,91 @@ use serde_json::{Map, Value};
 
 use crate::definition::Dur;
 
-/// Node types this build can run.
-pub const NODE_TYPES: &[&str] = &["http", "transform", "validate", "wait"];
+/// How a step field of a node type is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// Strings are MiniJinja templates over the run context (the default for any field).
+    Template,
+    /// A CEL expression, passed to the function as written.
+    Cel,
+    /// A list of assertions (`validate`'s `assert`): CEL, passed as written.
+    Assertions,
+    /// Data passed as written (a JSON Schema): neither a template nor an expression.
+    Data,
+}
+
+/// Checks the step fields of a node type; on error `(field, message)`.
+pub type Check = fn(&Map<String, Value>) -> Result<(), (String, String)>;
+
+/// Everything AOB knows about a node type, in one value. A node type is this descriptor
+/// in [`REGISTRY`] plus the function that serves it: validation, the JSON Schema of the
+/// definition format, config rendering, the task consumers (`aob streams apply`) and the
+/// audit kind of its attempts all read the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeType {
+    /// The `type:` of its steps, and the subject token of its tasks.
+    pub name: &'static str,
+    /// Fields read other than as templates; every other field is a template.
+    pub fields: &'static [(&'static str, Field)],
+    /// JSON Schema of its step fields.
+    pub schema: fn() -> schemars::Schema,
+    /// Checks its step fields.
+    pub check: Check,
+    /// The audit kind of one attempt.
+    pub audit_kind: crate::audit::AuditKind,
+}
+
+impl NodeType {
+    /// How `field` of a step of this type is read.
+    pub fn field(&self, field: &str) -> Field {
+        self.fields
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map_or(Field::Template, |(_, k)| *k)
+    }
+}
+
+/// The node types this build can run.
+pub const REGISTRY: &[NodeType] = &[
+    NodeType {
+        name: "http",
+        fields: &[],
+        schema: || schemars::schema_for!(HttpConfig),
+        check: check_http,
+        audit_kind: crate::audit::AuditKind::ToolCall,
+    },
+    NodeType {
+        name: "transform",
+        fields: &[("expr", Field::Cel)],
+        schema: || schemars::schema_for!(TransformConfig),
+        check: check_transform,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
+    NodeType {
+        name: "validate",
+        fields: &[("assert", Field::Assertions), ("schema", Field::Data)],
+        schema: || schemars::schema_for!(ValidateConfig),
+        check: check_validate,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
+    NodeType {
+        name: "wait",
+        fields: &[],
+        schema: || schemars::schema_for!(WaitConfig),
+        check: check_wait,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
+];
+
+/// The descriptor of a node type.
+pub fn node_type(name: &str) -> Option<&'static NodeType> {
+    REGISTRY.iter().find(|t| t.name == name)
+}
+
+/// Names of the node types this build can run.
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|t| t.name).collect()
+}
 
 /// `transform`: builds its output from templates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -114,71 +197,84 @@ pub struct WaitConfig {
 /// Checks the type-specific fields of a step of type `kind`; on error returns
 /// `(field, message)`.
 pub fn check_config(kind: &str, config: &Map<String, Value>) -> Result<(), (String, String)> {
-    let value = Value::Object(config.clone());
-    let res = match kind {
-        "transform" => serde_json::from_value::<TransformConfig>(value).map(|c| {
-            if c.output.is_none() && c.expr.is_none() {
-                Err((
-                    "output".to_string(),
-                    "a transform step needs `output` or `expr`".to_string(),
-                ))
-            } else if c.output.is_some() && c.expr.is_some() {
-                Err((
-                    "expr".to_string(),
-                    "give either `output` or `expr`, not both".to_string(),
-                ))
-            } else {
-                Ok(())
-            }
-        }),
-        "validate" => serde_json::from_value::<ValidateConfig>(value).map(|c| {
-            if c.schema.is_none() && c.assert.is_empty() {
-                Err((
-                    "schema".to_string(),
-                    "a validate step needs `schema` or `assert`".to_string(),
-                ))
-            } else {
-                Ok(())
-            }
-        }),
-        "http" => serde_json::from_value::<HttpConfig>(value).map(|c| {
-            let m = c.method.to_ascii_uppercase();
-            if ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"].contains(&m.as_str()) {
-                check_http_secrets(&c)
-            } else {
-                Err((
-                    "method".to_string(),
-                    format!("`{}` is not an HTTP method", c.method),
-                ))
-            }
-        }),
-        "wait" => {
-            serde_json::from_value::<WaitConfig>(value).map(|c| match (&c.duration, &c.until) {
-                (None, None) => Err((
-                    "duration".to_string(),
-                    "a wait step needs `duration` or `until`".to_string(),
-                )),
-                (Some(_), Some(_)) => Err((
-                    "until".to_string(),
-                    "give either `duration` or `until`, not both".to_string(),
-                )),
-                _ => Ok(()),
-            })
-        }
-        other => {
-            return Err((
-                "type".to_string(),
-                format!(
-                    "unknown step type `{other}` (known: {})",
-                    NODE_TYPES.join(", ")
-                ),
-            ));
-        }
-    };
-    match res {
-        Ok(inner) => inner,
+    match node_type(kind) {
+        Some(t) => (t.check)(config),
+        None => Err((
+            "type".to_string(),
+            format!("unknown step type `{kind}` (known: {})", names().join(", ")),
+        )),
+    }
+}
+
+/// Deserializes step fields into a config struct, then runs the type's own checks; a
+/// serde error names its field.
+fn checked<T: serde::de::DeserializeOwned>(
+    config: &Map<String, Value>,
+    rules: impl FnOnce(T) -> Result<(), (String, String)>,
+) -> Result<(), (String, String)> {
+    match serde_json::from_value::<T>(Value::Object(config.clone())) {
+        Ok(c) => rules(c),
         Err(e) => Err((field_of_serde_error(&e.to_string()), e.to_string())),
     }
+}
+
+fn check_transform(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: TransformConfig| {
+        if c.output.is_none() && c.expr.is_none() {
+            Err((
+                "output".to_string(),
+                "a transform step needs `output` or `expr`".to_string(),
+            ))
+        } else if c.output.is_some() && c.expr.is_some() {
+            Err((
+                "expr".to_string(),
+                "give either `output` or `expr`, not both".to_string(),
+            ))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+fn check_validate(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: ValidateConfig| {
+        if c.schema.is_none() && c.assert.is_empty() {
+            Err((
+                "schema".to_string(),
+                "a validate step needs `schema` or `assert`".to_string(),
+            ))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+fn check_http(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: HttpConfig| {
+        let m = c.method.to_ascii_uppercase();
+        if ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"].contains(&m.as_str()) {
+            check_http_secrets(&c)
+        } else {
+            Err((
+                "method".to_string(),
+                format!("`{}` is not an HTTP method", c.method),
+            ))
+        }
+    })
+}
+
+fn check_wait(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: WaitConfig| match (&c.duration, &c.until) {
+        (None, None) => Err((
+            "duration".to_string(),
+            "a wait step needs `duration` or `until`".to_string(),
+        )),
+        (Some(_), Some(_)) => Err((
+            "until".to_string(),
+            "give either `duration` or `until`, not both".to_string(),
+        )),
+        _ => Ok(()),
+    })
 }
 
 /// Pulls the field name out of serde's "unknown field `x`" / "missing field `x`" text.

@@ -235,3 +235,38 @@ fn every_example_is_valid() {
     }
     assert!(n >= 5, "expected the five examples, found {n}");
 }
+
+/// A node type is one descriptor: its fields that are not templates exist in its schema,
+/// its check refuses an unknown field naming it, and the definition schema lists it.
+#[test]
+fn every_registered_node_type_is_complete() {
+    let schema = definition_schema();
+    let listed = schema
+        .pointer("/$defs/Step/properties/type/enum")
+        .cloned()
+        .unwrap();
+    for t in crate::nodes::REGISTRY {
+        let own = serde_json::to_value((t.schema)()).unwrap();
+        for (field, _) in t.fields {
+            assert!(
+                own.pointer(&format!("/properties/{field}")).is_some(),
+                "{}: `{field}` is not in its schema",
+                t.name
+            );
+        }
+        let mut bad = serde_json::Map::new();
+        bad.insert("no_such_field".into(), serde_json::json!(1));
+        let (field, _) = (t.check)(&bad).unwrap_err();
+        assert!(
+            !field.is_empty(),
+            "{}: a failed check names no field",
+            t.name
+        );
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(t.name))
+        );
+    }
+}

@@ -289,23 +289,24 @@ pub fn expressions_of(s: &Step) -> Vec<(String, String)> {
     if let Some(l) = &s.loop_ {
         out.push(("loop.until".to_string(), l.until.clone()));
     }
+    let kind = nodes::node_type(&s.kind);
     for (k, v) in &s.config {
-        match (s.kind.as_str(), k.as_str()) {
-            ("validate", "assert") => {
+        match kind.map_or(nodes::Field::Template, |t| t.field(k)) {
+            nodes::Field::Assertions => {
                 if let Ok(list) = serde_json::from_value::<Vec<nodes::Assertion>>(v.clone()) {
                     for (i, a) in list.iter().enumerate() {
-                        out.push((format!("assert[{i}]"), a.expr().to_string()));
+                        out.push((format!("{k}[{i}]"), a.expr().to_string()));
                     }
                 }
             }
-            ("transform", "expr") => {
+            nodes::Field::Cel => {
                 if let Some(e) = v.as_str() {
-                    out.push(("expr".to_string(), e.to_string()));
+                    out.push((k.clone(), e.to_string()));
                 }
             }
-            // A JSON Schema is data, not a template.
-            ("validate", "schema") => {}
-            _ => expr::each_string(v, k, &mut |path, text| {
+            // Data (a JSON Schema), not a template.
+            nodes::Field::Data => {}
+            nodes::Field::Template => expr::each_string(v, k, &mut |path, text| {
                 if expr::is_template(text) {
                     out.push((path.to_string(), text.to_string()));
                 }

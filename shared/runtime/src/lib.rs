@@ -98,9 +98,11 @@ pub trait Handler: Send + Sync + 'static {
         task: Task,
         cx: &context::Context,
     ) -> impl Future<Output = Result<Outcome, StepError>> + Send;
-    /// The kind of the audit record of one attempt (a call to an outside tool is a `tool_call`).
+    /// The kind of the audit record of one attempt: its node type's (a call to an outside
+    /// tool is a `tool_call`).
     fn audit_kind(&self) -> AuditKind {
-        AuditKind::TaskExecuted
+        aob_model::nodes::node_type(self.node_type())
+            .map_or(AuditKind::TaskExecuted, |t| t.audit_kind)
     }
     /// Environment variables the function reads besides the common ones, with their
     /// meaning, for `--help`.
@@ -130,10 +132,8 @@ pub fn render_config(node_type: &str, config: &Value, context: &Value) -> Result
     };
     let mut out = serde_json::Map::with_capacity(map.len());
     for (k, v) in map {
-        let keep = matches!(
-            (node_type, k.as_str()),
-            ("validate", "assert" | "schema") | ("transform", "expr")
-        );
+        let keep = aob_model::nodes::node_type(node_type)
+            .is_some_and(|t| t.field(k) != aob_model::nodes::Field::Template);
         let rendered = if keep {
             v.clone()
         } else {
