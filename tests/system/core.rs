@@ -979,3 +979,52 @@ async fn run_list_reads_one_tenants_runs() {
         "{listed}"
     );
 }
+
+/// The timer service is supervised: when it cannot go on (its bucket is gone), the engine
+/// stops with an error instead of running on without retries, timeouts and waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_stops_when_its_timer_service_dies() {
+    let s = Stack::bare().await.unwrap();
+    let engine = std::sync::Arc::new(
+        aob_engine::Engine::connect(
+            s.client.clone(),
+            s.payloads.clone(),
+            aob_engine::Config {
+                timer_lease: aob_runtime::timers::LeaseConfig {
+                    ttl: Duration::from_millis(300),
+                    give_up_after: Duration::from_secs(1),
+                },
+                ..aob_engine::Config::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let running = tokio::spawn(aob_engine::run_with(
+        engine,
+        s.client.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    // The lease is taken: the timer service is up.
+    let kv = s.js.get_key_value(aob_streams::TIMERS).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while kv
+        .get(aob_runtime::timers::LEASE_KEY)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no timer lease taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.js.delete_key_value(aob_streams::TIMERS).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the engine went on without its timer service")
+        .unwrap();
+    let e = ended.expect_err("the engine stopped without an error");
+    assert!(e.to_string().contains("timer service"), "{e}");
+}

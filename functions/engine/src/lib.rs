@@ -36,7 +36,9 @@ pub async fn run_with<S: store::RunStore>(
     let js = async_nats::jetstream::new(client);
     let timers = engine.timers().clone();
     let t_shutdown = shutdown.clone();
-    let mut timer_task = tokio::spawn(async move { timers.serve(js, t_shutdown).await });
+    let lease = engine.config().timer_lease.clone();
+    let mut timer_task =
+        tokio::spawn(async move { timers.serve_with(js, t_shutdown, lease).await });
     let serving = engine.serve(shutdown.clone());
     tokio::pin!(serving);
     let timer_failure = tokio::select! {

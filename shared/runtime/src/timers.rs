@@ -215,6 +215,7 @@ impl Timers {
         let mut timers: HashMap<String, (Timer, u64)> = HashMap::new();
         let mut renew = tokio::time::interval(cfg.renew_every());
         renew.tick().await;
+        let mut renewed = std::time::Instant::now();
         loop {
             let next = due.iter().next().cloned();
             let sleep = match &next {
@@ -230,11 +231,19 @@ impl Timers {
                     };
                     let body = serde_json::to_vec(&lease).map_err(|e| Error::Payload(e.to_string()))?;
                     match self.kv.update(LEASE_KEY, body.into(), lease_rev).await {
-                        Ok(rev) => lease_rev = rev,
+                        Ok(rev) => {
+                            lease_rev = rev;
+                            renewed = std::time::Instant::now();
+                        }
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => return Ok(()),
-                        // The server may be briefly away; the lease lasts `ttl`, and a
-                        // renewal that keeps failing past it ends in WrongLastRevision
-                        // once another instance took over.
+                        // The server may be briefly away: the lease still holds for its
+                        // lifetime. Past it, another instance may fire: this one stops.
+                        Err(e) if renewed.elapsed() >= cfg.ttl => {
+                            return Err(Error::Nats(format!(
+                                "the timer lease could not be renewed for {:?}: {e}",
+                                renewed.elapsed()
+                            )));
+                        }
                         Err(e) => tracing::warn!("renewing the timer lease: {e}"),
                     }
                 }

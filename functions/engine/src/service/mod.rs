@@ -142,6 +142,9 @@ pub struct Config {
     /// answers, before it is dead-lettered (default 1 hour). An outage of the store does not
     /// count: a result is held for as long as the store cannot be read.
     pub hold_limit: Duration,
+    /// The timer service's lease: how long it lasts, and how long the timers bucket may
+    /// fail before the service, and with it the engine, stops with an error.
+    pub timer_lease: aob_runtime::timers::LeaseConfig,
 }
 
 impl Config {
@@ -218,6 +221,7 @@ impl Default for Config {
             item_inline_limit: 128,
             max_state_bytes: 900 * 1024,
             hold_limit: Duration::from_secs(3600),
+            timer_lease: aob_runtime::timers::LeaseConfig::default(),
         }
     }
 }
@@ -354,6 +358,11 @@ impl<S: RunStore> Engine<S> {
     /// shortest duplicate window of the streams it goes to, read from the server at start.
     pub fn dedup_within(&self) -> Duration {
         self.dedup_within
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// The run store.
