@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use aob_model::definition::{Step, Trigger, Workflow};
 use aob_model::expr::Expr;
-use aob_model::state::{Effect, RunState, RunStatus, Slot, StepState, StepStatus};
+use aob_model::state::{Effect, Phase, RunState, RunStatus, Slot, StepState, StepStatus};
 use aob_model::validate::{reads, topo_order};
 use aob_model::wire::{
     ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef,
@@ -338,16 +338,16 @@ pub fn classify(state: &RunState, at: &StepRef) -> Standing {
 /// Whether `at` is an attempt the state has not recorded as started: its step (or
 /// for_each slot) is pending or out with an earlier attempt or loop iteration.
 fn is_ahead(state: &RunState, at: &StepRef) -> bool {
-    use StepStatus::{Pending, Running, Waiting};
     let Some(st) = state.steps.get(&at.step) else {
         return false;
     };
-    match (at.item, st.status) {
-        (Some(_), Pending) => true,
-        (Some(i), Running) => st.slots.get(i as usize).is_some_and(|s| {
-            matches!(s.status, Pending | Running | Waiting) && s.attempt < at.attempt
+    match (at.item, st.phase()) {
+        // A for_each step that has not begun has started none of its items.
+        (Some(_), Phase::NotStarted) => true,
+        (Some(i), Phase::Out { .. }) => st.slots.get(i as usize).is_some_and(|s| {
+            (s.phase() == Phase::NotStarted || s.phase().is_active()) && s.attempt < at.attempt
         }),
-        (None, Pending | Running | Waiting) => {
+        (None, p) if p == Phase::NotStarted || p.is_active() => {
             (at.iteration, at.attempt) > (st.iteration, st.attempt)
         }
         _ => false,
@@ -408,17 +408,13 @@ pub fn is_current(state: &RunState, at: &StepRef) -> bool {
     };
     match at.item {
         Some(i) => {
-            st.status == StepStatus::Running
-                && st.slots.get(i as usize).is_some_and(|s| {
-                    matches!(s.status, StepStatus::Running | StepStatus::Waiting)
-                        && s.attempt == at.attempt
-                })
+            matches!(st.phase(), Phase::Out { .. })
+                && st
+                    .slots
+                    .get(i as usize)
+                    .is_some_and(|s| s.phase().attempt_out() == Some(at.attempt))
         }
-        None => {
-            matches!(st.status, StepStatus::Running | StepStatus::Waiting)
-                && st.attempt == at.attempt
-                && st.iteration == at.iteration
-        }
+        None => st.phase().attempt_out() == Some(at.attempt) && st.iteration == at.iteration,
     }
 }
 
@@ -799,22 +795,12 @@ impl<'a> Machine<'a> {
             let Some(st) = self.s.steps.get(&step.id) else {
                 return;
             };
-            let busy = st
-                .slots
-                .iter()
-                .filter(|s| {
-                    matches!(s.status, StepStatus::Running | StepStatus::Waiting)
-                        || (s.status == StepStatus::Pending && s.attempt > 0)
-                })
-                .count();
+            // A retrying item holds its place.
+            let busy = st.slots.iter().filter(|s| s.phase().is_active()).count();
             if busy >= cap {
                 return;
             }
-            let Some(next) = st
-                .slots
-                .iter()
-                .position(|s| s.status == StepStatus::Pending && s.attempt == 0)
-            else {
+            let Some(next) = st.slots.iter().position(|s| s.phase() == Phase::NotStarted) else {
                 return;
             };
             self.launch(
@@ -1184,19 +1170,20 @@ impl<'a> Machine<'a> {
                 let Some(st) = self.s.steps.get(&at.step) else {
                     return false;
                 };
-                let waiting = match at.item {
-                    Some(i) => {
-                        st.status == StepStatus::Running
-                            && st.slots.get(i as usize).is_some_and(|s| {
-                                s.status == StepStatus::Pending && s.attempt + 1 == at.attempt
-                            })
-                    }
-                    None => {
-                        st.status == StepStatus::Pending
-                            && st.attempt + 1 == at.attempt
-                            && st.iteration == at.iteration
-                    }
+                let backing_off = Phase::BackingOff {
+                    next_attempt: at.attempt,
                 };
+                let waiting = at.generation == self.s.generation
+                    && match at.item {
+                        Some(i) => {
+                            matches!(st.phase(), Phase::Out { .. })
+                                && st
+                                    .slots
+                                    .get(i as usize)
+                                    .is_some_and(|s| s.phase() == backing_off)
+                        }
+                        None => st.phase() == backing_off && st.iteration == at.iteration,
+                    };
                 if !waiting {
                     return false;
                 }

@@ -57,6 +57,73 @@ impl StepStatus {
     }
 }
 
+/// Where a step (or one for_each item) is in its life, read from its stored status and
+/// attempt in one place ([`StepState::phase`], [`Slot::phase`]); the machine decides by
+/// phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not started: waiting for its needs (or, for an item, for a free slot).
+    NotStarted,
+    /// An attempt failed and the next waits for its backoff timer.
+    BackingOff {
+        /// The attempt the timer will start.
+        next_attempt: u32,
+    },
+    /// A task is out for this attempt.
+    Out {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The function reported it waits (a durable timer, later an approval).
+    Waiting {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// Finished: COMPLETED, FAILED or SKIPPED.
+    Done(StepStatus),
+}
+
+impl Phase {
+    fn of(status: StepStatus, attempt: u32) -> Phase {
+        match status {
+            StepStatus::Pending if attempt == 0 => Phase::NotStarted,
+            StepStatus::Pending => Phase::BackingOff {
+                next_attempt: attempt + 1,
+            },
+            StepStatus::Running => Phase::Out { attempt },
+            StepStatus::Waiting => Phase::Waiting { attempt },
+            done => Phase::Done(done),
+        }
+    }
+
+    /// Started and not finished: out, waiting, or backing off before a retry.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Phase::BackingOff { .. } | Phase::Out { .. } | Phase::Waiting { .. }
+        )
+    }
+
+    /// The attempt out (or waiting) now, if any.
+    pub fn attempt_out(self) -> Option<u32> {
+        match self {
+            Phase::Out { attempt } | Phase::Waiting { attempt } => Some(attempt),
+            _ => None,
+        }
+    }
+}
+
+/// What kind of step it is, as its state shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One attempt at a time.
+    Single,
+    /// One slot per element of a list.
+    ForEach,
+    /// Iterations until a condition holds.
+    Loop,
+}
+
 /// One unit of work of a step: the step itself, one for_each element, or one loop iteration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
@@ -73,6 +140,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Where this item is.
+    pub fn phase(&self) -> Phase {
+        Phase::of(self.status, self.attempt)
+    }
+
     /// A slot that has not started.
     pub fn pending() -> Self {
         Slot {
@@ -119,6 +191,22 @@ pub struct StepState {
 }
 
 impl StepState {
+    /// Where this step is (a for_each step is `Out` while any of its items runs).
+    pub fn phase(&self) -> Phase {
+        Phase::of(self.status, self.attempt)
+    }
+
+    /// What kind of step its state shows (a for_each step once it has begun).
+    pub fn shape(&self) -> Shape {
+        if !self.slots.is_empty() || self.items.is_some() {
+            Shape::ForEach
+        } else if self.iteration.is_some() {
+            Shape::Loop
+        } else {
+            Shape::Single
+        }
+    }
+
     /// A step that has not started.
     pub fn pending() -> Self {
         StepState {

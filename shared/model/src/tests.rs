@@ -270,3 +270,27 @@ fn every_registered_node_type_is_complete() {
         );
     }
 }
+
+/// Phases and shapes read from stored status and attempt, in one place.
+#[test]
+fn a_steps_phase_and_shape_come_from_its_state() {
+    use crate::state::{Phase, Shape, Slot, StepState, StepStatus};
+    let mut st = StepState::pending();
+    assert_eq!(st.phase(), Phase::NotStarted);
+    assert_eq!(st.shape(), Shape::Single);
+    st.status = StepStatus::Running;
+    st.attempt = 1;
+    assert_eq!(st.phase(), Phase::Out { attempt: 1 });
+    st.status = StepStatus::Pending;
+    assert_eq!(st.phase(), Phase::BackingOff { next_attempt: 2 });
+    assert!(st.phase().is_active() && st.phase().attempt_out().is_none());
+    st.status = StepStatus::Waiting;
+    assert_eq!(st.phase().attempt_out(), Some(1));
+    st.status = StepStatus::Skipped;
+    assert_eq!(st.phase(), Phase::Done(StepStatus::Skipped));
+    st.iteration = Some(0);
+    assert_eq!(st.shape(), Shape::Loop);
+    st.slots = vec![Slot::pending()];
+    assert_eq!(st.shape(), Shape::ForEach);
+    assert_eq!(st.slots[0].phase(), Phase::NotStarted);
+}
