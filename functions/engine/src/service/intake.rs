@@ -175,27 +175,20 @@ impl<S: RunStore> Engine<S> {
                     let published = i.published.unix_timestamp_nanos() / 1_000_000;
                     Duration::from_millis((now_ms() as i128 - published).max(0) as u64)
                 });
-                let give_up = match &e {
-                    // The store answered, and after this long the run still has not
-                    // started the attempt: it never will (a result from elsewhere).
-                    Error::Ahead { .. } if age >= self.cfg.hold_limit => Some(format!(
-                        "held {}s and the run never reached this attempt: {e}",
-                        age.as_secs()
-                    )),
-                    Error::Ahead { .. } => {
+                let give_up = rules::give_up(&e, age, self.cfg.hold_limit);
+                match (&give_up, &e) {
+                    (Some(_), _) => {}
+                    (None, Error::Ahead { .. }) => {
                         self.metrics.held.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%subject, delivered, "held: {e}");
-                        None
                     }
-                    e if e.is_transient() => {
+                    (None, _) => {
                         // A slow or absent store or server: never a reason to drop what
                         // the engine needs. Retried with backoff, however long it takes.
                         self.metrics.retried.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%subject, delivered, "engine will retry a message: {e}");
-                        None
                     }
-                    e => Some(e.to_string()),
-                };
+                }
                 match give_up {
                     Some(reason) => {
                         self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);

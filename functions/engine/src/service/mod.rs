@@ -5,7 +5,8 @@
 //! - `admission`: whether a start becomes a run (and why not);
 //! - `runs`: the run loop: load, outbox recovery, apply, bound, write by
 //!   compare-and-set;
-//! - `effects`: tasks, history, audit records and timers going out.
+//! - `effects`: tasks, history, audit records and timers going out;
+//! - [`rules`]: the decisions about time and failure, pure and tested without a server.
 //!
 //! This module holds the engine itself, its settings, counters and errors.
 //!
@@ -55,6 +56,7 @@ use crate::store::{NatsStore, RunStore};
 mod admission;
 mod effects;
 mod intake;
+pub mod rules;
 mod runs;
 
 pub use effects::history_message;

@@ -175,7 +175,7 @@ impl<S: RunStore> Engine<S> {
                     machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
             // Tasks go out now, while the state is written (see the module docs).
-            let early = if known.elapsed() < EARLY_TASKS_WITHIN.min(self.dedup_within) {
+            let early = if rules::send_tasks_early(known.elapsed(), self.dedup_within) {
                 Some(self.send_tasks(&effects).await?)
             } else {
                 None
@@ -373,7 +373,7 @@ impl<S: RunStore> Engine<S> {
     ) -> Result<()> {
         let age = Duration::from_millis(now_ms().saturating_sub(state.updated_ms));
         let cause = state.outbox_cause.as_deref() == Some(event.id().as_str());
-        if age < self.dedup_within || cause {
+        if rules::republish_outbox(age, self.dedup_within, cause) {
             let mut effects = Vec::with_capacity(state.outbox.len());
             for e in &state.outbox {
                 match e {
