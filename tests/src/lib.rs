@@ -85,19 +85,10 @@ impl Stack {
     /// Server, topology, engine and all functions, on a given server (one started with a
     /// configuration, say).
     pub async fn start_on(server: NatsServer) -> Result<Stack> {
-        let mut s = Stack::bare_on(server, test_topology()).await?;
-        let client = s.server.connect().await?;
-        let engine = Arc::new(
-            Engine::connect(
-                client.clone(),
-                s.payloads.clone(),
-                aob_engine::Config::default(),
-            )
-            .await?,
-        );
-        s.spawn_engine_on(engine, client);
-        s.spawn_functions(Fns::All).await?;
-        Ok(s)
+        Stack::bare_on(server, test_topology())
+            .await?
+            .populate(Fns::All)
+            .await
     }
 
     /// A given server and topology only.
@@ -126,7 +117,12 @@ impl Stack {
 
     /// Server, topology, engine and the chosen functions.
     pub async fn start_with(fns: Fns) -> Result<Stack> {
-        let mut s = Stack::bare().await?;
+        Stack::bare().await?.populate(fns).await
+    }
+
+    /// Adds the engine (with the default settings) and the chosen functions.
+    async fn populate(mut self, fns: Fns) -> Result<Stack> {
+        let s = &mut self;
         // Each component on its own connection, as when deployed apart.
         let client = s.server.connect().await?;
         let engine = Arc::new(
@@ -139,20 +135,30 @@ impl Stack {
         );
         s.spawn_engine_on(engine, client);
         s.spawn_functions(fns).await?;
-        Ok(s)
+        Ok(self)
     }
 
     /// An engine on the stack's client with the default settings, not yet running (call
     /// its `on_message`, or hand it to [`Stack::spawn_engine`]).
     pub async fn engine(&self) -> Result<Arc<Engine>> {
+        self.engine_with(aob_engine::Config::default()).await
+    }
+
+    /// An engine on the stack's client with the given settings, not yet running.
+    pub async fn engine_with(&self, cfg: aob_engine::Config) -> Result<Arc<Engine>> {
         Ok(Arc::new(
-            Engine::connect(
-                self.client.clone(),
-                self.payloads.clone(),
-                aob_engine::Config::default(),
-            )
-            .await?,
+            Engine::connect(self.client.clone(), self.payloads.clone(), cfg).await?,
         ))
+    }
+
+    /// Waits until the engine has handled every command and signal published so far.
+    pub async fn commands_handled(&self) -> Result<()> {
+        self.drained(
+            aob_streams::CMD,
+            aob_streams::ENGINE_CMD,
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// Runs an engine (and the timer service) until the stack stops.

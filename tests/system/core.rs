@@ -119,13 +119,7 @@ async fn a_finished_run_never_publishes_its_effects_again() {
         by: None,
     };
     signal(&s, &run, "late-cancel", &cancel).await.unwrap();
-    s.drained(
-        aob_streams::CMD,
-        aob_streams::ENGINE_CMD,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    s.commands_handled().await.unwrap();
     assert_eq!(
         history_count(&s, &run, HistoryKind::Completed)
             .await
@@ -209,13 +203,7 @@ async fn a_task_out_is_not_sent_again_after_the_duplicate_window() {
         },
     };
     signal(&s, &run, "stale-retry", &stale).await.unwrap();
-    s.drained(
-        aob_streams::CMD,
-        aob_streams::ENGINE_CMD,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    s.commands_handled().await.unwrap();
     assert_eq!(
         take(Duration::from_secs(1)).await,
         None,
@@ -545,13 +533,7 @@ async fn a_start_reusing_a_live_runs_id_never_writes_into_it() {
     start("bad-input", json!({})).await.unwrap();
     start("other-input", json!({"name": "b"})).await.unwrap();
     start("same-again", json!({"name": "a"})).await.unwrap();
-    s.drained(
-        aob_streams::CMD,
-        aob_streams::ENGINE_CMD,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    s.commands_handled().await.unwrap();
     assert_eq!(
         history_count(&s, run, HistoryKind::Rejected).await.unwrap(),
         0,
@@ -746,18 +728,13 @@ async fn a_thousand_items_with_large_outputs_keep_the_run_record_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_state_would_outgrow_the_limit_fails_with_the_reason() {
     let mut s = Stack::bare().await.unwrap();
-    let engine = std::sync::Arc::new(
-        aob_engine::Engine::connect(
-            s.client.clone(),
-            s.payloads.clone(),
-            aob_engine::Config {
-                max_state_bytes: 6 * 1024,
-                ..aob_engine::Config::default()
-            },
-        )
+    let engine = s
+        .engine_with(aob_engine::Config {
+            max_state_bytes: 6 * 1024,
+            ..aob_engine::Config::default()
+        })
         .await
-        .unwrap(),
-    );
+        .unwrap();
     s.spawn_engine(engine);
     s.spawn_functions(Fns::AllButHttp).await.unwrap();
     s.publish(
@@ -901,13 +878,7 @@ async fn a_timer_signal_from_a_client_is_refused() {
     )
     .await
     .unwrap();
-    s.drained(
-        aob_streams::CMD,
-        aob_streams::ENGINE_CMD,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    s.commands_handled().await.unwrap();
     let state = s.run_state(T, &run).await.unwrap().unwrap();
     assert_eq!(
         state.status,
@@ -985,21 +956,16 @@ async fn run_list_reads_one_tenants_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_stops_when_its_timer_service_dies() {
     let s = Stack::bare().await.unwrap();
-    let engine = std::sync::Arc::new(
-        aob_engine::Engine::connect(
-            s.client.clone(),
-            s.payloads.clone(),
-            aob_engine::Config {
-                timer_lease: aob_runtime::timers::LeaseConfig {
-                    ttl: Duration::from_millis(300),
-                    give_up_after: Duration::from_secs(1),
-                },
-                ..aob_engine::Config::default()
+    let engine = s
+        .engine_with(aob_engine::Config {
+            timer_lease: aob_runtime::timers::LeaseConfig {
+                ttl: Duration::from_millis(300),
+                give_up_after: Duration::from_secs(1),
             },
-        )
+            ..aob_engine::Config::default()
+        })
         .await
-        .unwrap(),
-    );
+        .unwrap();
     let running = tokio::spawn(aob_engine::run_with(
         engine,
         s.client.clone(),
