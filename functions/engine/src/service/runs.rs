@@ -163,14 +163,14 @@ impl<S: RunStore> Engine<S> {
                         }
                         return Ok(false);
                     }
-                    // A cached state may be behind the store (another engine wrote): it
-                    // stays out of the cache, and the next pass reads the store.
                     machine::Transition::Unresolved(paths) => {
                         return Err(Error::Runtime(aob_runtime::Error::Payload(format!(
                             "could not load {} for a condition of run {key}; retrying",
                             paths.join(", ")
                         ))));
                     }
+                    // A cached state may be behind the store (another engine wrote): it
+                    // stays out of the cache, and the next pass reads the store.
                     machine::Transition::Ahead(_) if from_cache => continue,
                     machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
