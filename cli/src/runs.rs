@@ -380,15 +380,15 @@ fn step_duration(s: &StepState, now: u64) -> String {
 fn step_note(s: &StepState) -> String {
     let mut note = match (&s.error, &s.reason) {
         // A pending step with an error is waiting for its retry.
-        (Some(e), _) if s.status == StepStatus::Pending => {
+        (Some(e), _) if s.status() == StepStatus::Pending => {
             format!("retry pending after: {}", one_line(&e.message, 100))
         }
-        (Some(e), _) if s.status != StepStatus::Completed => one_line(&e.message, 120),
+        (Some(e), _) if s.status() != StepStatus::Completed => one_line(&e.message, 120),
         (_, Some(r)) => one_line(r, 120),
         _ => String::new(),
     };
     if !s.slots.is_empty() {
-        let done = s.slots.iter().filter(|x| x.status.is_terminal()).count();
+        let done = s.slots.iter().filter(|x| x.status().is_terminal()).count();
         let items = format!("items {done}/{} done", s.slots.len());
         note = if note.is_empty() {
             items
@@ -451,11 +451,11 @@ pub fn describe(state: &RunState, now: u64) -> String {
         .map(|(id, s)| {
             vec![
                 id.clone(),
-                word(&s.status),
-                if s.attempt == 0 {
+                word(&s.status()),
+                if s.attempt() == 0 {
                     String::new()
                 } else {
-                    s.attempt.to_string()
+                    s.attempt().to_string()
                 },
                 step_duration(s, now),
                 step_note(s),
@@ -638,7 +638,7 @@ pub async fn cmd_cancel(ctx: &Ctx, id: &str, reason: Option<String>) -> Result<E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aob_model::state::RunStatus;
+    use aob_model::state::{Phase, RunStatus};
     use aob_model::wire::StepError;
     use std::collections::BTreeMap;
 
@@ -647,8 +647,10 @@ mod tests {
         steps.insert(
             "a".to_string(),
             StepState {
-                status: StepStatus::Completed,
-                attempt: 1,
+                phase: Phase::Done {
+                    status: StepStatus::Completed,
+                    attempts: 1,
+                },
                 output: Some(serde_json::json!({"n": 1})),
                 started_ms: Some(1_000),
                 finished_ms: Some(1_012),
@@ -658,8 +660,10 @@ mod tests {
         steps.insert(
             "b".to_string(),
             StepState {
-                status: StepStatus::Failed,
-                attempt: 2,
+                phase: Phase::Done {
+                    status: StepStatus::Failed,
+                    attempts: 2,
+                },
                 error: Some(StepError::terminal("HTTP 404")),
                 started_ms: Some(1_012),
                 finished_ms: Some(1_100),
@@ -669,7 +673,10 @@ mod tests {
         steps.insert(
             "c".to_string(),
             StepState {
-                status: StepStatus::Skipped,
+                phase: Phase::Done {
+                    status: StepStatus::Skipped,
+                    attempts: 0,
+                },
                 reason: Some("needs `b`, which failed".into()),
                 finished_ms: Some(1_100),
                 ..StepState::pending()

@@ -632,7 +632,7 @@ async fn a_value_that_cannot_be_loaded_yet_never_picks_a_branch() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        s.run_state(T, &run).await.unwrap().unwrap().steps["b"].status,
+        s.run_state(T, &run).await.unwrap().unwrap().steps["b"].status(),
         aob_model::state::StepStatus::Pending,
         "b was decided without a's value"
     );

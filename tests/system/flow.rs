@@ -39,8 +39,8 @@ async fn fan_out_join_with_a_branch_example() {
     let run = s.start_run(T, &wf, json!({"total": 120})).await.unwrap();
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
-    assert_eq!(state.steps["express"].status, StepStatus::Completed);
-    assert_eq!(state.steps["standard"].status, StepStatus::Skipped);
+    assert_eq!(state.steps["express"].status(), StepStatus::Completed);
+    assert_eq!(state.steps["standard"].status(), StepStatus::Skipped);
     assert_eq!(
         state.steps["notify"].output,
         Some(json!({"message": "shipping by courier"}))
@@ -159,7 +159,7 @@ async fn retry_then_succeed_example() {
     assert_eq!(retries.len(), 2, "each failed attempt is a history event");
     assert_eq!(retries[0].attempt, Some(1));
     assert_eq!(retries[1].attempt, Some(2));
-    assert_eq!(state.steps["fetch"].attempt, 3);
+    assert_eq!(state.steps["fetch"].attempt(), 3);
     assert_eq!(
         state.steps["summarize"].output.as_ref().unwrap()["status"],
         json!(200)
@@ -181,7 +181,7 @@ async fn http_4xx_is_terminal_and_step_timeouts_retry() {
     let run = s.start_run(T, "failing", json!({})).await.unwrap();
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Failed);
-    assert_eq!(state.steps["nf"].attempt, 1, "404 is not retried");
+    assert_eq!(state.steps["nf"].attempt(), 1, "404 is not retried");
     assert!(
         state.steps["nf"]
             .error
@@ -190,7 +190,7 @@ async fn http_4xx_is_terminal_and_step_timeouts_retry() {
             .message
             .contains("404")
     );
-    assert_eq!(state.steps["slow"].attempt, 2, "a timeout is retried");
+    assert_eq!(state.steps["slow"].attempt(), 2, "a timeout is retried");
     assert!(
         state.steps["slow"]
             .error
@@ -220,7 +220,7 @@ async fn wait_is_a_durable_timer_that_holds_no_message() {
     .unwrap();
     // While it waits: the step is WAITING, the task was acked, and a timer exists.
     let state = s.run_state(T, &run).await.unwrap().unwrap();
-    assert_eq!(state.steps["nap"].status, StepStatus::Waiting);
+    assert_eq!(state.steps["nap"].status(), StepStatus::Waiting);
     let stream = s.js.get_stream(aob_streams::TASKS).await.unwrap();
     let mut c = stream
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>("fn-wait")
@@ -271,7 +271,7 @@ async fn cancel_stops_a_run() {
     .unwrap();
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Cancelled);
-    assert_eq!(state.steps["after"].status, StepStatus::Skipped);
+    assert_eq!(state.steps["after"].status(), StepStatus::Skipped);
     assert!(
         events.iter().any(|e| e.kind == HistoryKind::Abort),
         "running steps are told"

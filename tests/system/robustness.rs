@@ -433,19 +433,19 @@ async fn concurrent_results_racing_on_a_join_fire_it_once() {
     );
     let state = s.run_state(T, &run).await.unwrap().unwrap();
     assert_eq!(
-        state.steps["a"].status,
+        state.steps["a"].status(),
         aob_model::state::StepStatus::Completed
     );
     assert_eq!(
-        state.steps["b"].status,
+        state.steps["b"].status(),
         aob_model::state::StepStatus::Completed
     );
     assert_eq!(
-        state.steps["j"].status,
+        state.steps["j"].status(),
         aob_model::state::StepStatus::Running
     );
     assert_eq!(
-        state.steps["c"].status,
+        state.steps["c"].status(),
         aob_model::state::StepStatus::Running
     );
     assert_eq!(

@@ -345,10 +345,10 @@ fn is_ahead(state: &RunState, at: &StepRef) -> bool {
         // A for_each step that has not begun has started none of its items.
         (Some(_), Phase::NotStarted) => true,
         (Some(i), Phase::Out { .. }) => st.slots.get(i as usize).is_some_and(|s| {
-            (s.phase() == Phase::NotStarted || s.phase().is_active()) && s.attempt < at.attempt
+            (s.phase() == Phase::NotStarted || s.phase().is_active()) && s.attempt() < at.attempt
         }),
         (None, p) if p == Phase::NotStarted || p.is_active() => {
-            (at.iteration, at.attempt) > (st.iteration, st.attempt)
+            (at.iteration, at.attempt) > (st.iteration, st.attempt())
         }
         _ => false,
     }
@@ -537,7 +537,7 @@ impl<'a> Machine<'a> {
                 if for_condition && self.def.condition_reads.contains(id) {
                     output = self.resolved(output);
                 }
-                steps.insert(id.clone(), json!({"status": st.status, "output": output}));
+                steps.insert(id.clone(), json!({"status": st.status(), "output": output}));
             }
         }
         let input = if for_condition {
@@ -587,7 +587,7 @@ impl<'a> Machine<'a> {
             let mut status: Vec<Option<(StepStatus, u32)>> = vec![None; def.wf.steps.len()];
             for (id, st) in &self.s.steps {
                 if let Some(slot) = def.index.get(id).and_then(|&i| status.get_mut(i)) {
-                    *slot = Some((st.status, st.attempt));
+                    *slot = Some((st.status(), st.attempt()));
                 }
             }
             // Another pass is needed only when a step reached a terminal status: a step
@@ -608,7 +608,11 @@ impl<'a> Machine<'a> {
                     Ready::Skip(reason) => self.skip(&step.id, reason),
                     Ready::Go => self.begin(step),
                 }
-                let now = self.s.steps.get(&step.id).map(|st| (st.status, st.attempt));
+                let now = self
+                    .s
+                    .steps
+                    .get(&step.id)
+                    .map(|st| (st.status(), st.attempt()));
                 changed |= now.is_some_and(|(s, _)| s.is_terminal());
                 status[i] = now;
             }
@@ -616,12 +620,12 @@ impl<'a> Machine<'a> {
                 break;
             }
         }
-        if self.s.steps.values().all(|s| s.status.is_terminal()) {
+        if self.s.steps.values().all(|s| s.status().is_terminal()) {
             let failed: Vec<(String, String)> = self
                 .s
                 .steps
                 .iter()
-                .filter(|(_, s)| s.status == StepStatus::Failed)
+                .filter(|(_, s)| s.status() == StepStatus::Failed)
                 .map(|(id, s)| {
                     (
                         id.clone(),
@@ -673,7 +677,7 @@ impl<'a> Machine<'a> {
 
     fn skip(&mut self, id: &str, reason: String) {
         if let Some(st) = self.s.steps.get_mut(id) {
-            st.status = StepStatus::Skipped;
+            st.phase = st.phase.done(StepStatus::Skipped);
             st.reason = Some(reason.clone());
             st.finished_ms = Some(self.now);
         }
@@ -682,7 +686,7 @@ impl<'a> Machine<'a> {
 
     fn fail_step(&mut self, id: &str, error: StepError, at: Option<&StepRef>) {
         if let Some(st) = self.s.steps.get_mut(id) {
-            st.status = StepStatus::Failed;
+            st.phase = st.phase.done(StepStatus::Failed);
             st.error = Some(error.clone());
             st.finished_ms = Some(self.now);
         }
@@ -705,7 +709,7 @@ impl<'a> Machine<'a> {
 
     fn complete_step(&mut self, id: &str, output: Value, at: Option<&StepRef>) {
         if let Some(st) = self.s.steps.get_mut(id) {
-            st.status = StepStatus::Completed;
+            st.phase = st.phase.done(StepStatus::Completed);
             st.output = Some(output.clone());
             st.error = None;
             st.finished_ms = Some(self.now);
@@ -759,8 +763,7 @@ impl<'a> Machine<'a> {
             // same completed outputs and input, when an item is launched.
             let keep = serde_json::to_vec(&items).map_or(0, |b| b.len()) <= ITEMS_INLINE_LIMIT;
             if let Some(st) = self.s.steps.get_mut(&id) {
-                st.status = StepStatus::Running;
-                st.attempt = 1;
+                st.phase = Phase::Out { attempt: 1 };
                 st.started_ms = Some(self.now);
                 st.slots = vec![Slot::pending(); items.len()];
                 st.items = keep.then_some(items.clone());
@@ -826,13 +829,15 @@ impl<'a> Machine<'a> {
         match at.item {
             Some(i) => {
                 if let Some(slot) = st.slots.get_mut(i as usize) {
-                    slot.status = StepStatus::Running;
-                    slot.attempt = at.attempt;
+                    slot.phase = Phase::Out {
+                        attempt: at.attempt,
+                    };
                 }
             }
             None => {
-                st.status = StepStatus::Running;
-                st.attempt = at.attempt;
+                st.phase = Phase::Out {
+                    attempt: at.attempt,
+                };
             }
         }
         self.effects.push(Effect::Task {
@@ -912,17 +917,21 @@ impl<'a> Machine<'a> {
                 match (st, r.at.item) {
                     (Some(st), Some(i)) => {
                         if let Some(slot) = st.slots.get_mut(i as usize) {
-                            if slot.status == StepStatus::Waiting {
+                            if slot.status() == StepStatus::Waiting {
                                 return false;
                             }
-                            slot.status = StepStatus::Waiting;
+                            slot.phase = Phase::Waiting {
+                                attempt: slot.attempt(),
+                            };
                         }
                     }
                     (Some(st), None) => {
-                        if st.status == StepStatus::Waiting {
+                        if st.status() == StepStatus::Waiting {
                             return false;
                         }
-                        st.status = StepStatus::Waiting;
+                        st.phase = Phase::Waiting {
+                            attempt: st.attempt(),
+                        };
                     }
                     (None, _) => return false,
                 }
@@ -982,10 +991,10 @@ impl<'a> Machine<'a> {
                 _ => {}
             };
             if st.slots.is_empty() {
-                one(None, st.status, st.attempt);
-            } else if st.status == StepStatus::Running {
+                one(None, st.status(), st.attempt());
+            } else if st.status() == StepStatus::Running {
                 for (i, slot) in st.slots.iter().enumerate() {
-                    one(Some(i as u32), slot.status, slot.attempt);
+                    one(Some(i as u32), slot.status(), slot.attempt());
                 }
             }
         }
@@ -1011,11 +1020,11 @@ impl<'a> Machine<'a> {
                     return;
                 };
                 if let Some(slot) = st.slots.get_mut(i as usize) {
-                    slot.status = StepStatus::Completed;
+                    slot.phase = slot.phase.done(StepStatus::Completed);
                     slot.output = Some(output.clone());
                     slot.error = None;
                 }
-                st.slots.iter().all(|s| s.status == StepStatus::Completed)
+                st.slots.iter().all(|s| s.status() == StepStatus::Completed)
             };
             // Each item reports its completion (watchers show progress, the audit trail
             // has a record per item); the step's own `step_completed` follows the last.
@@ -1108,12 +1117,16 @@ impl<'a> Machine<'a> {
                 match at.item {
                     Some(i) => {
                         if let Some(slot) = st.slots.get_mut(i as usize) {
-                            slot.status = StepStatus::Pending;
+                            slot.phase = Phase::BackingOff {
+                                next_attempt: slot.attempt() + 1,
+                            };
                             slot.error = Some(error.clone());
                         }
                     }
                     None => {
-                        st.status = StepStatus::Pending;
+                        st.phase = Phase::BackingOff {
+                            next_attempt: st.attempt() + 1,
+                        };
                         st.error = Some(error.clone());
                     }
                 }
@@ -1228,15 +1241,15 @@ impl<'a> Machine<'a> {
         self.cancel_timers(left);
         let mut running = false;
         for st in self.s.steps.values_mut() {
-            match st.status {
+            match st.status() {
                 StepStatus::Running | StepStatus::Waiting => {
                     running = true;
-                    st.status = StepStatus::Failed;
+                    st.phase = st.phase.done(StepStatus::Failed);
                     st.error = Some(StepError::terminal(why.clone()));
                     st.finished_ms = Some(self.now);
                 }
                 StepStatus::Pending => {
-                    st.status = StepStatus::Skipped;
+                    st.phase = st.phase.done(StepStatus::Skipped);
                     st.reason = Some(why.clone());
                     st.finished_ms = Some(self.now);
                 }

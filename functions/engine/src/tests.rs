@@ -119,7 +119,7 @@ impl Sim {
     }
 
     fn step(&self, id: &str) -> StepStatus {
-        self.state.as_ref().unwrap().steps[id].status
+        self.state.as_ref().unwrap().steps[id].status()
     }
 
     fn count(&self, kind: HistoryKind) -> usize {
@@ -724,7 +724,7 @@ fn a_condition_never_sees_a_reference_it_could_not_load() {
     let Transition::Changed(state, effects) = next else {
         panic!("not applied: {next:?}")
     };
-    assert_eq!(state.steps["b"].status, StepStatus::Running);
+    assert_eq!(state.steps["b"].status(), StepStatus::Running);
     assert!(effects.iter().any(|e| matches!(e, Effect::Task { .. })));
 }
 
@@ -905,7 +905,7 @@ fn run_shuffled(
     let steps = state
         .steps
         .iter()
-        .map(|(id, st)| (id.clone(), st.status, st.output.clone()))
+        .map(|(id, st)| (id.clone(), st.status(), st.output.clone()))
         .collect();
     (state.status, steps)
 }

@@ -57,10 +57,10 @@ impl StepStatus {
     }
 }
 
-/// Where a step (or one for_each item) is in its life, read from its stored status and
-/// attempt in one place ([`StepState::phase`], [`Slot::phase`]); the machine decides by
-/// phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a step (or one for_each item) is in its life. Stored as its status and attempt
+/// (`{"status": "RUNNING", "attempt": 2}`), so records from before phases read as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PhaseRepr", into = "PhaseRepr")]
 pub enum Phase {
     /// Not started: waiting for its needs (or, for an item, for a free slot).
     NotStarted,
@@ -79,20 +79,76 @@ pub enum Phase {
         /// The attempt.
         attempt: u32,
     },
-    /// Finished: COMPLETED, FAILED or SKIPPED.
-    Done(StepStatus),
+    /// Finished: COMPLETED, FAILED or SKIPPED, after this many attempts (0 if skipped
+    /// before one).
+    Done {
+        /// How it ended.
+        status: StepStatus,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// How a [`Phase`] is stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct PhaseRepr {
+    status: StepStatus,
+    #[serde(default)]
+    attempt: u32,
+}
+
+impl From<PhaseRepr> for Phase {
+    fn from(r: PhaseRepr) -> Phase {
+        match r.status {
+            StepStatus::Pending if r.attempt == 0 => Phase::NotStarted,
+            StepStatus::Pending => Phase::BackingOff {
+                next_attempt: r.attempt + 1,
+            },
+            StepStatus::Running => Phase::Out { attempt: r.attempt },
+            StepStatus::Waiting => Phase::Waiting { attempt: r.attempt },
+            status => Phase::Done {
+                status,
+                attempts: r.attempt,
+            },
+        }
+    }
+}
+
+impl From<Phase> for PhaseRepr {
+    fn from(p: Phase) -> PhaseRepr {
+        PhaseRepr {
+            status: p.status(),
+            attempt: p.attempt(),
+        }
+    }
 }
 
 impl Phase {
-    fn of(status: StepStatus, attempt: u32) -> Phase {
-        match status {
-            StepStatus::Pending if attempt == 0 => Phase::NotStarted,
-            StepStatus::Pending => Phase::BackingOff {
-                next_attempt: attempt + 1,
-            },
-            StepStatus::Running => Phase::Out { attempt },
-            StepStatus::Waiting => Phase::Waiting { attempt },
-            done => Phase::Done(done),
+    /// The status it shows (PENDING while not started or backing off).
+    pub fn status(self) -> StepStatus {
+        match self {
+            Phase::NotStarted | Phase::BackingOff { .. } => StepStatus::Pending,
+            Phase::Out { .. } => StepStatus::Running,
+            Phase::Waiting { .. } => StepStatus::Waiting,
+            Phase::Done { status, .. } => status,
+        }
+    }
+
+    /// The latest attempt made (0 before the first).
+    pub fn attempt(self) -> u32 {
+        match self {
+            Phase::NotStarted => 0,
+            Phase::BackingOff { next_attempt } => next_attempt.saturating_sub(1),
+            Phase::Out { attempt } | Phase::Waiting { attempt } => attempt,
+            Phase::Done { attempts, .. } => attempts,
+        }
+    }
+
+    /// Ended as `status` after the attempts made so far.
+    pub fn done(self, status: StepStatus) -> Phase {
+        Phase::Done {
+            status,
+            attempts: self.attempt(),
         }
     }
 
@@ -102,6 +158,11 @@ impl Phase {
             self,
             Phase::BackingOff { .. } | Phase::Out { .. } | Phase::Waiting { .. }
         )
+    }
+
+    /// Finished.
+    pub fn is_done(self) -> bool {
+        matches!(self, Phase::Done { .. })
     }
 
     /// The attempt out (or waiting) now, if any.
@@ -127,10 +188,9 @@ pub enum Shape {
 /// One unit of work of a step: the step itself, one for_each element, or one loop iteration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
-    /// Status of this slot.
-    pub status: StepStatus,
-    /// Current attempt (0 before the first one).
-    pub attempt: u32,
+    /// Where this item is (stored as `status` and `attempt`).
+    #[serde(flatten)]
+    pub phase: Phase,
     /// Output when completed (large values are references).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
@@ -142,14 +202,23 @@ pub struct Slot {
 impl Slot {
     /// Where this item is.
     pub fn phase(&self) -> Phase {
-        Phase::of(self.status, self.attempt)
+        self.phase
+    }
+
+    /// Its status.
+    pub fn status(&self) -> StepStatus {
+        self.phase.status()
+    }
+
+    /// Its latest attempt (0 before the first).
+    pub fn attempt(&self) -> u32 {
+        self.phase.attempt()
     }
 
     /// A slot that has not started.
     pub fn pending() -> Self {
         Slot {
-            status: StepStatus::Pending,
-            attempt: 0,
+            phase: Phase::NotStarted,
             output: None,
             error: None,
         }
@@ -159,11 +228,10 @@ impl Slot {
 /// State of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
-    /// Status.
-    pub status: StepStatus,
-    /// Current attempt of the step (or of its current loop iteration).
-    #[serde(default)]
-    pub attempt: u32,
+    /// Where the step is (stored as `status` and `attempt`; for a loop, the attempt of its
+    /// current iteration).
+    #[serde(flatten)]
+    pub phase: Phase,
     /// Output when completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
@@ -193,7 +261,17 @@ pub struct StepState {
 impl StepState {
     /// Where this step is (a for_each step is `Out` while any of its items runs).
     pub fn phase(&self) -> Phase {
-        Phase::of(self.status, self.attempt)
+        self.phase
+    }
+
+    /// Its status.
+    pub fn status(&self) -> StepStatus {
+        self.phase.status()
+    }
+
+    /// Its latest attempt (0 before the first).
+    pub fn attempt(&self) -> u32 {
+        self.phase.attempt()
     }
 
     /// What kind of step its state shows (a for_each step once it has begun).
@@ -210,8 +288,7 @@ impl StepState {
     /// A step that has not started.
     pub fn pending() -> Self {
         StepState {
-            status: StepStatus::Pending,
-            attempt: 0,
+            phase: Phase::NotStarted,
             output: None,
             error: None,
             reason: None,
