@@ -994,3 +994,268 @@ async fn the_engine_stops_when_its_timer_service_dies() {
     let e = ended.expect_err("the engine stopped without an error");
     assert!(e.to_string().contains("timer service"), "{e}");
 }
+
+/// An engine on the memory run store; the server only carries what it publishes.
+async fn memory_engine<S: aob_engine::store::RunStore>(
+    s: &Stack,
+    store: S,
+) -> anyhow::Result<std::sync::Arc<aob_engine::Engine<S>>> {
+    Ok(std::sync::Arc::new(
+        aob_engine::Engine::with_store(
+            s.js.clone(),
+            store,
+            s.payloads.clone(),
+            aob_engine::Config::default(),
+        )
+        .await?,
+    ))
+}
+
+fn start_of(workflow: &str, run: &str) -> aob_model::wire::StartCommand {
+    aob_model::wire::StartCommand {
+        workflow: workflow.into(),
+        version: None,
+        input: json!({}),
+        run_id: Some(run.into()),
+    }
+}
+
+fn stored(state: Option<(bytes::Bytes, u64)>) -> anyhow::Result<aob_model::state::RunState> {
+    let (bytes, _) = state.ok_or_else(|| anyhow::anyhow!("run not stored"))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn completed(run: &str, at: StepRef) -> StepResult {
+    StepResult {
+        tenant: T.into(),
+        run_id: run.into(),
+        at,
+        outcome: Outcome::Completed { output: json!(1) },
+        duration_ms: 1,
+    }
+}
+
+fn first(step: &str) -> StepRef {
+    StepRef {
+        step: step.into(),
+        item: None,
+        iteration: None,
+        attempt: 1,
+        generation: 0,
+    }
+}
+
+/// The run loop's outbox path, on the memory run store: a stored outbox written within the
+/// duplicate window is published again when a restarted engine loads the run (its writer
+/// may have died), an older one is not, and the next write clears either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_path_on_the_memory_store() {
+    use aob_engine::store::RunStore;
+    let topology = short_window();
+    let s = Stack::bare_with(topology.clone()).await.unwrap();
+    s.publish(T, ONE_STEP).await.unwrap();
+    let engine = memory_engine(&s, aob_engine::store::MemoryStore::default())
+        .await
+        .unwrap();
+    let key = aob_model::state::RunState::key(T, "m1");
+    assert!(
+        engine
+            .handle_start(T, "m1", start_of("one", "m1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !stored(engine.store().get(&key).await.unwrap())
+            .unwrap()
+            .outbox
+            .is_empty()
+    );
+    let stale = Signal::Timer {
+        timer: TimerKind::Retry {
+            at: StepRef {
+                attempt: 9,
+                ..first("a")
+            },
+        },
+    };
+    let skipped = || {
+        engine
+            .metrics
+            .outbox_skipped
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // Restarted at once: the young outbox goes out again (a duplicate the server drops)...
+    engine.forget_runs();
+    assert!(!engine.handle_signal(T, "m1", stale.clone()).await.unwrap());
+    assert_eq!(skipped(), 0);
+    // ...and is cleared.
+    assert!(
+        stored(engine.store().get(&key).await.unwrap())
+            .unwrap()
+            .outbox
+            .is_empty()
+    );
+    // The run completes: a new outbox, which outlives the window.
+    assert!(
+        engine
+            .handle_result(completed("m1", first("a")))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !stored(engine.store().get(&key).await.unwrap())
+            .unwrap()
+            .outbox
+            .is_empty()
+    );
+    outlive_the_duplicate_window(&topology).await;
+    engine.forget_runs();
+    assert!(!engine.handle_signal(T, "m1", stale).await.unwrap());
+    assert_eq!(
+        skipped(),
+        1,
+        "an outbox older than the window was published again"
+    );
+    assert!(
+        stored(engine.store().get(&key).await.unwrap())
+            .unwrap()
+            .outbox
+            .is_empty()
+    );
+    assert_eq!(
+        history_count(&s, "m1", HistoryKind::Completed)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+/// A run store whose updates wait until the test lets them through.
+struct Gated {
+    inner: aob_engine::store::MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+    open: tokio::sync::Semaphore,
+}
+
+impl aob_engine::store::RunStore for Gated {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<(bytes::Bytes, u64)>, aob_engine::store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+    ) -> Result<Result<u64, aob_engine::store::Conflict>, aob_engine::store::StoreError> {
+        self.inner.create(key, value).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        revision: u64,
+    ) -> Result<Result<u64, aob_engine::store::Conflict>, aob_engine::store::StoreError> {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.open.acquire().await;
+        }
+        self.inner.update(key, value, revision).await
+    }
+}
+
+/// The early-task path, on the memory run store: the next step's task goes out while the
+/// state that starts it is still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_early_task_path_on_the_memory_store() {
+    use aob_engine::store::RunStore;
+    let s = Stack::bare().await.unwrap();
+    s.publish(
+        T,
+        "name: two\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n",
+    )
+    .await
+    .unwrap();
+    let engine = memory_engine(
+        &s,
+        Gated {
+            inner: aob_engine::store::MemoryStore::default(),
+            armed: std::sync::atomic::AtomicBool::new(false),
+            open: tokio::sync::Semaphore::new(0),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        engine
+            .handle_start(T, "m2", start_of("two", "m2"))
+            .await
+            .unwrap()
+    );
+    let tasks = || s.count(aob_streams::TASKS, "aob.default.task.transform");
+    assert_eq!(tasks().await.unwrap(), 1);
+    engine
+        .store()
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let applying = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.handle_result(completed("m2", first("a"))).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tasks().await.unwrap() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b's task waited for the state write"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let key = aob_model::state::RunState::key(T, "m2");
+    let before = stored(engine.store().get(&key).await.unwrap()).unwrap();
+    assert_eq!(
+        before.steps["b"].status(),
+        aob_model::state::StepStatus::Pending,
+        "the write had not landed when the task went out"
+    );
+    engine.store().open.add_permits(1);
+    assert!(applying.await.unwrap().unwrap());
+    let after = stored(engine.store().get(&key).await.unwrap()).unwrap();
+    assert_eq!(
+        after.steps["b"].status(),
+        aob_model::state::StepStatus::Running
+    );
+}
+
+/// The held-result path, on the memory run store: a result for a run the store does not
+/// hold yet is ahead (held, not dropped), and applied once the run exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_held_result_path_on_the_memory_store() {
+    let s = Stack::bare().await.unwrap();
+    s.publish(T, ONE_STEP).await.unwrap();
+    let engine = memory_engine(&s, aob_engine::store::MemoryStore::default())
+        .await
+        .unwrap();
+    let early = engine.handle_result(completed("m3", first("a"))).await;
+    assert!(
+        matches!(early, Err(aob_engine::service::Error::Ahead { .. })),
+        "{early:?}"
+    );
+    assert!(
+        engine
+            .handle_start(T, "m3", start_of("one", "m3"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        engine
+            .handle_result(completed("m3", first("a")))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        history_count(&s, "m3", HistoryKind::Completed)
+            .await
+            .unwrap(),
+        1
+    );
+}

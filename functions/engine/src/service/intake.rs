@@ -91,6 +91,51 @@ impl<S: RunStore> Engine<S> {
         Ok(())
     }
 
+    /// Applies a start, as a start command would be (admission included); true when it
+    /// made a run. For driving the engine directly (tests, other transports).
+    pub async fn handle_start(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        cmd: aob_model::wire::StartCommand,
+    ) -> Result<bool> {
+        self.process(
+            Parsed::Start {
+                tenant: tenant.to_string(),
+                run_id: run_id.to_string(),
+                cmd,
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Applies a signal to a run; true when it changed the run.
+    pub async fn handle_signal(&self, tenant: &str, run_id: &str, signal: Signal) -> Result<bool> {
+        self.process(
+            Parsed::Signal {
+                tenant: tenant.to_string(),
+                run_id: run_id.to_string(),
+                signal,
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Applies a result; true when it changed the run. A result ahead of the stored run
+    /// is `Err(Error::Ahead)`: the caller holds it and tries again later.
+    pub async fn handle_result(&self, r: StepResult) -> Result<bool> {
+        self.process(Parsed::Result(r), None).await
+    }
+
+    /// Forgets the cached state of every run, as a restarted engine would have none.
+    pub fn forget_runs(&self) {
+        if let Ok(mut m) = self.runs.lock() {
+            m.clear();
+        }
+    }
+
     /// Applies a result seen as it was published, before `AOB_RESULTS` stored it. Nothing
     /// is acked, refused or retried here: the stored copy is the one that counts, and it
     /// follows, finding its attempt already applied (or applying it, if this copy could
