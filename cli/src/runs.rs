@@ -73,8 +73,32 @@ pub async fn start_run(
     tenant: &str,
     req: StartRequest,
 ) -> Result<Started> {
+    let chosen = req.run_id.is_some();
     let run_id = req.run_id.unwrap_or_else(new_run_id);
     check_run_id(&run_id)?;
+    if chosen && let Some(run) = get_state(js, tenant, &run_id).await? {
+        // The engine never writes into a run that exists: say so here rather than leave
+        // the caller following someone else's run.
+        let same = run.workflow == req.workflow
+            && req.version.is_none_or(|v| v == run.version)
+            && payloads
+                .hydrate(run.input.clone())
+                .await
+                .context("reading the existing run's input")?
+                == req.input;
+        if !same {
+            bail!(
+                "run id `{run_id}` is taken by a run of `{}` v{} ({}) with another input; this start was not sent (choose another run id)",
+                run.workflow,
+                run.version,
+                word(&run.status)
+            );
+        }
+        return Ok(Started {
+            run_id,
+            duplicate: true,
+        });
+    }
     let input = payloads
         .offload(req.input, &format!("{tenant}/{run_id}/input"))
         .await

@@ -550,6 +550,24 @@ async fn a_start_reusing_a_live_runs_id_never_writes_into_it() {
         .iter()
         .filter_map(|l| l["reason"].as_str())
         .collect();
+    // The CLI says so before sending anything.
+    let out = std::process::Command::new(aob_tests::binary("aob").unwrap())
+        .args([
+            "run",
+            "start",
+            "guarded",
+            "--run-id",
+            run,
+            "--input",
+            r#"{"name": "c"}"#,
+        ])
+        .env("NATS_URL", s.server.url())
+        .env("AOB_PAYLOAD_URL", &s.payload_url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("run id `live-1` is taken"), "{err}");
     // Both other starts are reported, naming the run whose id they reused; the repeat
     // of the run's own start is not.
     assert_eq!(reasons.len(), 2, "{reasons:?}");

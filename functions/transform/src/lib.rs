@@ -71,6 +71,39 @@ mod tests {
         }
     }
 
+    /// Through the delivery contract, as any transport runs it, on the in-memory transport:
+    /// the rendered output is settled, the audit record stored, then the task acked.
+    #[tokio::test]
+    async fn a_task_runs_through_the_delivery_contract() {
+        use aob_runtime::delivery::{Contract, Delivered, deliver, memory};
+        let t = task(
+            json!({"output": "hello {{ input.name }}"}),
+            json!({"input": {"name": "ada"}}),
+        );
+        let d = memory::Delivery::of(&t);
+        let contract = Contract {
+            payloads: aob_runtime::PayloadStore::from_url("memory:///", 1 << 20).unwrap(),
+            max_message_bytes: 1 << 20,
+            heartbeat: std::time::Duration::from_secs(60),
+            emitter: std::sync::Arc::new(aob_runtime::context::Discard),
+            secrets: aob_runtime::secrets::Secrets::none(),
+        };
+        let out = deliver(&TransformHandler::new(), &d, &contract).await;
+        let Delivered::Settled(result) = out else {
+            panic!("not settled: {out:?}")
+        };
+        assert_eq!(
+            result.outcome,
+            Outcome::Completed {
+                output: json!("hello ada")
+            }
+        );
+        let seen = d.seen();
+        assert!(seen.acked);
+        assert_eq!(seen.audited.len(), 1);
+        assert_eq!(seen.audited[0].event_kind.as_str(), "task_executed");
+    }
+
     #[tokio::test]
     async fn output_is_passed_through() {
         let out = run(json!({"output": {"name": "ada", "n": [1, 2]}}), json!({}))

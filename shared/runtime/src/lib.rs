@@ -65,6 +65,18 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether trying again later may succeed: the server or the payload store did not
+    /// answer, or the topology is still being applied. Bad configuration, a workflow that
+    /// does not exist and a version that does will not change by waiting.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Nats(_) | Error::Payload(_) | Error::Topology(_)
+        )
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

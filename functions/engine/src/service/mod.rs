@@ -100,10 +100,7 @@ impl Error {
     /// definition will not get better by waiting.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Runtime(e) => !matches!(
-                e,
-                aob_runtime::Error::WorkflowNotFound { .. } | aob_runtime::Error::Config(_)
-            ),
+            Error::Runtime(e) => e.is_transient(),
             Error::Store(_) | Error::Ahead { .. } => true,
             Error::Corrupt { .. } | Error::TooLarge(_) => false,
         }
