@@ -411,16 +411,20 @@ fn step_note(s: &StepState) -> String {
         (_, Some(r)) => one_line(r, 120),
         _ => String::new(),
     };
-    if !s.slots.is_empty() {
-        let done = s.slots.iter().filter(|x| x.status().is_terminal()).count();
-        let items = format!("items {done}/{} done", s.slots.len());
+    if !s.slots().is_empty() {
+        let done = s
+            .slots()
+            .iter()
+            .filter(|x| x.status().is_terminal())
+            .count();
+        let items = format!("items {done}/{} done", s.slots().len());
         note = if note.is_empty() {
             items
         } else {
             format!("{items}; {note}")
         };
     }
-    if let Some(i) = s.iteration {
+    if let Some(i) = s.iteration() {
         let it = format!("iteration {i}");
         note = if note.is_empty() {
             it

@@ -13,7 +13,9 @@ use serde_json::{Map, Value, json};
 
 use aob_model::definition::{Step, Trigger, Workflow};
 use aob_model::expr::Expr;
-use aob_model::state::{Effect, Phase, RunState, RunStatus, Slot, StepState, StepStatus};
+use aob_model::state::{
+    Effect, Phase, RunState, RunStatus, Shape, ShapeState, Slot, StepState, StepStatus,
+};
 use aob_model::validate::{reads, topo_order};
 use aob_model::wire::{
     ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef,
@@ -344,11 +346,11 @@ fn is_ahead(state: &RunState, at: &StepRef) -> bool {
     match (at.item, st.phase()) {
         // A for_each step that has not begun has started none of its items.
         (Some(_), Phase::NotStarted) => true,
-        (Some(i), Phase::Out { .. }) => st.slots.get(i as usize).is_some_and(|s| {
+        (Some(i), Phase::Out { .. }) => st.slots().get(i as usize).is_some_and(|s| {
             (s.phase() == Phase::NotStarted || s.phase().is_active()) && s.attempt() < at.attempt
         }),
         (None, p) if p == Phase::NotStarted || p.is_active() => {
-            (at.iteration, at.attempt) > (st.iteration, st.attempt())
+            (at.iteration, at.attempt) > (st.iteration(), st.attempt())
         }
         _ => false,
     }
@@ -410,11 +412,11 @@ pub fn is_current(state: &RunState, at: &StepRef) -> bool {
         Some(i) => {
             matches!(st.phase(), Phase::Out { .. })
                 && st
-                    .slots
+                    .slots()
                     .get(i as usize)
                     .is_some_and(|s| s.phase().attempt_out() == Some(at.attempt))
         }
-        None => st.phase().attempt_out() == Some(at.attempt) && st.iteration == at.iteration,
+        None => st.phase().attempt_out() == Some(at.attempt) && st.iteration() == at.iteration,
     }
 }
 
@@ -765,8 +767,10 @@ impl<'a> Machine<'a> {
             if let Some(st) = self.s.steps.get_mut(&id) {
                 st.phase = Phase::Out { attempt: 1 };
                 st.started_ms = Some(self.now);
-                st.slots = vec![Slot::pending(); items.len()];
-                st.items = keep.then_some(items.clone());
+                st.shape = ShapeState::ForEach {
+                    items: keep.then_some(items.clone()),
+                    slots: vec![Slot::pending(); items.len()],
+                };
             }
             if !keep {
                 self.items.borrow_mut().insert(id.clone(), items);
@@ -777,7 +781,9 @@ impl<'a> Machine<'a> {
         let iteration = step.loop_.as_ref().map(|_| 0);
         if let Some(st) = self.s.steps.get_mut(&id) {
             st.started_ms = Some(self.now);
-            st.iteration = iteration;
+            if let Some(n) = iteration {
+                st.shape = ShapeState::Loop { iteration: n };
+            }
         }
         self.launch(
             step,
@@ -799,11 +805,15 @@ impl<'a> Machine<'a> {
                 return;
             };
             // A retrying item holds its place.
-            let busy = st.slots.iter().filter(|s| s.phase().is_active()).count();
+            let busy = st.slots().iter().filter(|s| s.phase().is_active()).count();
             if busy >= cap {
                 return;
             }
-            let Some(next) = st.slots.iter().position(|s| s.phase() == Phase::NotStarted) else {
+            let Some(next) = st
+                .slots()
+                .iter()
+                .position(|s| s.phase() == Phase::NotStarted)
+            else {
                 return;
             };
             self.launch(
@@ -828,7 +838,7 @@ impl<'a> Machine<'a> {
         };
         match at.item {
             Some(i) => {
-                if let Some(slot) = st.slots.get_mut(i as usize) {
+                if let Some(slot) = st.slots_mut().get_mut(i as usize) {
                     slot.phase = Phase::Out {
                         attempt: at.attempt,
                     };
@@ -877,7 +887,7 @@ impl<'a> Machine<'a> {
     /// Element `i` of a for_each step's list: kept in state when short, else evaluated
     /// again (once per transition) from the completed outputs and input it was made of.
     fn item(&self, step: &str, i: usize) -> Option<Value> {
-        if let Some(items) = self.s.steps.get(step).and_then(|s| s.items.as_ref()) {
+        if let Some(items) = self.s.steps.get(step).and_then(|s| s.items()) {
             return items.get(i).cloned();
         }
         if let Some(items) = self.items.borrow().get(step) {
@@ -916,7 +926,7 @@ impl<'a> Machine<'a> {
                 let st = self.s.steps.get_mut(&r.at.step);
                 match (st, r.at.item) {
                     (Some(st), Some(i)) => {
-                        if let Some(slot) = st.slots.get_mut(i as usize) {
+                        if let Some(slot) = st.slots_mut().get_mut(i as usize) {
                             if slot.status() == StepStatus::Waiting {
                                 return false;
                             }
@@ -975,7 +985,7 @@ impl<'a> Machine<'a> {
             let at = |item: Option<u32>, attempt: u32| StepRef {
                 step: id.clone(),
                 item,
-                iteration: if item.is_some() { None } else { st.iteration },
+                iteration: if item.is_some() { None } else { st.iteration() },
                 attempt,
                 generation: self.s.generation,
             };
@@ -990,10 +1000,10 @@ impl<'a> Machine<'a> {
                 }),
                 _ => {}
             };
-            if st.slots.is_empty() {
+            if st.slots().is_empty() {
                 one(None, st.status(), st.attempt());
             } else if st.status() == StepStatus::Running {
-                for (i, slot) in st.slots.iter().enumerate() {
+                for (i, slot) in st.slots().iter().enumerate() {
                     one(Some(i as u32), slot.status(), slot.attempt());
                 }
             }
@@ -1019,12 +1029,14 @@ impl<'a> Machine<'a> {
                 let Some(st) = self.s.steps.get_mut(id) else {
                     return;
                 };
-                if let Some(slot) = st.slots.get_mut(i as usize) {
+                if let Some(slot) = st.slots_mut().get_mut(i as usize) {
                     slot.phase = slot.phase.done(StepStatus::Completed);
                     slot.output = Some(output.clone());
                     slot.error = None;
                 }
-                st.slots.iter().all(|s| s.status() == StepStatus::Completed)
+                st.slots()
+                    .iter()
+                    .all(|s| s.status() == StepStatus::Completed)
             };
             // Each item reports its completion (watchers show progress, the audit trail
             // has a record per item); the step's own `step_completed` follows the last.
@@ -1040,15 +1052,14 @@ impl<'a> Machine<'a> {
                     .steps
                     .get_mut(id)
                     .map(|st| {
-                        st.slots
+                        st.slots_mut()
                             .iter_mut()
                             .map(|s| s.output.take().unwrap_or(Value::Null))
                             .collect()
                     })
                     .unwrap_or_default();
                 if let Some(st) = self.s.steps.get_mut(id) {
-                    st.slots.clear();
-                    st.items = None;
+                    st.shape = ShapeState::Single;
                 }
                 self.complete_step(id, Value::Array(outputs), None);
             } else {
@@ -1076,7 +1087,7 @@ impl<'a> Machine<'a> {
                 Ok(false) => {
                     let next = iteration + 1;
                     if let Some(st) = self.s.steps.get_mut(id) {
-                        st.iteration = Some(next);
+                        st.shape = ShapeState::Loop { iteration: next };
                     }
                     self.history(
                         HistoryKind::LoopIteration,
@@ -1116,7 +1127,7 @@ impl<'a> Machine<'a> {
             if let Some(st) = self.s.steps.get_mut(&step.id) {
                 match at.item {
                     Some(i) => {
-                        if let Some(slot) = st.slots.get_mut(i as usize) {
+                        if let Some(slot) = st.slots_mut().get_mut(i as usize) {
                             slot.phase = Phase::BackingOff {
                                 next_attempt: slot.attempt() + 1,
                             };
@@ -1170,9 +1181,10 @@ impl<'a> Machine<'a> {
             })
             .collect();
         self.cancel_timers(abandoned);
-        if let Some(st) = self.s.steps.get_mut(&step.id) {
-            st.slots.clear();
-            st.items = None;
+        if let Some(st) = self.s.steps.get_mut(&step.id)
+            && st.shape() == Shape::ForEach
+        {
+            st.shape = ShapeState::Single;
         }
         self.fail_step(&step.id, error, Some(at));
     }
@@ -1191,11 +1203,11 @@ impl<'a> Machine<'a> {
                         Some(i) => {
                             matches!(st.phase(), Phase::Out { .. })
                                 && st
-                                    .slots
+                                    .slots()
                                     .get(i as usize)
                                     .is_some_and(|s| s.phase() == backing_off)
                         }
-                        None => st.phase() == backing_off && st.iteration == at.iteration,
+                        None => st.phase() == backing_off && st.iteration() == at.iteration,
                     };
                 if !waiting {
                     return false;

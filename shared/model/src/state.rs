@@ -185,6 +185,76 @@ pub enum Shape {
     Loop,
 }
 
+/// What a step keeps by its shape while it runs: a loop its iteration, a for_each its
+/// items and one slot per item. Stored as the fields `iteration`, `items` and `slots`, so
+/// records written before read as they are.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(from = "ShapeRepr")]
+pub enum ShapeState {
+    /// One attempt at a time (also a for_each or loop step before it begins or after it
+    /// ends: it keeps nothing then).
+    #[default]
+    Single,
+    /// The current iteration of a loop.
+    Loop {
+        /// 0-based.
+        iteration: u32,
+    },
+    /// A for_each step running its items.
+    ForEach {
+        /// The list, when short enough to keep (else evaluated again when needed).
+        items: Option<Vec<Value>>,
+        /// One per item.
+        slots: Vec<Slot>,
+    },
+}
+
+/// How a [`ShapeState`] is stored.
+#[derive(Deserialize)]
+struct ShapeRepr {
+    #[serde(default)]
+    iteration: Option<u32>,
+    #[serde(default)]
+    items: Option<Vec<Value>>,
+    #[serde(default)]
+    slots: Vec<Slot>,
+}
+
+impl From<ShapeRepr> for ShapeState {
+    fn from(r: ShapeRepr) -> ShapeState {
+        if !r.slots.is_empty() || r.items.is_some() {
+            ShapeState::ForEach {
+                items: r.items,
+                slots: r.slots,
+            }
+        } else if let Some(iteration) = r.iteration {
+            ShapeState::Loop { iteration }
+        } else {
+            ShapeState::Single
+        }
+    }
+}
+
+impl Serialize for ShapeState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = serializer.serialize_map(None)?;
+        match self {
+            ShapeState::Single => {}
+            ShapeState::Loop { iteration } => m.serialize_entry("iteration", iteration)?,
+            ShapeState::ForEach { items, slots } => {
+                if let Some(items) = items {
+                    m.serialize_entry("items", items)?;
+                }
+                if !slots.is_empty() {
+                    m.serialize_entry("slots", slots)?;
+                }
+            }
+        }
+        m.end()
+    }
+}
+
 /// One unit of work of a step: the step itself, one for_each element, or one loop iteration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
@@ -247,15 +317,10 @@ pub struct StepState {
     /// Reached a terminal status (ms since the Unix epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
-    /// Current loop iteration (loop steps only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iteration: Option<u32>,
-    /// for_each elements (for_each steps only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub items: Option<Vec<Value>>,
-    /// One slot per for_each element.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub slots: Vec<Slot>,
+    /// What it keeps by its shape while it runs (stored as `iteration`, or `items` and
+    /// `slots`).
+    #[serde(flatten)]
+    pub shape: ShapeState,
 }
 
 impl StepState {
@@ -274,14 +339,44 @@ impl StepState {
         self.phase.attempt()
     }
 
-    /// What kind of step its state shows (a for_each step once it has begun).
+    /// What kind of step its state shows (a for_each or loop step while it runs).
     pub fn shape(&self) -> Shape {
-        if !self.slots.is_empty() || self.items.is_some() {
-            Shape::ForEach
-        } else if self.iteration.is_some() {
-            Shape::Loop
-        } else {
-            Shape::Single
+        match self.shape {
+            ShapeState::Single => Shape::Single,
+            ShapeState::Loop { .. } => Shape::Loop,
+            ShapeState::ForEach { .. } => Shape::ForEach,
+        }
+    }
+
+    /// The current iteration of a loop step.
+    pub fn iteration(&self) -> Option<u32> {
+        match self.shape {
+            ShapeState::Loop { iteration } => Some(iteration),
+            _ => None,
+        }
+    }
+
+    /// A for_each step's list, when kept.
+    pub fn items(&self) -> Option<&Vec<Value>> {
+        match &self.shape {
+            ShapeState::ForEach { items, .. } => items.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A for_each step's slots (none for other shapes).
+    pub fn slots(&self) -> &[Slot] {
+        match &self.shape {
+            ShapeState::ForEach { slots, .. } => slots,
+            _ => &[],
+        }
+    }
+
+    /// A for_each step's slots, to change (none for other shapes).
+    pub fn slots_mut(&mut self) -> &mut [Slot] {
+        match &mut self.shape {
+            ShapeState::ForEach { slots, .. } => slots,
+            _ => &mut [],
         }
     }
 
@@ -294,9 +389,7 @@ impl StepState {
             reason: None,
             started_ms: None,
             finished_ms: None,
-            iteration: None,
-            items: None,
-            slots: Vec::new(),
+            shape: ShapeState::Single,
         }
     }
 }

@@ -304,12 +304,31 @@ fn a_steps_phase_and_shape_come_from_its_state() {
         assert_eq!(back["status"], serde_json::json!(status));
         assert_eq!(back["attempt"], serde_json::json!(attempt));
     }
-    let mut st = StepState::pending();
+    let st = StepState::pending();
     assert_eq!(st.shape(), Shape::Single);
     assert!(st.phase().done(StepStatus::Skipped).is_done());
-    st.iteration = Some(0);
-    assert_eq!(st.shape(), Shape::Loop);
-    st.slots = vec![Slot::pending()];
-    assert_eq!(st.shape(), Shape::ForEach);
-    assert_eq!(st.slots[0].phase(), Phase::NotStarted);
+    // Shapes read from the fields records were always written with, and written back so.
+    let looped = read_shape(serde_json::json!({"status": "RUNNING", "attempt": 1, "iteration": 3}));
+    assert_eq!(looped.shape(), Shape::Loop);
+    assert_eq!(looped.iteration(), Some(3));
+    let fan = read_shape(serde_json::json!({
+        "status": "RUNNING", "attempt": 1, "items": [10, 20],
+        "slots": [{"status": "PENDING", "attempt": 0}, {"status": "RUNNING", "attempt": 2}]
+    }));
+    assert_eq!(fan.shape(), Shape::ForEach);
+    assert_eq!(
+        fan.items(),
+        Some(&vec![serde_json::json!(10), serde_json::json!(20)])
+    );
+    assert_eq!(fan.slots()[0].phase(), Phase::NotStarted);
+    assert_eq!(fan.slots()[1].phase(), Phase::Out { attempt: 2 });
+    for st in [looped, fan] {
+        let again = read_shape(serde_json::to_value(&st).unwrap());
+        assert_eq!(again, st);
+    }
+    assert_eq!(Slot::pending().phase(), Phase::NotStarted);
+}
+
+fn read_shape(v: serde_json::Value) -> crate::state::StepState {
+    serde_json::from_value(v).unwrap()
 }
