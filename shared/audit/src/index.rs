@@ -6,13 +6,16 @@
 //! second row. A record always lands in the folder of its tenant and the UTC day of its
 //! `finished_at`, and a republished record carries the same `record_id`, tenant and
 //! `finished_at`, so the only place a duplicate can be is that one folder: the index is kept
-//! per folder and checked before a batch is written.
+//! per folder and checked before a batch is written. A task that runs again (a redelivery
+//! after the duplicate window) records the same id with a later `finished_at`, which may
+//! fall on the next day: a row is checked against its own day's folder and the day
+//! before. (A re-run more than a day later would still make a second row.)
 //!
 //! The files are the truth: a folder's ids are read from the `record_id` column of its
 //! Parquet files (footer and that column only) the first time a batch has a row for it, and
 //! kept up to date as batches are written. Nothing extra is written per batch. A folder no
 //! batch touched for [`INDEX_IDLE`] is dropped and read again if a record for it comes,
-//! so memory holds the folders being written now (today's and, around midnight,
+//! so memory holds the folders being written now and the day before each (today's and
 //! yesterday's, per tenant), about 24 bytes per row, and correctness never depends on what
 //! was dropped. Ids are kept as 128-bit hashes under keys drawn at start: two different
 //! ids collide with probability 2^-128.
@@ -79,6 +82,17 @@ fn day_of(row: &Row) -> Date {
     Date::from_unix_micros(row.1.finished_at_us)
 }
 
+/// The day before a row's: a task run again after midnight (a redelivery after the
+/// duplicate window) records the same id with a later `finished_at`, one folder on.
+fn day_before(row: &Row) -> Date {
+    Date::from_days(row.1.finished_at_us.div_euclid(86_400_000_000) - 1)
+}
+
+/// The folders a row's id may already be in: its own, and the day before.
+fn folders_of(row: &Row) -> [Date; 2] {
+    [day_of(row), day_before(row)]
+}
+
 impl Index {
     fn key(&self, id: &str) -> u128 {
         (u128::from(self.keys.0.hash_one(id)) << 64) | u128::from(self.keys.1.hash_one(id))
@@ -88,13 +102,15 @@ impl Index {
     pub fn missing(&self, rows: &[Row]) -> Vec<Folder> {
         let mut out: Vec<Folder> = Vec::new();
         for row in rows {
-            let (tenant, day) = (row.1.tenant.as_str(), day_of(row));
-            let loaded = self
-                .folders
-                .get(tenant)
-                .is_some_and(|days| days.contains_key(&day));
-            if !loaded && !out.iter().any(|(t, d)| t == tenant && *d == day) {
-                out.push((tenant.to_string(), day));
+            let tenant = row.1.tenant.as_str();
+            for day in folders_of(row) {
+                let loaded = self
+                    .folders
+                    .get(tenant)
+                    .is_some_and(|days| days.contains_key(&day));
+                if !loaded && !out.iter().any(|(t, d)| t == tenant && *d == day) {
+                    out.push((tenant.to_string(), day));
+                }
             }
         }
         out
@@ -151,17 +167,17 @@ impl Index {
             .into_iter()
             .filter(|row| {
                 let key = self.key(&row.1.record_id);
-                match self
-                    .folders
-                    .get_mut(row.1.tenant.as_str())
-                    .and_then(|days| days.get_mut(&day_of(row)))
-                {
-                    Some(f) => {
+                let Some(days) = self.folders.get_mut(row.1.tenant.as_str()) else {
+                    return true;
+                };
+                let mut seen = false;
+                for day in folders_of(row) {
+                    if let Some(f) = days.get_mut(&day) {
                         f.touched = now;
-                        !f.ids.contains(&key)
+                        seen |= f.ids.contains(&key);
                     }
-                    None => true,
                 }
+                !seen
             })
             .collect();
         let known = before - kept.len();
@@ -253,24 +269,28 @@ mod tests {
             .await
             .unwrap();
 
-        // Again: "a" (same folder), "b" of another tenant, "c" new, "a" on another day.
+        // Again: "a" (same folder), "b" of another tenant, "c" new, "a" the next day (a
+        // task run again after midnight), "a" two days later.
+        const DAY: i64 = 86_400_000_000;
         let again = vec![
             row(1, "a", "acme", NOV21),
             row(2, "b", "beta", NOV21),
             row(3, "c", "acme", NOV21),
-            row(4, "a", "acme", NOV21 + 86_400_000_000),
+            row(4, "a", "acme", NOV21 + DAY),
+            row(5, "a", "acme", NOV21 + 2 * DAY),
         ];
         let mut index = Index::default();
         let missing = index.missing(&again);
-        assert_eq!(missing.len(), 3, "{missing:?}");
+        // acme: the 20th to the 23rd; beta: the 20th and 21st.
+        assert_eq!(missing.len(), 6, "{missing:?}");
         for f in &missing {
             index.load(&store, &prefix, f, &[]).await.unwrap();
         }
         assert_eq!(index.len(), 2, "the ids of the one file");
         let (kept, known) = index.retain_new(again.clone());
-        assert_eq!(known, 1);
+        assert_eq!(known, 2);
         let kept: Vec<u64> = kept.iter().map(|r| r.0).collect();
-        assert_eq!(kept, [2, 3, 4]);
+        assert_eq!(kept, [2, 3, 5]);
 
         // Written rows count at once; an excluded file (being rewritten) does not.
         let (groups, _) = crate::sink::group(vec![row(3, "c", "acme", NOV21)]);
