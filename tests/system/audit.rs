@@ -579,3 +579,45 @@ async fn recreating_the_audit_stream_writes_no_record_twice() {
         "rows, distinct ids, old rows, new rows"
     );
 }
+
+/// The stream is deleted and created again while a sink runs. The running sink stops with
+/// an error (its consumer is gone, or it finds the stream recreated at its first delivery)
+/// before acknowledging anything of the new stream; the sink started after it writes the
+/// new records, and the old ones published again, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_sink_stops_when_its_stream_is_recreated_and_no_record_is_written_twice() {
+    let s = Stack::bare().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let old = numbered("old", 0, 60);
+    let sink = Sink::start(&s, &url).await.unwrap();
+    write_through(&s, &old).await.unwrap();
+
+    s.js.delete_stream(aob_streams::AUDIT).await.unwrap();
+    aob_tests::test_topology().apply(&s.js).await.unwrap();
+    for r in &numbered("new", 0, 40) {
+        publish_record(&s, r).await.unwrap();
+    }
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), sink.task)
+        .await
+        .expect("the sink went on after its stream was replaced")
+        .unwrap();
+    // Its consumer went with the stream (or, if it saw the new stream first, it found it
+    // recreated): either way it stops, so that a restart starts from what the files hold.
+    let e = ended.expect_err("the sink stopped without an error");
+    assert!(
+        matches!(e, aob_audit::Error::Recreated(_)) || e.to_string().contains("consumer"),
+        "stopped for another reason: {e}"
+    );
+    let sink = Sink::start(&s, &url).await.unwrap();
+    aob_tests::audit::drain(&s.client, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    write_through(&s, &old).await.unwrap();
+    sink.stop().await.unwrap();
+    assert_eq!(
+        census(dir.path(), &["old", "new"]).unwrap(),
+        [json!(100), json!(100), json!(60), json!(40)],
+        "rows, distinct ids, old rows, new rows"
+    );
+}
