@@ -203,14 +203,11 @@ impl Context {
     /// fields left `None` keep what an earlier call set.
     pub fn set_usage(&self, usage: Usage) {
         if let Ok(mut u) = self.usage.lock() {
-            let mut merged = std::mem::take(&mut *u);
-            let pick = |a: Option<String>, b: Option<String>| a.or(b);
-            merged.model = pick(usage.model, merged.model);
-            merged.provider = pick(usage.provider, merged.provider);
-            merged.tokens_in = usage.tokens_in.or(merged.tokens_in);
-            merged.tokens_out = usage.tokens_out.or(merged.tokens_out);
-            merged.cost_usd = usage.cost_usd.or(merged.cost_usd);
-            *u = merged;
+            u.model = usage.model.or(u.model.take());
+            u.provider = usage.provider.or(u.provider.take());
+            u.tokens_in = usage.tokens_in.or(u.tokens_in);
+            u.tokens_out = usage.tokens_out.or(u.tokens_out);
+            u.cost_usd = usage.cost_usd.or(u.cost_usd);
         }
     }
 

@@ -114,7 +114,8 @@ pub async fn deliver<H: Handler, D: Delivery>(
     };
     let outcome = tokio::select! {
         o = work => o,
-        _ = heartbeat => unreachable_heartbeat(),
+        // The heartbeat loop never ends on its own.
+        _ = heartbeat => None,
     };
     match outcome {
         None => {
@@ -135,11 +136,6 @@ pub async fn deliver<H: Handler, D: Delivery>(
             Delivered::Retried(e.to_string())
         }
     }
-}
-
-/// The heartbeat loop never ends on its own.
-fn unreachable_heartbeat() -> Option<(StepResult, Result<()>)> {
-    None
 }
 
 /// An in-memory transport: one delivery whose outcomes are kept for inspection. Drives
