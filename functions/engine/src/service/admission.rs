@@ -27,7 +27,7 @@ impl<S: RunStore> Engine<S> {
                 .filter(|r| subjects::is_token(r))
                 .map_or_else(|| derived_run_id(msg), str::to_string);
             if let Err(e) = self
-                .reject(tenant, &run_id, field("workflow"), reason, None)
+                .reject(tenant, &run_id, field("workflow"), reason)
                 .await
             {
                 // Whether the run exists is unknown: write nothing into it.
@@ -45,18 +45,32 @@ impl<S: RunStore> Engine<S> {
         run_id: &str,
         workflow: Option<&str>,
         reason: &str,
-        details: Option<Value>,
     ) -> Result<()> {
-        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         if self
             .store
             .get(&RunState::key(tenant, run_id))
             .await?
             .is_some()
         {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%tenant, %run_id, "a start reusing the id of an existing run was refused: {reason}");
             return Ok(());
         }
+        self.announce_rejection(tenant, run_id, workflow, reason, None)
+            .await;
+        Ok(())
+    }
+
+    /// Publishes the rejection of a start whose run id no run has (the caller knows).
+    async fn announce_rejection(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        workflow: Option<&str>,
+        reason: &str,
+        details: Option<Value>,
+    ) {
+        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         let ev = machine::rejection(tenant, run_id, reason, details, now_ms());
         if let Ok(body) = serde_json::to_vec(&ev) {
             let subject = subjects::history(tenant, run_id, ev.kind.token());
@@ -80,12 +94,12 @@ impl<S: RunStore> Engine<S> {
         if let Err(e) = audited {
             tracing::error!("could not audit a rejection: {e}");
         }
-        Ok(())
     }
 
     /// Admits a start: a run id that is taken is never written to (a repeat of the start
     /// that made the run is dropped, any other start reported); a start that fails
-    /// admission is rejected on its run's history subject and dead-lettered.
+    /// admission is rejected on its run's history subject and dead-lettered. The store is
+    /// read once, here: the rejection and the run loop rely on what this read found.
     pub(super) async fn start(
         &self,
         tenant: &str,
@@ -95,10 +109,7 @@ impl<S: RunStore> Engine<S> {
     ) -> Result<bool> {
         let key = RunState::key(tenant, run_id);
         if let Some((bytes, _)) = self.store.get(&key).await? {
-            let run: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                what: format!("run state {key}"),
-                message: e.to_string(),
-            })?;
+            let run = runs::decode(&key, &bytes)?;
             if run.workflow == cmd.workflow
                 && cmd.version.is_none_or(|v| v == run.version)
                 && self.payloads.hydrate(run.input.clone()).await?
@@ -118,8 +129,8 @@ impl<S: RunStore> Engine<S> {
             Ok(x) => x,
             Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
                 let reason = e.to_string();
-                self.reject(tenant, run_id, Some(&cmd.workflow), &reason, None)
-                    .await?;
+                self.announce_rejection(tenant, run_id, Some(&cmd.workflow), &reason, None)
+                    .await;
                 self.dead_letter_start(msg, &reason).await;
                 return Ok(false);
             }
@@ -135,14 +146,14 @@ impl<S: RunStore> Engine<S> {
                     def.wf.name,
                     problems.join("; ")
                 );
-                self.reject(
+                self.announce_rejection(
                     tenant,
                     run_id,
                     Some(&cmd.workflow),
                     &reason,
                     Some(json!({"errors": problems})),
                 )
-                .await?;
+                .await;
                 self.dead_letter_start(msg, &reason).await;
                 return Ok(false);
             }
@@ -167,8 +178,8 @@ impl<S: RunStore> Engine<S> {
             .await;
         match started {
             Err(Error::TooLarge(why)) => {
-                self.reject(tenant, run_id, Some(&workflow), &why, None)
-                    .await?;
+                self.announce_rejection(tenant, run_id, Some(&workflow), &why, None)
+                    .await;
                 self.dead_letter_start(msg, &why).await;
                 Ok(false)
             }

@@ -75,14 +75,7 @@ impl<S: RunStore> Engine<S> {
         let known = Instant::now();
         match self.store.get(key).await? {
             None => Ok(None),
-            Some((bytes, rev)) => {
-                let state: RunState =
-                    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                        what: format!("run state {key}"),
-                        message: e.to_string(),
-                    })?;
-                Ok(Some((state, rev, known, false)))
-            }
+            Some((bytes, rev)) => Ok(Some((decode(key, &bytes)?, rev, known, false))),
         }
     }
 
@@ -96,8 +89,15 @@ impl<S: RunStore> Engine<S> {
         mut event: Event,
     ) -> Result<bool> {
         let key = RunState::key(tenant, run_id);
+        // Admission has just read the store and found no run with this id: a start is
+        // applied to no state, and a run created meanwhile makes the create conflict.
+        let mut fresh_start = matches!(event, Event::Start { .. });
         loop {
-            let loaded = self.load(&key).await?;
+            let loaded = if std::mem::take(&mut fresh_start) {
+                None
+            } else {
+                self.load(&key).await?
+            };
             let (state, rev, known, from_cache) = match loaded {
                 Some((state, rev, known, from_cache)) => (Some(state), rev, known, from_cache),
                 None => (None, 0, Instant::now(), false),
@@ -456,6 +456,14 @@ impl<S: RunStore> Engine<S> {
         }
         Ok(())
     }
+}
+
+/// A run state as read from the store.
+pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<RunState> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        what: format!("run state {key}"),
+        message: e.to_string(),
+    })
 }
 
 /// A run state as stored.
