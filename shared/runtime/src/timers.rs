@@ -155,45 +155,27 @@ impl Timers {
 
     /// Takes or renews the lease: `Some(revision)` when this instance holds it.
     async fn acquire(&self, me: &str, cfg: &LeaseConfig) -> Result<Option<u64>> {
-        let lease = Lease {
-            owner: me.to_string(),
-            expires_ms: now_ms() + cfg.ttl.as_millis() as u64,
-        };
-        let body: bytes::Bytes = serde_json::to_vec(&lease)
-            .map_err(|e| Error::Payload(e.to_string()))?
-            .into();
         let entry = self
             .kv
             .entry(LEASE_KEY)
             .await
             .map_err(|e| Error::Nats(format!("reading the timer lease: {e}")))?;
+        let body = Lease::body(me, cfg)?;
         let written = match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let held = serde_json::from_slice::<Lease>(&e.value).ok();
-                let free = held
-                    .as_ref()
-                    .is_none_or(|l| l.owner == me || l.expires_ms < now_ms());
-                if !free {
+            Some(e) => {
+                // Held by another instance whose lease has not run out: not ours to take.
+                let taken = e.operation == kv::Operation::Put
+                    && serde_json::from_slice::<Lease>(&e.value)
+                        .is_ok_and(|l| l.owner != me && l.expires_ms >= now_ms());
+                if taken {
                     return Ok(None);
                 }
-                self.kv
-                    .update(LEASE_KEY, body, e.revision)
-                    .await
-                    .map_err(|e| e.to_string())
+                self.kv.update(LEASE_KEY, body, e.revision).await.ok()
             }
-            Some(e) => self
-                .kv
-                .update(LEASE_KEY, body, e.revision)
-                .await
-                .map_err(|e| e.to_string()),
-            None => self
-                .kv
-                .create(LEASE_KEY, body)
-                .await
-                .map_err(|e| e.to_string()),
+            None => self.kv.create(LEASE_KEY, body).await.ok(),
         };
         // Losing the race to another instance is not an error.
-        Ok(written.ok())
+        Ok(written)
     }
 
     /// Fires due timers while this instance holds the lease; returns when it loses it or on
@@ -225,12 +207,7 @@ impl Timers {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = renew.tick() => {
-                    let lease = Lease {
-                        owner: me.to_string(),
-                        expires_ms: now_ms() + cfg.ttl.as_millis() as u64,
-                    };
-                    let body = serde_json::to_vec(&lease).map_err(|e| Error::Payload(e.to_string()))?;
-                    match self.kv.update(LEASE_KEY, body.into(), lease_rev).await {
+                    match self.kv.update(LEASE_KEY, Lease::body(me, cfg)?, lease_rev).await {
                         Ok(rev) => {
                             lease_rev = rev;
                             renewed = std::time::Instant::now();
@@ -314,6 +291,19 @@ pub const LEASE_KEY: &str = "lease";
 struct Lease {
     owner: String,
     expires_ms: u64,
+}
+
+impl Lease {
+    /// The stored value of a lease held by `owner` from now for the lease's lifetime.
+    fn body(owner: &str, cfg: &LeaseConfig) -> Result<bytes::Bytes> {
+        let lease = Lease {
+            owner: owner.to_string(),
+            expires_ms: now_ms() + cfg.ttl.as_millis() as u64,
+        };
+        Ok(serde_json::to_vec(&lease)
+            .map_err(|e| Error::Payload(e.to_string()))?
+            .into())
+    }
 }
 
 /// Settings of the timer service's lease.
