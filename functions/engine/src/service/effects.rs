@@ -36,12 +36,12 @@ impl<S: RunStore> Engine<S> {
         Ok(bus::publish(&self.js, subject, &id, body.into()).await?)
     }
 
-    /// Publishes effects; all publishes are sent first, then their acks awaited together.
-    /// `sent` holds the acks of the tasks when [`Self::send_tasks`] sent them already.
+    /// Publishes the effects of a transition of `run`; all publishes are sent first, then
+    /// their acks awaited together. `sent` holds the acks of the tasks when
+    /// [`Self::send_tasks`] sent them already.
     pub(super) async fn publish(
         &self,
-        workflow: &str,
-        version: u32,
+        run: &RunState,
         effects: &[Effect],
         sent: Option<Vec<PublishAckFuture>>,
     ) -> Result<()> {
@@ -57,15 +57,18 @@ impl<S: RunStore> Engine<S> {
                 Effect::History { event } => {
                     let (subject, id, body) = history_message(event);
                     acks.push(bus::publish(&self.js, subject, &id, body.into()).await?);
-                    let record = DecisionRecord::of_history(event, Some(workflow), Some(version));
+                    let record =
+                        DecisionRecord::of_history(event, Some(&run.workflow), Some(run.version));
                     acks.push(bus::publish_record(&self.js, &record).await?);
                 }
             }
         }
         for e in effects {
             match e {
-                Effect::Timer { timer, due_ms } => self.set_timer(effects, timer, *due_ms).await?,
-                Effect::CancelTimer { timer } => self.cancel_timer(effects, timer).await?,
+                Effect::Timer { timer, due_ms } => self.set_timer(run, timer, *due_ms).await?,
+                Effect::CancelTimer { timer } => {
+                    self.timers.cancel(&timer_key(run, timer)).await?;
+                }
                 _ => {}
             }
         }
@@ -76,56 +79,35 @@ impl<S: RunStore> Engine<S> {
         Ok(())
     }
 
-    pub(super) async fn cancel_timer(
+    async fn set_timer(
         &self,
-        effects: &[Effect],
-        timer: &aob_model::wire::TimerKind,
-    ) -> Result<()> {
-        let Some((tenant, run_id)) = run_of(effects) else {
-            return Ok(());
-        };
-        let name = machine::timer_name(timer);
-        self.timers
-            .cancel(&format!("{tenant}.{run_id}.{name}"))
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn set_timer(
-        &self,
-        effects: &[Effect],
+        run: &RunState,
         timer: &aob_model::wire::TimerKind,
         due_ms: u64,
     ) -> Result<()> {
-        let Some((tenant, run_id)) = run_of(effects) else {
-            return Ok(());
-        };
-        let name = machine::timer_name(timer);
         let body = serde_json::to_value(Signal::Timer {
             timer: timer.clone(),
         })
         .unwrap_or_default();
         let t = Timer {
             due_ms,
-            subject: subjects::internal_signal(&tenant, &run_id),
-            msg_id: format!("timer.{run_id}.{name}"),
+            subject: subjects::internal_signal(&run.tenant, &run.run_id),
+            msg_id: format!("timer.{}.{}", run.run_id, machine::timer_name(timer)),
             body,
         };
-        self.timers
-            .set(&format!("{tenant}.{run_id}.{name}"), &t)
-            .await?;
+        self.timers.set(&timer_key(run, timer), &t).await?;
         Ok(())
     }
 }
 
-/// The run an effect list belongs to: every task and history event carries it, and a
-/// transition always records at least one history event with its timers.
-pub(super) fn run_of(effects: &[Effect]) -> Option<(String, String)> {
-    effects.iter().find_map(|e| match e {
-        Effect::Task { task } => Some((task.tenant.clone(), task.run_id.clone())),
-        Effect::History { event } => Some((event.tenant.clone(), event.run_id.clone())),
-        Effect::Launched { .. } | Effect::Timer { .. } | Effect::CancelTimer { .. } => None,
-    })
+/// The `AOB_TIMERS` key of one of a run's timers: `<tenant>.<run>.<name>`.
+fn timer_key(run: &RunState, timer: &aob_model::wire::TimerKind) -> String {
+    format!(
+        "{}.{}.{}",
+        run.tenant,
+        run.run_id,
+        machine::timer_name(timer)
+    )
 }
 
 /// Subject, message id and body of a history event.

@@ -197,8 +197,7 @@ impl<S: RunStore> Engine<S> {
                     self.metrics.events.fetch_add(1, Ordering::Relaxed);
                     // Cached only once published: if publishing fails, the redelivered
                     // event loads the stored state and publishes its outbox again.
-                    self.publish(&next.workflow, next.version, &effects, early)
-                        .await?;
+                    self.publish(&next, &effects, early).await?;
                     if !next.status.is_terminal()
                         && let Ok(mut m) = self.runs.lock()
                     {
@@ -326,8 +325,7 @@ impl<S: RunStore> Engine<S> {
                 "{key} changed while failing an oversized run"
             ))));
         }
-        self.publish(&next.workflow, next.version, &effects, None)
-            .await?;
+        self.publish(&next, &effects, None).await?;
         Ok(true)
     }
 
@@ -392,8 +390,7 @@ impl<S: RunStore> Engine<S> {
                     other => effects.push(other.clone()),
                 }
             }
-            self.publish(&state.workflow, state.version, &effects, None)
-                .await?;
+            self.publish(state, &effects, None).await?;
         } else {
             self.metrics.outbox_skipped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%key, ?age, "stored outbox older than the duplicate window: not published again");
