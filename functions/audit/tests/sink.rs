@@ -58,6 +58,23 @@ impl Env {
         u64::try_from(created).unwrap()
     }
 
+    /// The sink's intent log bucket.
+    async fn intent_bucket(&self) -> async_nats::jetstream::kv::Store {
+        self.js
+            .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
+            .await
+            .unwrap()
+    }
+
+    /// Writes the sink's intent log as a sink that stopped at some point would have left it.
+    async fn put_intent(&self, intent: serde_json::Value) {
+        self.intent_bucket()
+            .await
+            .put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
+            .await
+            .unwrap();
+    }
+
     fn url(&self) -> String {
         format!("file://{}", self.dir.path().join("audit").display())
     }
@@ -297,18 +314,11 @@ async fn an_interrupted_batch_is_rewritten_under_the_same_names() {
             .await
             .unwrap();
     }
-    let kv = env
-        .js
-        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
-        .await
-        .unwrap();
-    let intent = serde_json::json!({
+    env.put_intent(serde_json::json!({
         "first": 1, "last": 200, "count": 200, "state": "writing",
         "seqs": [[1, 200]], "files": [name.to_string(), stale.to_string()]
-    });
-    kv.put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
-        .await
-        .unwrap();
+    }))
+    .await;
 
     let (stop, task) = env.sink(SinkConfig::default()).await;
     let files = env.flush_until(300, Duration::from_secs(30)).await;
@@ -322,8 +332,15 @@ async fn an_interrupted_batch_is_rewritten_under_the_same_names() {
         "the stale object is gone"
     );
     assert_unique(&env.record_ids(), 300);
-    let after: serde_json::Value =
-        serde_json::from_slice(&kv.get(INTENT_KEY).await.unwrap().unwrap()).unwrap();
+    let after: serde_json::Value = serde_json::from_slice(
+        &env.intent_bucket()
+            .await
+            .get(INTENT_KEY)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(after["state"], "done");
     assert_eq!(after["done_upto"], 300);
     stop.cancel();
@@ -352,18 +369,11 @@ async fn a_written_batch_is_not_written_again() {
     )
     .await
     .unwrap();
-    let kv = env
-        .js
-        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
-        .await
-        .unwrap();
-    let intent = serde_json::json!({
+    env.put_intent(serde_json::json!({
         "first": 1, "last": 60, "count": 60, "state": "written",
         "seqs": [[1, 60]], "files": [name.to_string()]
-    });
-    kv.put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
-        .await
-        .unwrap();
+    }))
+    .await;
     let (stop, task) = env.sink(SinkConfig::default()).await;
     let files = env.flush_until(100, Duration::from_secs(30)).await;
     assert_eq!(files.len(), 2, "{files:?}");
@@ -400,19 +410,12 @@ async fn the_intent_of_a_deleted_stream_is_not_applied_to_the_new_one() {
     )
     .await
     .unwrap();
-    let kv = env
-        .js
-        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
-        .await
-        .unwrap();
-    let intent = serde_json::json!({
+    env.put_intent(serde_json::json!({
         "first": 1, "last": 40, "count": 40, "state": "writing",
         "seqs": [[1, 40]], "files": [old_file.to_string()],
         "written": [[41, 60]], "floor": 70, "stream": created - 1
-    });
-    kv.put(INTENT_KEY, serde_json::to_vec(&intent).unwrap().into())
-        .await
-        .unwrap();
+    }))
+    .await;
 
     let (stop, task) = env.sink(SinkConfig::default()).await;
     let files = env.flush_until(90, Duration::from_secs(30)).await;
@@ -421,8 +424,15 @@ async fn the_intent_of_a_deleted_stream_is_not_applied_to_the_new_one() {
         "the old stream's file stays as it was: {files:?}"
     );
     assert_unique(&env.record_ids(), 90);
-    let after: serde_json::Value =
-        serde_json::from_slice(&kv.get(INTENT_KEY).await.unwrap().unwrap()).unwrap();
+    let after: serde_json::Value = serde_json::from_slice(
+        &env.intent_bucket()
+            .await
+            .get(INTENT_KEY)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(after["stream"], created);
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -435,11 +445,7 @@ async fn the_intent_of_a_deleted_stream_is_not_applied_to_the_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_sink_again_and_again_loses_and_repeats_nothing() {
     let env = Env::start(Duration::from_secs(1)).await;
-    let kv = env
-        .js
-        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
-        .await
-        .unwrap();
+    let kv = env.intent_bucket().await;
     let n = 3000;
     let midnight = NOV21_US + 86_400_000_000;
     let records: Vec<DecisionRecord> = (0..n)
@@ -521,11 +527,7 @@ async fn killing_the_sink_again_and_again_loses_and_repeats_nothing() {
 async fn every_failpoint_leaves_each_record_in_exactly_one_row() {
     use aob_audit::sink::Failpoint;
     let env = Env::start(Duration::from_secs(1)).await;
-    let kv = env
-        .js
-        .get_key_value(aob_streams::AUDIT_SINK_BUCKET)
-        .await
-        .unwrap();
+    let kv = env.intent_bucket().await;
     let mut published = 0;
     for (fp, left) in [
         (Failpoint::AfterIntent, "writing"),
