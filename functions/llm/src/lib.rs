@@ -1,0 +1,4 @@
+//! `aob-llm`: the model gateway.
+
+pub mod chat;
+pub mod provider;
