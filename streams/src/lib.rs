@@ -35,6 +35,16 @@ pub const RUNS: &str = "AOB_RUNS";
 pub const TIMERS: &str = "AOB_TIMERS";
 /// KV: the audit sink's intent log (key `intent`), which makes its Parquet rows exactly-once.
 pub const AUDIT_SINK_BUCKET: &str = "AOB_AUDIT_SINK";
+/// KV: recorded model and tool calls (key `<tenant>.<run>.<digest>`), so a retry or a
+/// replay reuses a response instead of calling and paying again.
+pub const CALLS: &str = "AOB_CALLS";
+/// KV: budget ledgers (spent and reserved, per tenant, workflow and run), written by
+/// compare-and-set.
+pub const LEDGER: &str = "AOB_LEDGER";
+/// KV: rate-limit windows shared by every instance of a gateway; entries expire.
+pub const LIMITS: &str = "AOB_LIMITS";
+/// KV: Rego policies per tenant (key `<tenant>`), reloaded by the functions on change.
+pub const POLICIES: &str = "AOB_POLICIES";
 
 /// Engine consumer of [`CMD`].
 pub const ENGINE_CMD: &str = "engine-cmd";
@@ -207,6 +217,14 @@ impl Topology {
             b(RUNS, 1),
             b(TIMERS, 1),
             b(AUDIT_SINK_BUCKET, 1),
+            b(CALLS, 1),
+            b(LEDGER, 1),
+            kv::Config {
+                // A window lasts a minute; two minutes keeps the one before for the check.
+                max_age: Duration::from_secs(120),
+                ..b(LIMITS, 1)
+            },
+            b(POLICIES, 10),
         ]
     }
 

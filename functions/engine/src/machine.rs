@@ -1123,7 +1123,8 @@ impl<'a> Machine<'a> {
             let delay = step
                 .retry
                 .as_ref()
-                .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64);
+                .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64)
+                .max(error.retry_after_ms.unwrap_or(0));
             if let Some(st) = self.s.steps.get_mut(&step.id) {
                 match at.item {
                     Some(i) => {

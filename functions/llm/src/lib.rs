@@ -1,4 +1,10 @@
 //! `aob-llm`: the model gateway.
 
+pub mod breaker;
 pub mod chat;
+pub mod config;
+pub mod kv;
+pub mod ledger;
+pub mod limits;
 pub mod provider;
+pub mod record;

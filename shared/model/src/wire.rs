@@ -145,6 +145,11 @@ pub struct StepError {
     /// Structured reasons (validation errors, HTTP status, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+    /// For a retryable error: the next attempt must not start sooner than this many
+    /// milliseconds from now (a provider's `Retry-After`, a rate limit's next window). The
+    /// engine waits the longer of this and the step's backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl StepError {
@@ -154,6 +159,7 @@ impl StepError {
             class: ErrorClass::Retryable,
             message: message.into(),
             details: None,
+            retry_after_ms: None,
         }
     }
     /// A terminal error.
@@ -162,7 +168,13 @@ impl StepError {
             class: ErrorClass::Terminal,
             message: message.into(),
             details: None,
+            retry_after_ms: None,
         }
+    }
+    /// Asks for the next attempt to wait at least `after`.
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after_ms = Some(after.as_millis() as u64);
+        self
     }
     /// Adds structured details.
     pub fn with_details(mut self, details: Value) -> Self {
