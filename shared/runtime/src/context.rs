@@ -135,6 +135,7 @@ pub struct Context {
     seq: std::sync::atomic::AtomicU64,
     usage: Mutex<Usage>,
     secrets: Secrets,
+    records: Mutex<Vec<DecisionRecord>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -165,6 +166,7 @@ impl Context {
             seq: std::sync::atomic::AtomicU64::new(0),
             usage: Mutex::default(),
             secrets,
+            records: Mutex::default(),
         }
     }
 
@@ -214,6 +216,43 @@ impl Context {
     /// What [`Context::set_usage`] recorded.
     pub fn usage(&self) -> Usage {
         self.usage.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    /// A record of its own for one decision inside the attempt (a model call, a tool call,
+    /// a policy evaluation), stored with the attempt's record. `suffix` names the decision
+    /// within the attempt (`call.<digest>`, `tool.2`, ...) and must be the same on every
+    /// delivery of the attempt: the record id is built from it, so the audit keeps one row.
+    pub fn record(
+        &self,
+        kind: aob_model::audit::AuditKind,
+        suffix: &str,
+        fill: impl FnOnce(&mut DecisionRecord),
+    ) {
+        let now = crate::now_us();
+        let mut r = DecisionRecord::new(
+            format!("{}.{}.{}.{suffix}", self.tenant, self.run_id, self.at.token()),
+            &self.tenant,
+            &self.run_id,
+            kind,
+            "fn",
+            now,
+        );
+        r.step_id = Some(self.at.step.clone());
+        r.attempt = Some(self.at.attempt);
+        r.item = self.at.item;
+        r.iteration = self.at.iteration;
+        fill(&mut r);
+        if let Ok(mut v) = self.records.lock() {
+            v.push(r);
+        }
+    }
+
+    /// The records added with [`Context::record`], taken.
+    pub fn take_records(&self) -> Vec<DecisionRecord> {
+        self.records
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 
     /// The function's secrets (resolved at call time, never written anywhere).

@@ -109,7 +109,20 @@ pub async fn deliver<H: Handler, D: Delivery>(
     // Heartbeats go on while the handler runs and while the engine takes the result.
     let work = async {
         let (result, record) = execute_in(handler, task, &contract.payloads, &cx).await?;
-        let (settled, audited) = tokio::join!(d.settle(&result), d.audit(&record));
+        let mut records = cx.take_records();
+        for r in &mut records {
+            r.workflow.clone_from(&record.workflow);
+            r.workflow_version = record.workflow_version;
+            r.node_type.clone_from(&record.node_type);
+            r.actor.clone_from(&record.actor);
+        }
+        let audit_all = async {
+            for r in &records {
+                d.audit(r).await?;
+            }
+            d.audit(&record).await
+        };
+        let (settled, audited) = tokio::join!(d.settle(&result), audit_all);
         Some((result, settled.and(audited)))
     };
     let outcome = tokio::select! {
