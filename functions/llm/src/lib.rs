@@ -3,6 +3,8 @@
 pub mod breaker;
 pub mod chat;
 pub mod config;
+pub mod gateway;
+pub mod handler;
 pub mod kv;
 pub mod ledger;
 pub mod limits;

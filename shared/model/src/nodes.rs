@@ -78,6 +78,19 @@ pub const REGISTRY: &[NodeType] = &[
         audit_kind: crate::audit::AuditKind::TaskExecuted,
     },
     NodeType {
+        name: "llm",
+        fields: &[
+            ("system", Field::Data),
+            ("prompt", Field::Data),
+            ("messages", Field::Data),
+            ("examples", Field::Data),
+            ("output_schema", Field::Data),
+        ],
+        schema: || schemars::schema_for!(LlmConfig),
+        check: check_llm,
+        audit_kind: crate::audit::AuditKind::ModelCall,
+    },
+    NodeType {
         name: "wait",
         fields: &[],
         schema: || schemars::schema_for!(WaitConfig),
@@ -192,6 +205,136 @@ pub struct WaitConfig {
     /// Wait until this RFC 3339 time (template), e.g. `2026-12-01T09:00:00Z`.
     #[serde(default)]
     pub until: Option<String>,
+}
+
+/// `llm`: one answer from a model, through the model gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// A configured model name (see the models file); default: the tenant's routing.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Routing over several models instead of one `model`.
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+    /// The system prompt (a MiniJinja template over the run context).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// The user's message (a template); shorthand for one `messages` entry.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// The conversation (contents are templates), after the examples.
+    #[serde(default)]
+    pub messages: Vec<PromptMessage>,
+    /// Few-shot examples: pairs shown to the model before the conversation.
+    #[serde(default)]
+    pub examples: Vec<Example>,
+    /// JSON Schema the answer must satisfy: the model is asked for JSON, the answer is
+    /// validated, and the model is asked again with the errors (up to `max_repairs`).
+    #[serde(default)]
+    pub output_schema: Option<Value>,
+    /// How many times an answer that does not fit `output_schema` is sent back (default 2).
+    #[serde(default)]
+    pub max_repairs: Option<u32>,
+    /// Most tokens the model may write (default: the model's `max_output_tokens`).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Stream the answer's tokens to watchers as they arrive (default true).
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+/// Routing over several models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// `fixed`, `fallback`, `cheapest` or `fastest`.
+    pub strategy: String,
+    /// Configured model names, in order of preference.
+    pub models: Vec<String>,
+}
+
+/// One message of a prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptMessage {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// Its text (a template).
+    pub content: String,
+}
+
+/// A few-shot example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    /// What the user says.
+    pub user: String,
+    /// What the model should answer.
+    pub assistant: String,
+}
+
+/// Routing strategies a step may name.
+pub const STRATEGIES: [&str; 4] = ["fixed", "fallback", "cheapest", "fastest"];
+
+fn check_llm(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: LlmConfig| {
+        if c.prompt.is_none() && c.messages.is_empty() {
+            return Err((
+                "prompt".to_string(),
+                "an llm step needs `prompt` or `messages`".to_string(),
+            ));
+        }
+        if c.model.is_some() && c.routing.is_some() {
+            return Err((
+                "routing".to_string(),
+                "give either `model` or `routing`, not both".to_string(),
+            ));
+        }
+        if let Some(r) = &c.routing {
+            if !STRATEGIES.contains(&r.strategy.as_str()) {
+                return Err((
+                    "routing.strategy".to_string(),
+                    format!(
+                        "unknown strategy `{}` (known: {})",
+                        r.strategy,
+                        STRATEGIES.join(", ")
+                    ),
+                ));
+            }
+            if r.models.is_empty() {
+                return Err(("routing.models".to_string(), "names no model".to_string()));
+            }
+        }
+        for (i, m) in c.messages.iter().enumerate() {
+            if m.role != "user" && m.role != "assistant" {
+                return Err((
+                    format!("messages[{i}].role"),
+                    format!("`{}` is not `user` or `assistant`", m.role),
+                ));
+            }
+        }
+        if let Some(s) = &c.output_schema
+            && let Err(e) = jsonschema::validator_for(s)
+        {
+            return Err((
+                "output_schema".to_string(),
+                format!("not a valid JSON Schema: {e}"),
+            ));
+        }
+        if let Some(t) = c.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err((
+                "temperature".to_string(),
+                "must be between 0 and 2".to_string(),
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// Checks the type-specific fields of a step of type `kind`; on error returns
