@@ -91,6 +91,18 @@ pub const REGISTRY: &[NodeType] = &[
         audit_kind: crate::audit::AuditKind::ModelCall,
     },
     NodeType {
+        name: "agent",
+        fields: &[
+            ("system", Field::Data),
+            ("prompt", Field::Data),
+            ("messages", Field::Data),
+            ("examples", Field::Data),
+        ],
+        schema: || schemars::schema_for!(AgentConfig),
+        check: check_agent,
+        audit_kind: crate::audit::AuditKind::ModelCall,
+    },
+    NodeType {
         name: "wait",
         fields: &[],
         schema: || schemars::schema_for!(WaitConfig),
@@ -275,6 +287,75 @@ pub struct Example {
     pub user: String,
     /// What the model should answer.
     pub assistant: String,
+}
+
+/// `agent`: a model that calls tools until it answers or reaches a bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// A configured model name; default: the tenant's routing.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Routing over several models instead of one `model`.
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+    /// The system prompt (a template).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// The task (a template); shorthand for one `messages` entry.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// The conversation (contents are templates).
+    #[serde(default)]
+    pub messages: Vec<PromptMessage>,
+    /// Few-shot examples.
+    #[serde(default)]
+    pub examples: Vec<Example>,
+    /// The tools it may call, by name in the tools file (`server.tool` for MCP tools).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Most model turns (default 8).
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+    /// Most tokens, in and out, over all turns.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Most US dollars over all turns.
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+    /// Most time spent in model and tool calls (e.g. `2m`).
+    #[serde(default)]
+    pub max_duration: Option<crate::definition::Dur>,
+    /// Most tokens one turn may write (default: the model's `max_output_tokens`).
+    #[serde(default)]
+    pub max_tokens_per_turn: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Stream the model's text to watchers (default true).
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+fn check_agent(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: AgentConfig| {
+        if c.prompt.is_none() && c.messages.is_empty() {
+            return Err((
+                "prompt".to_string(),
+                "an agent step needs `prompt` or `messages`".to_string(),
+            ));
+        }
+        if c.max_turns == Some(0) {
+            return Err(("max_turns".to_string(), "must be at least 1".to_string()));
+        }
+        if c.model.is_some() && c.routing.is_some() {
+            return Err((
+                "routing".to_string(),
+                "give either `model` or `routing`, not both".to_string(),
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// Routing strategies a step may name.
