@@ -460,12 +460,21 @@ pub(crate) fn content_text(content: &Value) -> String {
     }
 }
 
-/// Words of every string in `v`: a plausible prompt token count.
+/// Words of every string in `v` but roles, kinds and ids: a plausible prompt token count.
 pub(crate) fn count_words(v: &Value) -> u64 {
     match v {
         Value::String(s) => words(s),
         Value::Array(a) => a.iter().map(count_words).sum(),
-        Value::Object(o) => o.values().map(count_words).sum(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "role" | "type" | "id" | "tool_call_id" | "tool_use_id"
+                )
+            })
+            .map(|(_, v)| count_words(v))
+            .sum(),
         _ => 0,
     }
 }
