@@ -118,6 +118,44 @@ impl Gateway {
         }
     }
 
+    /// A gateway over `config` whose stores are the topology's buckets on `client`'s
+    /// server, calling providers over the real protocols.
+    pub async fn open(
+        client: &async_nats::Client,
+        config: Config,
+        secrets: Secrets,
+    ) -> Result<Self, crate::kv::StoreError> {
+        let js = async_nats::jetstream::new(client.clone());
+        let bucket = |name: &'static str| {
+            let js = js.clone();
+            async move {
+                js.get_key_value(name).await.map_err(|e| {
+                    crate::kv::StoreError(format!(
+                        "opening bucket {name} (run `aob streams apply`): {e}"
+                    ))
+                })
+            }
+        };
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("aob-llm/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| crate::kv::StoreError(format!("building the HTTP client: {e}")))?;
+        let connect: Connect = Arc::new(move |e| crate::provider::connect(e, http.clone()));
+        Ok(Gateway::new(
+            config,
+            connect,
+            secrets,
+            Ledgers::new(bucket(aob_streams::LEDGER).await?),
+            Windows::new(bucket(aob_streams::LIMITS).await?),
+            Recorder::new(bucket(aob_streams::CALLS).await?),
+        ))
+    }
+
+    /// The recorded calls.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
     /// The breakers (for tests and status).
     pub fn breakers(&self) -> &Breakers {
         &self.breakers

@@ -15,6 +15,15 @@ use crate::config::{Route, Strategy};
 use crate::gateway::{Answer, Caller, Gateway};
 use crate::record::hex;
 
+/// What the function reads from the environment besides the common variables.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    (
+        crate::config::ENV,
+        "the models file: named models, routing, budgets and limits (see the aob-llm README)",
+    ),
+    ("AOB_SECRET_<NAME>", "a secret named by an `api_key: ${secrets.NAME}`"),
+];
+
 /// Repairs when a step sets no `max_repairs`.
 pub const DEFAULT_MAX_REPAIRS: u32 = 2;
 
@@ -240,10 +249,7 @@ impl aob_runtime::Handler for LlmHandler {
     }
 
     fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
-        &[(
-            crate::config::ENV,
-            "the models file: named models, routing, budgets and limits (see the aob-llm README)",
-        )]
+        ENV_VARS
     }
 
     async fn handle(&self, task: Task, cx: &Context) -> Result<Outcome, StepError> {

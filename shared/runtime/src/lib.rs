@@ -410,23 +410,41 @@ pub fn init_logging() {
 
 /// The whole `main` of a function binary: read [`Env`], connect, serve until SIGTERM, drain.
 pub async fn run_function<H: Handler>(handler: H) -> Result<()> {
-    let name = format!("aob-{}", handler.node_type());
+    let (node_type, vars) = (handler.node_type(), handler.env_vars());
+    run_function_with(node_type, vars, |_| async move { Ok(handler) }).await
+}
+
+/// Like [`run_function`] for a handler that needs the server to be built (it keeps state
+/// in buckets): `build` gets the connection. `node_type` and `vars` serve `--help`.
+pub async fn run_function_with<H, F, Fut>(
+    node_type: &'static str,
+    vars: &'static [(&'static str, &'static str)],
+    build: F,
+) -> Result<()>
+where
+    H: Handler,
+    F: FnOnce(async_nats::Client) -> Fut,
+    Fut: Future<Output = std::result::Result<H, Box<dyn std::error::Error + Send + Sync>>>,
+{
+    let name = format!("aob-{node_type}");
     let about = format!(
-        "The `{}` function: takes tasks of that node type from its durable consumer, runs them, hands their results to the engine.",
-        handler.node_type()
+        "The `{node_type}` function: takes tasks of that node type from its durable consumer, runs them, hands their results to the engine."
     );
-    let mut vars = FUNCTION_VARS.to_vec();
-    vars.extend_from_slice(handler.env_vars());
+    let mut all = FUNCTION_VARS.to_vec();
+    all.extend_from_slice(vars);
     usage::Usage {
         name: &name,
         about: &about,
-        vars: &vars,
+        vars: &all,
     }
     .handle_args();
     init_logging();
     let env = Env::from_env()?;
     let client = env.connect().await?;
     let payloads = env.payloads()?;
+    let handler = build(client.clone())
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
     nats::serve(
         std::sync::Arc::new(handler),
         client.clone(),
