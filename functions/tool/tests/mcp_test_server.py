@@ -10,6 +10,7 @@ import socket
 import sys
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 server = MCPServer("aob-test")
 
@@ -29,7 +30,7 @@ def add(a: int, b: int) -> int:
 @server.tool()
 def refuse(reason: str) -> str:
     """Always fails with the given reason."""
-    raise ValueError(reason)
+    raise ToolError(reason)
 
 
 @server.tool()
