@@ -64,6 +64,13 @@ pub const REGISTRY: &[NodeType] = &[
         audit_kind: crate::audit::AuditKind::ToolCall,
     },
     NodeType {
+        name: "tool",
+        fields: &[],
+        schema: || schemars::schema_for!(ToolConfig),
+        check: check_tool,
+        audit_kind: crate::audit::AuditKind::ToolCall,
+    },
+    NodeType {
         name: "transform",
         fields: &[("expr", Field::Cel)],
         schema: || schemars::schema_for!(TransformConfig),
@@ -201,6 +208,35 @@ pub struct HttpConfig {
     /// Time limit of the request (default `30s`); a timeout is retryable.
     #[serde(default)]
     pub timeout: Option<Dur>,
+}
+
+/// `tool`: calls a tool of the tool gateway (an MCP server's tool or a declared HTTP tool).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// Tool name: `<server>.<tool>` for an MCP server's tool, the plain name for an HTTP
+    /// tool (template).
+    pub tool: String,
+    /// The tool's arguments: an object whose strings are templates, or one `{{ expression }}`
+    /// giving an object. Checked against the tool's input schema before the call.
+    #[serde(default)]
+    pub arguments: Option<Value>,
+}
+
+fn check_tool(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: ToolConfig| {
+        if c.tool.trim().is_empty() {
+            return Err(("tool".to_string(), "name a tool".to_string()));
+        }
+        match &c.arguments {
+            None | Some(Value::Object(_)) => Ok(()),
+            Some(Value::String(s)) if crate::expr::is_template(s) => Ok(()),
+            Some(_) => Err((
+                "arguments".to_string(),
+                "arguments are an object (or a `{{ expression }}` giving one)".to_string(),
+            )),
+        }
+    })
 }
 
 fn default_method() -> String {
@@ -677,5 +713,29 @@ mod tests {
             http(json!({"url": "http://x", "body": {"auth": {"pw": "${secrets.T}"}}})).unwrap_err();
         assert_eq!(field, "body.auth.pw");
         assert!(msg.contains("only in `headers`"), "{msg}");
+    }
+
+    #[test]
+    fn tool_steps_name_a_tool_and_take_object_arguments() {
+        let check = |v: Value| check_config("tool", v.as_object().unwrap());
+        assert!(
+            check(json!({"tool": "time.get_current_time", "arguments": {"timezone": "UTC"}}))
+                .is_ok()
+        );
+        assert!(check(json!({"tool": "lookup_order", "arguments": "{{ input.args }}"})).is_ok());
+        assert_eq!(check(json!({"tool": " "})).unwrap_err().0, "tool");
+        assert_eq!(
+            check(json!({"tool": "t", "arguments": [1]})).unwrap_err().0,
+            "arguments"
+        );
+        assert_eq!(
+            check(json!({"tool": "t", "args": {}})).unwrap_err().0,
+            "args"
+        );
+        assert_eq!(check(json!({"arguments": {}})).unwrap_err().0, "tool");
+        assert_eq!(
+            node_type("tool").unwrap().audit_kind,
+            crate::audit::AuditKind::ToolCall
+        );
     }
 }
