@@ -1,5 +1,7 @@
 //! The provider clients against the scripted provider, over HTTP, for both protocols:
 //! text, streaming, tool calls, and every error the gateway must tell apart.
+// Helpers outside #[test] functions are test code too.
+#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 

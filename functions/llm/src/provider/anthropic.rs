@@ -19,11 +19,21 @@ pub const JSON_INSTRUCTION: &str =
     "Answer with a single JSON object and nothing else: no prose, no code fences.";
 
 /// A client of one Anthropic endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Anthropic {
     endpoint: Endpoint,
     http: reqwest::Client,
     url: String,
+}
+
+// By hand: the endpoint holds the API key, which must not reach logs.
+impl std::fmt::Debug for Anthropic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Anthropic")
+            .field("url", &self.url)
+            .field("timeout", &self.endpoint.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Anthropic {

@@ -10,11 +10,21 @@ use super::{Endpoint, Provider, SseStream, emit, endpoint_url, event_json, token
 use crate::chat::{ChatRequest, ChatResponse, ProviderError, Role, TokenUsage, ToolCall};
 
 /// A client of one OpenAI-compatible endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OpenAi {
     endpoint: Endpoint,
     http: reqwest::Client,
     url: String,
+}
+
+// By hand: the endpoint holds the API key, which must not reach logs.
+impl std::fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAi")
+            .field("url", &self.url)
+            .field("timeout", &self.endpoint.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OpenAi {
