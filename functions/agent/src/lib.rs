@@ -9,6 +9,8 @@
 //! model or a tool twice. The budget text the model sees is computed from recorded usage,
 //! so the requests of a resumed attempt are the same bytes as the first attempt's.
 
+pub mod tools;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,6 +27,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+
+/// What the function reads from the environment besides the common variables.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("AOB_MODELS", "the models file (see the aob-llm README)"),
+    ("AOB_TOOLS", "the tools file (see the aob-tool README)"),
+    ("AOB_SECRET_<NAME>", "secrets named by the models and tools files"),
+];
 
 /// Turns when a step sets no `max_turns`.
 pub const DEFAULT_MAX_TURNS: u32 = 8;
@@ -210,10 +219,7 @@ impl aob_runtime::Handler for AgentHandler {
     }
 
     fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
-        &[
-            ("AOB_MODELS", "the models file (see the aob-llm README)"),
-            ("AOB_TOOLS", "the tools file (see the aob-tool README)"),
-        ]
+        ENV_VARS
     }
 
     async fn handle(&self, task: Task, cx: &Context) -> Result<Outcome, StepError> {

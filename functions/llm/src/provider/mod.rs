@@ -23,7 +23,7 @@ pub enum Protocol {
 }
 
 /// Where and how to reach one provider.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Endpoint {
     /// The protocol.
     pub protocol: Protocol,
@@ -34,6 +34,18 @@ pub struct Endpoint {
     pub api_key: Option<String>,
     /// Time limit of one call, streaming included.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key never reaches a log.
+        f.debug_struct("Endpoint")
+            .field("protocol", &self.protocol)
+            .field("base_url", &self.base_url.as_str())
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// One provider endpoint.
