@@ -40,7 +40,7 @@ pub enum Command {
     #[command(
         long_about = "Runs everything in one process: a local nats-server with JetStream (unless \
             --nats-url or NATS_URL points to one), the topology, the engine with its timer service, \
-            and the transform, validate, http and wait functions. Payloads larger than the offload \
+            and the transform, validate, http, wait and tool functions (tools from AOB_TOOLS). Payloads larger than the offload \
             threshold go to <data>/payloads unless AOB_PAYLOAD_URL is set. The server's URL is \
             written to <data>/nats.url so that other shells can use it. Ctrl-C stops everything.",
         after_help = "EXAMPLES:\n  \
@@ -101,6 +101,32 @@ pub enum Command {
             aob --tenant acme dlq replay --all"
     )]
     Dlq(DlqCommand),
+    /// List the tools of the tools file (AOB_TOOLS): MCP servers' tools and HTTP tools.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            AOB_TOOLS=tools.yaml aob tools list\n  \
+            aob tools list --config tools.yaml --json"
+    )]
+    Tools(ToolsCommand),
+}
+
+/// `aob tools ...`.
+#[derive(Debug, Subcommand)]
+pub enum ToolsCommand {
+    /// Connect to every configured MCP server and print each tool with its description and
+    /// arguments; a server that cannot be reached is shown with its error (exit code 1).
+    #[command(after_help = "EXAMPLES:\n  \
+        AOB_TOOLS=tools.yaml aob tools list\n  \
+        aob tools list --config tools.yaml --json | jq '.tools[].name'")]
+    List {
+        /// The tools file (default: AOB_TOOLS).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the tools (with their full input schemas) and errors as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `aob dlq ...`.

@@ -1,7 +1,7 @@
 //! `aob dev`: the whole system in one process.
 //!
 //! [`run_stack`] is the reusable part: given a connection to a NATS server whose topology
-//! is applied, it runs the engine (with its timer service), the four functions and, when
+//! is applied, it runs the engine (with its timer service), the five functions and, when
 //! given an audit URL, the audit sink, until the shutdown token is cancelled.
 
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ fn spawn_function<H: Handler>(
     });
 }
 
-/// Runs the engine, its timer service and the transform, validate, http and wait functions
+/// Runs the engine, its timer service and the transform, validate, http, wait and tool functions
 /// on `client` until `shutdown` is cancelled, then lets them drain. The topology must be
 /// applied. If one component fails, the others are stopped and its error is returned.
 pub async fn run_stack(
@@ -63,6 +63,7 @@ pub async fn run_stack(
         .await
         .context("opening the timers bucket for the wait function")?;
     let http = aob_http::HttpHandler::new().context("building the http function's client")?;
+    let tool = aob_tool::ToolHandler::new().context("building the tool function from AOB_TOOLS")?;
     let stop = shutdown.child_token();
     let mut set: JoinSet<Component> = JoinSet::new();
     {
@@ -96,6 +97,7 @@ pub async fn run_stack(
         &stop,
     );
     spawn_function(&mut set, http, &client, &payloads, &stop);
+    spawn_function(&mut set, tool, &client, &payloads, &stop);
     spawn_function(
         &mut set,
         aob_wait::WaitHandler::new(timers),

@@ -14,6 +14,7 @@ pub mod input;
 pub mod progress;
 pub mod runs;
 pub mod table;
+pub mod tools;
 pub mod topology;
 pub mod workflows;
 
@@ -22,7 +23,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, DlqCommand, RunCommand, StreamsCommand, WorkflowCommand,
+    AuditCommand, Cli, Command, DlqCommand, RunCommand, StreamsCommand, ToolsCommand,
+    WorkflowCommand,
 };
 use crate::ctx::Ctx;
 
@@ -67,5 +69,8 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dlq(DlqCommand::Ls { json }) => dlq::cmd_ls(&ctx, json).await,
         Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
+        Command::Tools(ToolsCommand::List { config, json }) => {
+            tools::cmd_list(config.as_deref(), json).await
+        }
     }
 }

@@ -6,4 +6,5 @@ mod core;
 mod flow;
 mod robustness;
 mod secrets;
+mod tools;
 mod topology;

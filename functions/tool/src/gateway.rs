@@ -281,10 +281,7 @@ impl Gateway {
         let mut listed: HashMap<Option<String>, Vec<ToolInfo>> = HashMap::new();
         for raw in names {
             let name = self.resolve_name(raw);
-            let source = match name.split_once('.') {
-                Some((s, _)) => Some(s.to_string()),
-                None => None,
-            };
+            let source = name.split_once('.').map(|(s, _)| s.to_string());
             if !listed.contains_key(&source) {
                 let tools = self.list_source(source.as_deref()).await?;
                 listed.insert(source.clone(), tools);

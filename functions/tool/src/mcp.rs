@@ -144,8 +144,9 @@ impl McpServer {
                         .map(|l| format!(" (its last words: {l})"))
                         .unwrap_or_default();
                     StepError::retryable(format!(
-                        "MCP server `{}`: the handshake with `{command}` failed: {e}{tail}",
-                        self.name
+                        "MCP server `{}`: the handshake with `{command}` failed: {}{tail}",
+                        self.name,
+                        tidy(&e.to_string())
                     ))
                 })?
             }
@@ -172,8 +173,9 @@ impl McpServer {
                 let transport = StreamableHttpClientTransport::from_config(config);
                 ().serve(transport).await.map_err(|e| {
                     StepError::retryable(format!(
-                        "MCP server `{}`: cannot connect to {url}: {e}",
-                        self.name
+                        "MCP server `{}`: cannot connect to {url}: {}",
+                        self.name,
+                        tidy(&e.to_string())
                     ))
                 })?
             }
@@ -310,6 +312,34 @@ impl McpServer {
     }
 }
 
+/// An rmcp error without the Rust type names it quotes (`Transport [rmcp::...<...>] error`).
+fn tidy(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(" [rmcp::") {
+        out.push_str(&rest[..start]);
+        // Brackets nest inside the type name; skip to the matching one.
+        let mut depth = 0usize;
+        let mut end = rest.len();
+        for (i, c) in rest[start + 1..].char_indices() {
+            match c {
+                '[' | '<' => depth += 1,
+                ']' | '>' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 && c == ']' {
+                        end = start + 1 + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Reads a server's standard error into a short tail (and the debug log).
 async fn keep_stderr(
     server: String,
@@ -351,4 +381,18 @@ pub fn content_of(result: &CallToolResult) -> (String, Value, bool) {
         result.structured_content.clone().unwrap_or(Value::Null),
         result.is_error.unwrap_or(false),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rust_type_names_are_left_out_of_messages() {
+        assert_eq!(
+            super::tidy(
+                "Send message error Transport [rmcp::transport::worker::WorkerTransport<rmcp::X<reqwest::Client>>] error: Client error: refused"
+            ),
+            "Send message error Transport error: Client error: refused"
+        );
+        assert_eq!(super::tidy("plain [1] text"), "plain [1] text");
+    }
 }

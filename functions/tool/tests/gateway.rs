@@ -2,6 +2,8 @@
 //! server (`mcp_test_server.py`, the `mcp` package) over stdio and streamable HTTP, and an
 //! axum endpoint behind an HTTP tool. `scripts/setup` installs the Python packages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

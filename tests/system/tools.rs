@@ -1,0 +1,110 @@
+//! A `tool` step end to end: a workflow calls `mcp-server-time` over stdio through the
+//! tool function, and a call whose arguments fail the tool's schema fails its run.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use aob_model::state::{RunStatus, StepStatus};
+use aob_model::wire::ErrorClass;
+use aob_runtime::nats::{ServeConfig, serve};
+use aob_runtime::secrets::Secrets;
+use aob_tests::Stack;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const T: &str = "default";
+
+const WORKFLOW: &str = r#"
+name: clock
+input:
+  type: object
+  required: [zone]
+  properties: {zone: {type: string}}
+steps:
+  - id: now
+    type: tool
+    tool: time.get_current_time
+    arguments: {timezone: "{{ input.zone }}"}
+  - id: report
+    type: transform
+    needs: [now]
+    output:
+      tool: "{{ steps.now.output.tool }}"
+      text: "{{ steps.now.output.content }}"
+"#;
+
+const BROKEN: &str = r#"
+name: clock_broken
+steps:
+  - id: now
+    type: tool
+    tool: time.get_current_time
+    arguments: {timezone: 5}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_step_calls_an_mcp_server_and_a_bad_argument_fails_the_run() {
+    let time = aob_testkit::venv_dir()
+        .map(|v| v.join("bin/mcp-server-time"))
+        .filter(|p| p.exists())
+        .expect("mcp-server-time is missing: run scripts/setup");
+    let config = aob_tool::ToolsConfig::parse(
+        &format!(
+            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
+            time.display()
+        ),
+        Path::new("tools.yaml"),
+    )
+    .unwrap();
+    let http = aob_http::HttpHandler::with(aob_http::Policy::default(), Secrets::none()).unwrap();
+    let gateway = Arc::new(aob_tool::Gateway::new(config, http, Secrets::none()).unwrap());
+
+    let s = Stack::start().await.unwrap();
+    let stop = CancellationToken::new();
+    let function = tokio::spawn(serve(
+        Arc::new(aob_tool::ToolHandler::with(gateway.clone())),
+        s.server.connect().await.unwrap(),
+        s.payloads.clone(),
+        ServeConfig::default(),
+        stop.clone(),
+    ));
+
+    s.publish(T, WORKFLOW).await.unwrap();
+    let run = s
+        .start_run(T, "clock", json!({"zone": "UTC"}))
+        .await
+        .unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    let out = state.steps["now"].output.clone().unwrap();
+    assert_eq!(out["tool"], "time.get_current_time");
+    assert_eq!(out["is_error"], false);
+    assert_eq!(
+        out["arguments_digest"],
+        aob_tool::gateway::digest(&json!({"timezone": "UTC"}))
+    );
+    let answer: Value = serde_json::from_str(out["content"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["timezone"], "UTC");
+    assert_eq!(
+        state.steps["report"].output.as_ref().unwrap()["tool"],
+        "time.get_current_time"
+    );
+
+    s.publish(T, BROKEN).await.unwrap();
+    let run = s.start_run(T, "clock_broken", json!({})).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
+    let step = &state.steps["now"];
+    assert_eq!(step.status(), StepStatus::Failed);
+    let error = step.error.clone().unwrap();
+    assert_eq!(error.class, ErrorClass::Terminal);
+    assert!(
+        error.message.contains("argument `/timezone`"),
+        "{}",
+        error.message
+    );
+
+    stop.cancel();
+    function.await.unwrap().unwrap();
+    gateway.shutdown().await;
+}
