@@ -56,9 +56,18 @@ pub async fn run_stack(
     client: async_nats::Client,
     payloads: PayloadStore,
     audit_url: Option<String>,
+    models: aob_llm::config::Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let js = jetstream::new(client.clone());
+    let secrets = aob_runtime::secrets::Secrets::from_env();
+    let gateway = Arc::new(
+        aob_llm::gateway::Gateway::open(&client, models, secrets)
+            .await
+            .context("opening the model gateway's buckets")?,
+    );
+    let agent_tools = aob_tool::gateway::Gateway::from_env()
+        .context("building the agent's tool gateway from AOB_TOOLS")?;
     let timers = Timers::open(&js)
         .await
         .context("opening the timers bucket for the wait function")?;
@@ -98,6 +107,21 @@ pub async fn run_stack(
     );
     spawn_function(&mut set, http, &client, &payloads, &stop);
     spawn_function(&mut set, tool, &client, &payloads, &stop);
+    spawn_function(
+        &mut set,
+        aob_llm::handler::LlmHandler::new(gateway.clone()),
+        &client,
+        &payloads,
+        &stop,
+    );
+    let recorder = gateway.recorder().clone();
+    spawn_function(
+        &mut set,
+        aob_agent::AgentHandler::new(gateway, Arc::new(agent_tools), recorder),
+        &client,
+        &payloads,
+        &stop,
+    );
     spawn_function(
         &mut set,
         aob_wait::WaitHandler::new(timers),
@@ -184,6 +208,17 @@ async fn run_example(
     Ok(())
 }
 
+/// The scripted provider's replies under `aob dev` (the agentic example's).
+const SCRIPTED_REPLIES: &str = include_str!("../../examples/agentic/scripted-provider.yaml");
+
+/// A models file whose one model, `scripted`, is the scripted provider at `base_url`.
+pub fn scripted_models(base_url: &str) -> Result<aob_llm::config::Config> {
+    aob_llm::config::Config::parse(&format!(
+        "models:\n  scripted: {{ protocol: openai, base_url: \"{base_url}\", provider: scripted, price: {{ input: 0.15, output: 0.60 }}, max_output_tokens: 1024 }}\ndefault: {{ model: scripted }}\n"
+    ))
+    .map_err(|e| anyhow!("the scripted provider's models: {e}"))
+}
+
 /// `aob dev`.
 pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Result<ExitCode> {
     aob_runtime::init_logging();
@@ -256,10 +291,28 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
         None => None,
     };
 
+    // Without a models file, models answer from the scripted provider: a test double, so
+    // the agentic example runs with no key and no network.
+    let (models, _scripted) = match std::env::var_os(aob_llm::config::ENV) {
+        Some(p) if !p.is_empty() => (aob_llm::config::Config::from_env()?, None),
+        _ => {
+            let script = aob_scripted_provider::Script::parse(
+                SCRIPTED_REPLIES,
+                "examples/agentic/scripted-provider.yaml",
+            )?;
+            let double = aob_scripted_provider::ScriptedProvider::start(script).await?;
+            say!(
+                "aob dev: no AOB_MODELS: model calls go to the scripted provider (a test double, no key, no network) at {}",
+                double.url()
+            );
+            (scripted_models(&double.openai_base_url())?, Some(double))
+        }
+    };
     let stack = tokio::spawn(run_stack(
         client.clone(),
         payloads.clone(),
         Some(audit_url.clone()),
+        models,
         shutdown.clone(),
     ));
     say!(
