@@ -32,7 +32,10 @@ use tokio_util::sync::CancellationToken;
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("AOB_MODELS", "the models file (see the aob-llm README)"),
     ("AOB_TOOLS", "the tools file (see the aob-tool README)"),
-    ("AOB_SECRET_<NAME>", "secrets named by the models and tools files"),
+    (
+        "AOB_SECRET_<NAME>",
+        "secrets named by the models and tools files",
+    ),
 ];
 
 /// Turns when a step sets no `max_turns`.
@@ -126,7 +129,11 @@ impl AgentHandler {
         name: &str,
         args: Value,
     ) -> Result<(RecordedTool, bool), StepError> {
-        let key = Recorder::key(&task.tenant, &task.run_id, &format!("tool-{}", digest_of(key_parts)));
+        let key = Recorder::key(
+            &task.tenant,
+            &task.run_id,
+            &format!("tool-{}", digest_of(key_parts)),
+        );
         if let Some(r) = self
             .recorder
             .get::<RecordedTool>(&key)
@@ -136,7 +143,11 @@ impl AgentHandler {
             return Ok((r, true));
         }
         let started = std::time::Instant::now();
-        let result = match self.tools.call(&task.tenant, name, args, cx.cancelled()).await {
+        let result = match self
+            .tools
+            .call(&task.tenant, name, args, cx.cancelled())
+            .await
+        {
             Ok(r) => r,
             // The model can act on a refusal; transient trouble ends the attempt instead.
             Err(e) if e.class == ErrorClass::Terminal => ToolResult {
@@ -208,7 +219,11 @@ fn over_bound(c: &AgentConfig, max_turns: u32, used: &Used) -> Option<String> {
     if let Some(d) = c.max_duration
         && used.ms >= d.0.as_millis() as u64
     {
-        return Some(format!("max_duration ({} ms); used {} ms", d.0.as_millis(), used.ms));
+        return Some(format!(
+            "max_duration ({} ms); used {} ms",
+            d.0.as_millis(),
+            used.ms
+        ));
     }
     None
 }
@@ -271,7 +286,11 @@ impl aob_runtime::Handler for AgentHandler {
             let mut max_tokens = base.max_tokens;
             if let Some(t) = c.max_tokens {
                 let rest = t.saturating_sub(used.tokens).min(u64::from(u32::MAX)) as u32;
-                max_tokens = if max_tokens == 0 { rest } else { max_tokens.min(rest) };
+                max_tokens = if max_tokens == 0 {
+                    rest
+                } else {
+                    max_tokens.min(rest)
+                };
             }
             let req = ChatRequest {
                 model: String::new(),
@@ -298,7 +317,12 @@ impl aob_runtime::Handler for AgentHandler {
             used.cost_usd += a.cost_usd;
             used.ms += a.took_ms;
             calls.push(call_json(&a));
-            let proposed: Vec<String> = a.response.tool_calls.iter().map(|t| t.name.clone()).collect();
+            let proposed: Vec<String> = a
+                .response
+                .tool_calls
+                .iter()
+                .map(|t| t.name.clone())
+                .collect();
             cx.emit(Emission::Event {
                 data: json!({
                     "agent_turn": turn,
@@ -366,7 +390,13 @@ impl aob_runtime::Handler for AgentHandler {
                 };
                 used.ms += rec.took_ms;
                 cx.record(AuditKind::ToolCall, &format!("tool.{turn}.{i}"), |r| {
-                    r.decision = Some(if rec.result.is_error { "tool error".into() } else if reused { "reused".into() } else { "called".into() });
+                    r.decision = Some(if rec.result.is_error {
+                        "tool error".into()
+                    } else if reused {
+                        "reused".into()
+                    } else {
+                        "called".into()
+                    });
                     r.reason = Some(format!("turn {turn}: {}", rec.tool));
                     r.input_digest = Some(args_digest.clone());
                     r.duration_us = Some(rec.took_ms as i64 * 1000);
@@ -378,7 +408,11 @@ impl aob_runtime::Handler for AgentHandler {
                     "is_error": rec.result.is_error,
                     "reused": reused,
                 }));
-                messages.push(Message::tool(&call.id, rec.result.text.clone(), rec.result.is_error));
+                messages.push(Message::tool(
+                    &call.id,
+                    rec.result.text.clone(),
+                    rec.result.is_error,
+                ));
             }
         }
     }

@@ -2,6 +2,8 @@
 //! PyPI, over stdio, through the tool gateway) and the scripted provider (a test double
 //! speaking the OpenAI wire protocol).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,9 +96,13 @@ impl Env {
             "models:\n  m: {{ protocol: openai, base_url: \"{}\", price: {{ input: 1, output: 2 }} }}\ndefault: {{ model: m }}\n",
             self.double.openai_base_url()
         );
-        let gateway = Gateway::open(&self.client, Config::parse(&models).unwrap(), Secrets::none())
-            .await
-            .unwrap();
+        let gateway = Gateway::open(
+            &self.client,
+            Config::parse(&models).unwrap(),
+            Secrets::none(),
+        )
+        .await
+        .unwrap();
         let tools_yaml = format!(
             "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
             time_server()
@@ -158,8 +164,14 @@ async fn an_agent_calls_two_tools_then_answers() {
     // One record per model call and per tool call.
     let records = cx.take_records();
     let kinds: Vec<AuditKind> = records.iter().map(|r| r.event_kind).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::ModelCall).count(), 3);
-    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::ToolCall).count(), 2);
+    assert_eq!(
+        kinds.iter().filter(|k| **k == AuditKind::ModelCall).count(),
+        3
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == AuditKind::ToolCall).count(),
+        2
+    );
     assert_eq!(cx.usage().tokens_in, Some(30 + 60 + 90));
 }
 
@@ -179,7 +191,10 @@ async fn a_crashed_agent_resumes_without_repeating_completed_calls() {
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while e.double.requests().total < 3 {
-        assert!(std::time::Instant::now() < deadline, "the third turn never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third turn never started"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     running.abort();
@@ -188,7 +203,15 @@ async fn a_crashed_agent_resumes_without_repeating_completed_calls() {
 
     // A new process: a fresh gateway, tool gateway and MCP server, the same run.
     e.double
-        .set_script(Script::parse(&SCRIPT.replace("DELAY", "0").replace("times: 1\n", "times: 0\n"), "s").unwrap())
+        .set_script(
+            Script::parse(
+                &SCRIPT
+                    .replace("DELAY", "0")
+                    .replace("times: 1\n", "times: 0\n"),
+                "s",
+            )
+            .unwrap(),
+        )
         .unwrap();
     let (agent, tools2) = e.agent().await;
     let cx = Context::detached(&t);
@@ -197,7 +220,11 @@ async fn a_crashed_agent_resumes_without_repeating_completed_calls() {
     };
     assert_eq!(output["text"], "Noon in Paris is 20:00 in Tokyo.");
     assert_eq!(output["turns"], 3);
-    assert_eq!(tools2.calls.load(Ordering::SeqCst), 0, "no tool call repeated");
+    assert_eq!(
+        tools2.calls.load(Ordering::SeqCst),
+        0,
+        "no tool call repeated"
+    );
     assert_eq!(
         e.double.requests().total,
         4,
@@ -206,5 +233,9 @@ async fn a_crashed_agent_resumes_without_repeating_completed_calls() {
     let log = output["tool_calls"].as_array().unwrap();
     assert!(log.iter().all(|c| c["reused"] == true), "{output}");
     let calls = output["calls"].as_array().unwrap();
-    assert_eq!(calls.iter().filter(|c| c["reused"] == true).count(), 2, "{output}");
+    assert_eq!(
+        calls.iter().filter(|c| c["reused"] == true).count(),
+        2,
+        "{output}"
+    );
 }

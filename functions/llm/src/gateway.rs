@@ -335,7 +335,12 @@ impl Gateway {
         stream: Option<&UnboundedSender<String>>,
     ) -> Result<Answer, Attempt> {
         let provider = m.provider_name();
-        let pcfg = self.config.providers.get(&provider).copied().unwrap_or_default();
+        let pcfg = self
+            .config
+            .providers
+            .get(&provider)
+            .copied()
+            .unwrap_or_default();
         let bcfg: BreakerConfig = pcfg.breaker.unwrap_or_default();
         let input = input_bound(req);
         if let Some(window) = m.context_window
@@ -439,10 +444,20 @@ impl Gateway {
                     .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
                 let used = response.usage.input + response.usage.output;
                 self.ledgers
-                    .settle(&bscopes, &key, Amount { usd: cost, tokens: used })
+                    .settle(
+                        &bscopes,
+                        &key,
+                        Amount {
+                            usd: cost,
+                            tokens: used,
+                        },
+                    )
                     .await
                     .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
-                let _ = self.windows.correct(&lscopes, worst_tokens, used, now).await;
+                let _ = self
+                    .windows
+                    .correct(&lscopes, worst_tokens, used, now)
+                    .await;
                 Ok(Answer {
                     model: name.to_string(),
                     provider,

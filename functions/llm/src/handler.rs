@@ -21,7 +21,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         crate::config::ENV,
         "the models file: named models, routing, budgets and limits (see the aob-llm README)",
     ),
-    ("AOB_SECRET_<NAME>", "a secret named by an `api_key: ${secrets.NAME}`"),
+    (
+        "AOB_SECRET_<NAME>",
+        "a secret named by an `api_key: ${secrets.NAME}`",
+    ),
 ];
 
 /// Repairs when a step sets no `max_repairs`.
@@ -41,7 +44,10 @@ impl LlmHandler {
 }
 
 /// A step's routing as the gateway reads it.
-pub fn route_of(model: Option<&str>, routing: Option<&aob_model::nodes::RoutingConfig>) -> Option<Route> {
+pub fn route_of(
+    model: Option<&str>,
+    routing: Option<&aob_model::nodes::RoutingConfig>,
+) -> Option<Route> {
     if let Some(m) = model {
         return Some(Route::Model {
             model: m.to_string(),
@@ -82,8 +88,14 @@ fn render(field: &str, text: &str, context: &Value) -> Result<String, StepError>
 pub fn build_request(c: &LlmConfig, context: &Value) -> Result<(ChatRequest, String), StepError> {
     let mut h = Sha256::new();
     h.update(
-        serde_json::to_vec(&json!([c.system, c.prompt, c.messages, c.examples, c.output_schema]))
-            .unwrap_or_default(),
+        serde_json::to_vec(&json!([
+            c.system,
+            c.prompt,
+            c.messages,
+            c.examples,
+            c.output_schema
+        ]))
+        .unwrap_or_default(),
     );
     let template_digest = hex(&h.finalize())[..16].to_string();
     let mut system = match &c.system {
@@ -101,7 +113,11 @@ pub fn build_request(c: &LlmConfig, context: &Value) -> Result<(ChatRequest, Str
     }
     let mut messages = Vec::new();
     for (i, ex) in c.examples.iter().enumerate() {
-        messages.push(Message::user(render(&format!("examples[{i}].user"), &ex.user, context)?));
+        messages.push(Message::user(render(
+            &format!("examples[{i}].user"),
+            &ex.user,
+            context,
+        )?));
         messages.push(Message::assistant(
             render(&format!("examples[{i}].assistant"), &ex.assistant, context)?,
             Vec::new(),
@@ -235,7 +251,11 @@ pub fn account(cx: &Context, a: &Answer, total: &mut Usage) {
             r.tokens_in = Some(a.response.usage.input);
             r.tokens_out = Some(a.response.usage.output);
             r.cost_usd = Some(if a.reused { 0.0 } else { a.cost_usd });
-            r.decision = Some(if a.reused { "reused".into() } else { "called".into() });
+            r.decision = Some(if a.reused {
+                "reused".into()
+            } else {
+                "called".into()
+            });
             r.input_digest = Some(a.digest.clone());
             r.duration_us = Some(a.took_ms as i64 * 1000);
             r.reason = (!a.passed_over.is_empty()).then(|| a.passed_over.join("; "));

@@ -4,7 +4,9 @@ async fn main() -> anyhow::Result<()> {
         let config = aob_llm::config::Config::from_env()?;
         let secrets = aob_runtime::secrets::Secrets::from_env();
         let gateway = aob_llm::gateway::Gateway::open(&client, config, secrets).await?;
-        Ok(aob_llm::handler::LlmHandler::new(std::sync::Arc::new(gateway)))
+        Ok(aob_llm::handler::LlmHandler::new(std::sync::Arc::new(
+            gateway,
+        )))
     })
     .await?;
     Ok(())

@@ -1,6 +1,8 @@
 //! The model gateway against a real nats-server and the scripted provider (a test double
 //! that speaks the OpenAI and Anthropic wire protocols).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use aob_llm::chat::{ChatRequest, Message};
@@ -156,7 +158,12 @@ default: { text: ok }
     let fixed = Route::Model { model: "a".into() };
     for i in 0..2 {
         let err = g
-            .call(&caller("r", &format!("s{i}")), Some(&fixed), &ask(&format!("q{i}")), None)
+            .call(
+                &caller("r", &format!("s{i}")),
+                Some(&fixed),
+                &ask(&format!("q{i}")),
+                None,
+            )
             .await
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::Retryable);
@@ -167,9 +174,18 @@ default: { text: ok }
         .call(&caller("r", "s2"), Some(&fixed), &ask("q2"), None)
         .await
         .unwrap_err();
-    assert!(err.message.contains("circuit breaker of provider pa is open"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("circuit breaker of provider pa is open"),
+        "{}",
+        err.message
+    );
     assert!(err.retry_after_ms.is_some());
-    assert_eq!(e.double.requests().for_model("a"), sent, "an open breaker sends nothing");
+    assert_eq!(
+        e.double.requests().for_model("a"),
+        sent,
+        "an open breaker sends nothing"
+    );
     // With fallback, an open breaker passes to the next model at once.
     let a = g
         .call(&caller("r", "s3"), Some(&fallback()), &ask("q3"), None)
@@ -200,7 +216,12 @@ rules:
     .await;
     let g = e.gateway("").await;
     let err = g
-        .call(&caller("r", "s"), Some(&Route::Model { model: "a".into() }), &ask("x"), None)
+        .call(
+            &caller("r", "s"),
+            Some(&Route::Model { model: "a".into() }),
+            &ask("x"),
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Retryable);
@@ -230,8 +251,13 @@ rules:
     for i in 0..50 {
         let g = g.clone();
         set.spawn(async move {
-            g.call(&caller("budget-run", &format!("s{i}")), None, &ask(&format!("q{i:02}")), None)
-                .await
+            g.call(
+                &caller("budget-run", &format!("s{i}")),
+                None,
+                &ask(&format!("q{i:02}")),
+                None,
+            )
+            .await
         });
     }
     let (mut ok, mut refused) = (0, 0);
@@ -240,7 +266,11 @@ rules:
             Ok(_) => ok += 1,
             Err(err) => {
                 assert_eq!(err.class, ErrorClass::Terminal);
-                assert!(err.message.contains("budget of run budget-run"), "{}", err.message);
+                assert!(
+                    err.message.contains("budget of run budget-run"),
+                    "{}",
+                    err.message
+                );
                 refused += 1;
             }
         }
@@ -248,14 +278,26 @@ rules:
     assert!(ok <= 10, "{ok} calls succeeded");
     assert!(ok >= 1);
     assert_eq!(ok + refused, 50);
-    assert_eq!(e.double.requests().total, ok as u64, "refused calls send nothing");
+    assert_eq!(
+        e.double.requests().total,
+        ok as u64,
+        "refused calls send nothing"
+    );
     let scope = aob_llm::ledger::Scope::run(
         "acme",
         "budget-run",
-        aob_llm::config::Budget { usd: Some(budget), tokens: None, period: Default::default() },
+        aob_llm::config::Budget {
+            usd: Some(budget),
+            tokens: None,
+            period: Default::default(),
+        },
     );
     let ledger = g.ledgers().get(&scope).await.unwrap();
-    assert!(ledger.spent.usd <= budget, "spent {} of {budget}", ledger.spent.usd);
+    assert!(
+        ledger.spent.usd <= budget,
+        "spent {} of {budget}",
+        ledger.spent.usd
+    );
     assert!(ledger.spent.usd > 0.0);
 }
 
@@ -272,7 +314,15 @@ async fn rate_limits_hold_across_instances() {
         let mut results = Vec::new();
         for i in 0..4 {
             let g = if i % 2 == 0 { &g1 } else { &g2 };
-            results.push(g.call(&caller("rl", &format!("r{round}s{i}")), None, &ask(&format!("r{round}q{i}")), None).await);
+            results.push(
+                g.call(
+                    &caller("rl", &format!("r{round}s{i}")),
+                    None,
+                    &ask(&format!("r{round}q{i}")),
+                    None,
+                )
+                .await,
+            );
         }
         let oks = results.iter().filter(|r| r.is_ok()).count();
         if oks == 3 {
@@ -282,12 +332,21 @@ async fn rate_limits_hold_across_instances() {
     }
     let err = refused.expect("the fourth call of the minute is refused");
     assert_eq!(err.class, ErrorClass::Retryable);
-    assert!(err.message.contains("rate limit of tenant acme reached"), "{}", err.message);
+    assert!(
+        err.message.contains("rate limit of tenant acme reached"),
+        "{}",
+        err.message
+    );
     assert!(err.retry_after_ms.is_some_and(|ms| ms <= 60_000));
 }
 
 fn task(config: Value) -> Task {
-    let mut t = aob_testkit::task("llm", "classify", config, json!({"input": {"text": "refund my order"}}));
+    let mut t = aob_testkit::task(
+        "llm",
+        "classify",
+        config,
+        json!({"input": {"text": "refund my order"}}),
+    );
     t.run_id = "run-llm".into();
     t.workflow = "wf".into();
     t
@@ -313,7 +372,14 @@ rules:
     });
     let t = task(config.clone());
     let collect = Arc::new(Collect::default());
-    let cx = Context::new(&t.tenant, &t.run_id, &t.at, CancellationToken::new(), collect.clone(), Secrets::none());
+    let cx = Context::new(
+        &t.tenant,
+        &t.run_id,
+        &t.at,
+        CancellationToken::new(),
+        collect.clone(),
+        Secrets::none(),
+    );
     let Outcome::Completed { output } = h.handle(t, &cx).await.unwrap() else {
         panic!("not completed")
     };
@@ -324,7 +390,10 @@ rules:
     assert_eq!(usage.tokens_out, Some(16));
     assert_eq!(usage.model.as_deref(), Some("b"));
     let cost = usage.cost_usd.unwrap();
-    assert!((cost - (30.0 * 10.0 + 16.0 * 20.0) / 1e6).abs() < 1e-12, "{cost}");
+    assert!(
+        (cost - (30.0 * 10.0 + 16.0 * 20.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
     assert!(output["template_digest"].is_string() && output["prompt_digest"].is_string());
     let chunks: String = collect
         .0
@@ -345,7 +414,9 @@ rules:
     e.double
         .set_script(Script::parse("default: { text: 'not json at all' }\n", "s").unwrap())
         .unwrap();
-    let mut t = task(json!({"model": "a", "prompt": "again", "max_repairs": 1, "output_schema": {"type": "object"}}));
+    let mut t = task(
+        json!({"model": "a", "prompt": "again", "max_repairs": 1, "output_schema": {"type": "object"}}),
+    );
     t.at.step = "other".into();
     let cx = Context::detached(&t);
     let err = h.handle(t, &cx).await.unwrap_err();

@@ -21,6 +21,9 @@ pub enum Field {
     Assertions,
     /// Data passed as written (a JSON Schema): neither a template nor an expression.
     Data,
+    /// Templates the function renders itself (prompts: it records their digest as their
+    /// version); checked and read for the task context like any template.
+    Prompt,
 }
 
 /// Checks the step fields of a node type; on error `(field, message)`.
@@ -87,10 +90,10 @@ pub const REGISTRY: &[NodeType] = &[
     NodeType {
         name: "llm",
         fields: &[
-            ("system", Field::Data),
-            ("prompt", Field::Data),
-            ("messages", Field::Data),
-            ("examples", Field::Data),
+            ("system", Field::Prompt),
+            ("prompt", Field::Prompt),
+            ("messages", Field::Prompt),
+            ("examples", Field::Prompt),
             ("output_schema", Field::Data),
         ],
         schema: || schemars::schema_for!(LlmConfig),
@@ -100,10 +103,10 @@ pub const REGISTRY: &[NodeType] = &[
     NodeType {
         name: "agent",
         fields: &[
-            ("system", Field::Data),
-            ("prompt", Field::Data),
-            ("messages", Field::Data),
-            ("examples", Field::Data),
+            ("system", Field::Prompt),
+            ("prompt", Field::Prompt),
+            ("messages", Field::Prompt),
+            ("examples", Field::Prompt),
         ],
         schema: || schemars::schema_for!(AgentConfig),
         check: check_agent,

@@ -306,7 +306,7 @@ pub fn expressions_of(s: &Step) -> Vec<(String, String)> {
             }
             // Data (a JSON Schema), not a template.
             nodes::Field::Data => {}
-            nodes::Field::Template => expr::each_string(v, k, &mut |path, text| {
+            nodes::Field::Template | nodes::Field::Prompt => expr::each_string(v, k, &mut |path, text| {
                 if expr::is_template(text) {
                     out.push((path.to_string(), text.to_string()));
                 }
