@@ -395,3 +395,231 @@ fn compile_error(fallback_file: &str, e: &impl std::fmt::Display) -> Error {
         detail: text.trim().to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Kind, Spend, ToolRef};
+    use std::path::Path;
+
+    fn examples() -> Compiled {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies");
+        crate::read_dir(&dir).unwrap().compile().unwrap()
+    }
+
+    fn set(files: &[(&str, &str, &str)]) -> Result<Compiled> {
+        let mut set = PolicySet::new();
+        for (scope, name, text) in files {
+            let label = format!("{scope}/{name}");
+            set.insert(
+                scope,
+                name,
+                Source {
+                    label,
+                    text: text.to_string(),
+                },
+            );
+        }
+        set.compile()
+    }
+
+    fn tool(tenant: &str, name: &str, arguments: serde_json::Value) -> Input {
+        Input {
+            tool: Some(ToolRef { name: name.into() }),
+            arguments: Some(arguments),
+            ..Input::new(Kind::Tool, tenant)
+        }
+    }
+
+    fn model(tenant: &str, run_usd: f64) -> Input {
+        Input {
+            spend: Some(Spend {
+                run_usd,
+                ..Spend::default()
+            }),
+            ..Input::new(Kind::Model, tenant)
+        }
+    }
+
+    #[test]
+    fn the_refund_tool_is_only_for_listed_tenants() {
+        let c = examples();
+        let d = c.evaluate(&tool("globex", "payments.refund", serde_json::json!({"amount": 5})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.policy_id.as_deref(), Some("tool_tenants"));
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("tool payments.refund is not enabled for tenant globex")
+        );
+        let d = c.evaluate(&tool("acme", "payments.refund", serde_json::json!({"amount": 5})));
+        assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+        assert_eq!(d.policy_id, None);
+        let d = c.evaluate(&tool("globex", "search.web", serde_json::json!({})));
+        assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    }
+
+    #[test]
+    fn a_model_call_is_denied_once_the_run_spent_its_cap() {
+        let c = examples();
+        assert_eq!(c.evaluate(&model("globex", 0.49)).outcome, Outcome::Allow);
+        let d = c.evaluate(&model("globex", 0.50));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.policy_id.as_deref(), Some("spend_cap"));
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("run spend $0.50 reached the cap of $0.50 per run")
+        );
+        // A model call without spend figures is not capped by this rule.
+        assert_eq!(
+            c.evaluate(&Input::new(Kind::Model, "globex")).outcome,
+            Outcome::Allow
+        );
+    }
+
+    #[test]
+    fn a_large_refund_needs_approval_for_its_tenant_only() {
+        let c = examples();
+        let big = serde_json::json!({"amount": 1500});
+        let d = c.evaluate(&tool("acme", "payments.refund", big.clone()));
+        assert_eq!(d.outcome, Outcome::RequireApproval);
+        assert_eq!(d.policy_id.as_deref(), Some("refund_approval"));
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("refund of 1500 is above 1000 and needs approval")
+        );
+        let small = serde_json::json!({"amount": 1000});
+        assert_eq!(
+            c.evaluate(&tool("acme", "payments.refund", small)).outcome,
+            Outcome::Allow
+        );
+        // acme's own module is not another tenant's: globex is denied by `_all`, not asked.
+        let d = c.evaluate(&tool("globex", "payments.refund", big));
+        assert_eq!(d.policy_id.as_deref(), Some("tool_tenants"));
+        assert_ne!(c.version("acme"), c.version("globex"));
+        assert_eq!(c.version("globex"), c.version("initech"));
+        assert_eq!(
+            c.policy_ids("acme"),
+            ["refund_approval", "spend_cap", "tool_tenants"]
+        );
+    }
+
+    #[test]
+    fn deny_wins_over_require_approval_whatever_the_module_order() {
+        // `a_ask` sorts before `b_block`: the approval is seen first and must not win.
+        let c = set(&[
+            (
+                ALL,
+                "a.rego",
+                "package aob.policies.a_ask\nrequire_approval contains \"ask\" if input.kind == \"tool\"\n",
+            ),
+            (
+                ALL,
+                "b.rego",
+                "package aob.policies.b_block\ndeny contains \"blocked\" if input.tool.name == \"rm\"\n",
+            ),
+        ])
+        .unwrap();
+        let d = c.evaluate(&tool("t", "rm", serde_json::json!({})));
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.policy_id.as_deref(), Some("b_block"));
+        assert_eq!(d.reason.as_deref(), Some("blocked"));
+        let d = c.evaluate(&tool("t", "ls", serde_json::json!({})));
+        assert_eq!(d.outcome, Outcome::RequireApproval);
+        assert_eq!(d.policy_id.as_deref(), Some("a_ask"));
+    }
+
+    #[test]
+    fn a_policy_that_fails_at_run_time_denies() {
+        // Two values for one complete rule is an evaluation error, not a compile error.
+        let c = set(&[(
+            ALL,
+            "conflict.rego",
+            "package aob.policies.conflict\nlimit := 1 if input.kind == \"tool\"\nlimit := 2 if input.kind == \"tool\"\ndeny contains \"over\" if limit > 5\n",
+        )])
+        .unwrap();
+        let d = c.evaluate(&tool("t", "x", serde_json::json!({})));
+        assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+        assert_eq!(d.policy_id.as_deref(), Some("conflict"));
+        let reason = d.reason.unwrap_or_default();
+        assert!(
+            reason.starts_with("policy conflict failed to evaluate (fail closed): "),
+            "{reason}"
+        );
+        // A failing builtin fails closed too, rather than leaving the rule undefined.
+        let c = set(&[(
+            ALL,
+            "num.rego",
+            "package aob.policies.num\ndeny contains \"big\" if to_number(input.arguments.amount) > 10\n",
+        )])
+        .unwrap();
+        let d = c.evaluate(&tool("t", "x", serde_json::json!({"amount": "lots"})));
+        assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+        assert_eq!(d.policy_id.as_deref(), Some("num"));
+        let d = c.evaluate(&tool("t", "x", serde_json::json!({"amount": "3"})));
+        assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    }
+
+    #[test]
+    fn compile_errors_name_the_file_and_the_line() {
+        let Err(Error::Compile {
+            file,
+            line,
+            message,
+            ..
+        }) = set(&[(
+            "acme",
+            "bad.rego",
+            "package aob.policies.bad\n\ndeny contains \"x\" if {\n  input.kind ==\n",
+        )])
+        else {
+            panic!("compiled")
+        };
+        assert_eq!(file, "acme/bad.rego");
+        assert!(line.is_some_and(|l| l >= 3), "{line:?}");
+        assert!(!message.is_empty());
+        // regorus finds unknown functions and unbound variables only while evaluating:
+        // they compile, and then fail closed.
+        for body in [
+            "deny contains \"x\" if no_such_fn(input.kind)",
+            "deny contains reason if input.kind == \"tool\"",
+        ] {
+            let c = set(&[(ALL, "f.rego", &format!("package aob.policies.f\n{body}\n"))]).unwrap();
+            let d = c.evaluate(&tool("t", "x", serde_json::json!({})));
+            assert_eq!(d.outcome, Outcome::Deny, "{body}: {d:?}");
+            let reason = d.reason.unwrap_or_default();
+            assert!(reason.starts_with("policy f failed to evaluate"), "{reason}");
+        }
+        let err = set(&[(ALL, "p.rego", "package other\ndeny contains \"x\" if true\n")]);
+        assert!(matches!(err, Err(Error::Package { ref found, .. }) if found == "other"), "{err:?}");
+    }
+
+    #[test]
+    fn no_policies_allow_with_version_none() {
+        let c = Compiled::empty();
+        let d = c.evaluate(&tool("t", "x", serde_json::Value::Null));
+        assert_eq!(d, Decision::allow("none"));
+        assert_eq!(PolicySet::new().compile().unwrap().version("t"), "none");
+    }
+
+    /// Prints the cost of one evaluation (clone of the prepared engine, input conversion,
+    /// three rules); `cargo test -p aob-policy --release evaluation_cost -- --nocapture`.
+    #[test]
+    fn evaluation_cost() {
+        let c = examples();
+        let input = tool("acme", "payments.refund", serde_json::json!({"amount": 1500}));
+        let n = 2_000;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            assert_eq!(c.evaluate(&input).outcome, Outcome::RequireApproval);
+        }
+        let per = started.elapsed() / n;
+        let engine = c.tenant("acme").engine.clone();
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(engine.clone());
+        }
+        let clone = started.elapsed() / n;
+        println!("one evaluation: {per:?} (of which the engine clone: {clone:?})");
+        assert!(per < Duration::from_millis(50), "{per:?}");
+    }
+}
