@@ -10,8 +10,12 @@ use crate::config::BreakerConfig;
 
 #[derive(Debug, Clone, Copy)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One trial call is out; others wait for its outcome.
     HalfOpen,
 }
@@ -89,7 +93,12 @@ impl Breakers {
 
     /// `open`, `half_open` or `closed`.
     pub fn state(&self, provider: &str) -> &'static str {
-        match self.states.lock().ok().and_then(|s| s.get(provider).copied()) {
+        match self
+            .states
+            .lock()
+            .ok()
+            .and_then(|s| s.get(provider).copied())
+        {
             Some(State::Open { .. }) => "open",
             Some(State::HalfOpen) => "half_open",
             _ => "closed",

@@ -135,13 +135,17 @@ impl Windows {
             self.give_back(scopes, 0, counted - used, acquired_ms / 60_000)
                 .await?;
         } else if used > counted {
-            self.add(scopes, used - counted, acquired_ms / 60_000).await?;
+            self.add(scopes, used - counted, acquired_ms / 60_000)
+                .await?;
         }
         Ok(())
     }
 
     async fn add(&self, scopes: &[Scope], tokens: u64, minute: u64) -> Result<(), StoreError> {
-        for s in scopes.iter().filter(|s| s.limits.tokens_per_minute.is_some()) {
+        for s in scopes
+            .iter()
+            .filter(|s| s.limits.tokens_per_minute.is_some())
+        {
             let key = format!("{}.{minute}", s.key);
             update(&self.kv, &key, |c: Option<Count>| {
                 let mut c = c.unwrap_or_default();

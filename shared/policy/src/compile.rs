@@ -102,7 +102,10 @@ impl PolicySet {
         let mut tenants = BTreeMap::new();
         for scope in self.scopes.keys() {
             if scope != ALL {
-                tenants.insert(scope.clone(), TenantPolicy::compile(&self.effective(scope))?);
+                tenants.insert(
+                    scope.clone(),
+                    TenantPolicy::compile(&self.effective(scope))?,
+                );
             }
         }
         Ok(Compiled {
@@ -444,14 +447,22 @@ mod tests {
     #[test]
     fn the_refund_tool_is_only_for_listed_tenants() {
         let c = examples();
-        let d = c.evaluate(&tool("globex", "payments.refund", serde_json::json!({"amount": 5})));
+        let d = c.evaluate(&tool(
+            "globex",
+            "payments.refund",
+            serde_json::json!({"amount": 5}),
+        ));
         assert_eq!(d.outcome, Outcome::Deny);
         assert_eq!(d.policy_id.as_deref(), Some("tool_tenants"));
         assert_eq!(
             d.reason.as_deref(),
             Some("tool payments.refund is not enabled for tenant globex")
         );
-        let d = c.evaluate(&tool("acme", "payments.refund", serde_json::json!({"amount": 5})));
+        let d = c.evaluate(&tool(
+            "acme",
+            "payments.refund",
+            serde_json::json!({"amount": 5}),
+        ));
         assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
         assert_eq!(d.policy_id, None);
         let d = c.evaluate(&tool("globex", "search.web", serde_json::json!({})));
@@ -587,10 +598,20 @@ mod tests {
             let d = c.evaluate(&tool("t", "x", serde_json::json!({})));
             assert_eq!(d.outcome, Outcome::Deny, "{body}: {d:?}");
             let reason = d.reason.unwrap_or_default();
-            assert!(reason.starts_with("policy f failed to evaluate"), "{reason}");
+            assert!(
+                reason.starts_with("policy f failed to evaluate"),
+                "{reason}"
+            );
         }
-        let err = set(&[(ALL, "p.rego", "package other\ndeny contains \"x\" if true\n")]);
-        assert!(matches!(err, Err(Error::Package { ref found, .. }) if found == "other"), "{err:?}");
+        let err = set(&[(
+            ALL,
+            "p.rego",
+            "package other\ndeny contains \"x\" if true\n",
+        )]);
+        assert!(
+            matches!(err, Err(Error::Package { ref found, .. }) if found == "other"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -606,7 +627,11 @@ mod tests {
     #[test]
     fn evaluation_cost() {
         let c = examples();
-        let input = tool("acme", "payments.refund", serde_json::json!({"amount": 1500}));
+        let input = tool(
+            "acme",
+            "payments.refund",
+            serde_json::json!({"amount": 1500}),
+        );
         let n = 2_000;
         let started = std::time::Instant::now();
         for _ in 0..n {

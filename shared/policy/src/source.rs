@@ -138,8 +138,6 @@ pub fn parse_bundle(key: &str, value: &[u8]) -> Result<Bundle> {
     }
     serde_json::from_slice(value).map_err(|e| Error::Bundle {
         key: key.to_string(),
-        message: format!(
-            "{e}; expected {{\"modules\": {{\"<file>.rego\": \"<rego text>\"}}}}"
-        ),
+        message: format!("{e}; expected {{\"modules\": {{\"<file>.rego\": \"<rego text>\"}}}}"),
     })
 }

@@ -51,7 +51,10 @@ async fn a_push_is_picked_up_live_and_bad_rego_keeps_the_previous_set() -> anyho
     assert_eq!(policies.evaluate(&rm("acme")).outcome, Outcome::Allow);
 
     store.put("acme", bundle("no_rm.rego", DENY_RM)).await?;
-    let s = until(&mut rx, "the pushed version", |s| s.version("acme") != "none").await;
+    let s = until(&mut rx, "the pushed version", |s| {
+        s.version("acme") != "none"
+    })
+    .await;
     let good = s.version("acme").to_string();
     let d = policies.evaluate(&rm("acme"));
     assert_eq!(d.outcome, Outcome::Deny);
@@ -62,16 +65,28 @@ async fn a_push_is_picked_up_live_and_bad_rego_keeps_the_previous_set() -> anyho
 
     let before = policies.snapshot().reloads;
     store
-        .put("acme", bundle("no_rm.rego", "package aob.policies.no_rm\ndeny contains if {"))
+        .put(
+            "acme",
+            bundle(
+                "no_rm.rego",
+                "package aob.policies.no_rm\ndeny contains if {",
+            ),
+        )
         .await?;
-    let s = until(&mut rx, "the rejected reload", |s| s.reloads > before && s.error.is_some()).await;
+    let s = until(&mut rx, "the rejected reload", |s| {
+        s.reloads > before && s.error.is_some()
+    })
+    .await;
     let error = s.error.clone().unwrap_or_default();
     assert!(error.starts_with("kv:acme/no_rm.rego:"), "{error}");
     assert_eq!(policies.version("acme"), good);
     assert_eq!(policies.evaluate(&rm("acme")).outcome, Outcome::Deny);
 
     store.delete("acme").await?;
-    until(&mut rx, "the deletion", |s| s.version("acme") == "none" && s.error.is_none()).await;
+    until(&mut rx, "the deletion", |s| {
+        s.version("acme") == "none" && s.error.is_none()
+    })
+    .await;
     assert_eq!(policies.evaluate(&rm("acme")).outcome, Outcome::Allow);
 
     // The task ends by itself once no handle of the policies is left.

@@ -230,7 +230,12 @@ impl Context {
     ) {
         let now = crate::now_us();
         let mut r = DecisionRecord::new(
-            format!("{}.{}.{}.{suffix}", self.tenant, self.run_id, self.at.token()),
+            format!(
+                "{}.{}.{}.{suffix}",
+                self.tenant,
+                self.run_id,
+                self.at.token()
+            ),
             &self.tenant,
             &self.run_id,
             kind,
