@@ -109,6 +109,71 @@ pub enum Command {
             aob tools list --config tools.yaml --json"
     )]
     Tools(ToolsCommand),
+    /// Push Rego policies to the bucket, list them, and try them locally.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob policy push --all examples/policies/_all/*.rego\n  \
+            aob --tenant acme policy push examples/policies/acme/refund_approval.rego\n  \
+            aob policy ls\n  \
+            aob policy test examples/policies --input '{\"kind\": \"model\", \"tenant\": \"acme\", \"spend\": {\"run_usd\": 0.7}}'"
+    )]
+    Policy(PolicyCommand),
+}
+
+/// `aob policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Compile Rego files, then store them under the tenant's key (or `_all`).
+    #[command(
+        long_about = "Compiles the files together with every policy already in the bucket, then \
+            stores them under the tenant's key (--tenant, default `default`) or, with --all, \
+            under `_all`, which applies to every tenant. Files of the same name are replaced; \
+            others stay unless --replace is given. A compile error names the file, the line and \
+            the message, and nothing is pushed. Running functions reload within a moment.",
+        after_help = "EXAMPLES:\n  \
+            aob policy push --all examples/policies/_all/*.rego\n  \
+            aob --tenant acme policy push refund_approval.rego\n  \
+            aob --tenant acme policy push --replace *.rego"
+    )]
+    Push {
+        /// Rego files (`package aob.policies.<id>`).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Store under `_all` (every tenant) instead of the tenant.
+        #[arg(long)]
+        all: bool,
+        /// The files become the whole set of the key; files not given are removed.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the bucket's keys (`_all` and tenants) with their files and versions.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob policy ls")]
+    Ls,
+    /// Evaluate local policies on an input; exit code 0 allow, 1 deny, 2 require_approval,
+    /// 3 when a file or the input is wrong.
+    #[command(
+        long_about = "Evaluates local policies on one input, without a server, and prints the \
+            decision. Rego files given apply to every tenant; a directory is read like \
+            AOB_POLICY_DIR (`_all/` and tenant folders). The input is the document policies \
+            see as `input`; its `tenant` defaults to --tenant. Exit code: 0 allow, 1 deny, \
+            2 require_approval, 3 when a file or the input is wrong.",
+        after_help = "EXAMPLES:\n  \
+            aob policy test examples/policies --input '{\"kind\": \"tool\", \"tenant\": \"globex\", \"tool\": {\"name\": \"payments.refund\"}}'\n  \
+            aob --tenant acme policy test refund_approval.rego --input @input.json --json"
+    )]
+    Test {
+        /// Rego files, or directories laid out as AOB_POLICY_DIR.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+        /// The input document: JSON text, @file.json, or @- for standard input.
+        #[arg(long, value_name = "JSON|@FILE")]
+        input: String,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `aob tools ...`.

@@ -11,6 +11,7 @@ pub mod ctx;
 pub mod dev;
 pub mod dlq;
 pub mod input;
+pub mod policy;
 pub mod progress;
 pub mod runs;
 pub mod table;
@@ -23,8 +24,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, DlqCommand, RunCommand, StreamsCommand, ToolsCommand,
-    WorkflowCommand,
+    AuditCommand, Cli, Command, DlqCommand, PolicyCommand, RunCommand, StreamsCommand,
+    ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
 
@@ -71,6 +72,15 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
         Command::Tools(ToolsCommand::List { config, json }) => {
             tools::cmd_list(config.as_deref(), json).await
+        }
+        Command::Policy(PolicyCommand::Push {
+            files,
+            all,
+            replace,
+        }) => policy::cmd_push(&ctx, &files, all, replace).await,
+        Command::Policy(PolicyCommand::Ls) => policy::cmd_ls(&ctx).await,
+        Command::Policy(PolicyCommand::Test { paths, input, json }) => {
+            Ok(policy::cmd_test(&ctx, &paths, Some(&input), json))
         }
     }
 }

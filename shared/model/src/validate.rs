@@ -306,11 +306,13 @@ pub fn expressions_of(s: &Step) -> Vec<(String, String)> {
             }
             // Data (a JSON Schema), not a template.
             nodes::Field::Data => {}
-            nodes::Field::Template | nodes::Field::Prompt => expr::each_string(v, k, &mut |path, text| {
-                if expr::is_template(text) {
-                    out.push((path.to_string(), text.to_string()));
-                }
-            }),
+            nodes::Field::Template | nodes::Field::Prompt => {
+                expr::each_string(v, k, &mut |path, text| {
+                    if expr::is_template(text) {
+                        out.push((path.to_string(), text.to_string()));
+                    }
+                })
+            }
         }
     }
     out

@@ -1,0 +1,218 @@
+//! The input document a policy sees as `input`, and the decision it comes to.
+
+use serde::{Deserialize, Serialize};
+
+/// What is about to happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A workflow step is about to be dispatched.
+    Step,
+    /// A model is about to be called.
+    Model,
+    /// A tool is about to be called.
+    Tool,
+}
+
+/// The run the action belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRef {
+    /// Run id.
+    pub id: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// Workflow version the run is pinned to.
+    pub version: u32,
+}
+
+/// The step the action belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRef {
+    /// Step id in the workflow.
+    pub id: String,
+    /// Node type (`transform`, `llm`, `tool`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// The model about to be called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    /// Model name as the provider knows it.
+    pub name: String,
+    /// Provider name (`openai`, `anthropic`, ...).
+    pub provider: String,
+}
+
+/// The tool about to be called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolRef {
+    /// Tool name (`payments.refund`).
+    pub name: String,
+}
+
+/// What was spent so far, before this action.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spend {
+    /// US dollars spent by this run.
+    #[serde(default)]
+    pub run_usd: f64,
+    /// Tokens used by this run.
+    #[serde(default)]
+    pub run_tokens: u64,
+    /// US dollars spent by the tenant in the current budget period.
+    #[serde(default)]
+    pub tenant_usd: f64,
+    /// Tokens used by the tenant in the current budget period.
+    #[serde(default)]
+    pub tenant_tokens: u64,
+}
+
+/// The `input` document of a policy evaluation. Absent parts are `null` in Rego, so a rule
+/// reading them is undefined rather than an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// What is about to happen.
+    pub kind: Kind,
+    /// Tenant the run belongs to; picks the policy set.
+    pub tenant: String,
+    /// The user who started the run, when known.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The run.
+    #[serde(default)]
+    pub run: Option<RunRef>,
+    /// The step.
+    #[serde(default)]
+    pub step: Option<StepRef>,
+    /// The model, for `kind: model`.
+    #[serde(default)]
+    pub model: Option<ModelRef>,
+    /// The tool, for `kind: tool`.
+    #[serde(default)]
+    pub tool: Option<ToolRef>,
+    /// The arguments of the call (tool arguments, the step's input), as JSON.
+    #[serde(default)]
+    pub arguments: Option<serde_json::Value>,
+    /// Spend so far.
+    #[serde(default)]
+    pub spend: Option<Spend>,
+}
+
+impl Input {
+    /// An input with only the kind and the tenant.
+    pub fn new(kind: Kind, tenant: impl Into<String>) -> Self {
+        Input {
+            kind,
+            tenant: tenant.into(),
+            user: None,
+            run: None,
+            step: None,
+            model: None,
+            tool: None,
+            arguments: None,
+            spend: None,
+        }
+    }
+}
+
+/// How an evaluation came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// No policy objected.
+    Allow,
+    /// A policy denied the action (or failed to evaluate: policies fail closed).
+    Deny,
+    /// A policy asks a human to approve the action first.
+    RequireApproval,
+}
+
+impl Outcome {
+    /// `allow`, `deny` or `require_approval`, as in the audit trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::RequireApproval => "require_approval",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The decision of a tenant's policy set on one [`Input`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Deny wins over require_approval, which wins over allow.
+    pub outcome: Outcome,
+    /// The reason the deciding policy gave (its first, in sorted order); `None` on allow.
+    pub reason: Option<String>,
+    /// The id of the module that decided (`tool_tenants` for `package aob.policies.tool_tenants`);
+    /// `None` on allow.
+    pub policy_id: Option<String>,
+    /// A short digest of the tenant's policy set (`none` when it has no policies), for the
+    /// audit trail: two decisions with the same version were taken by the same Rego text.
+    pub version: String,
+}
+
+impl Decision {
+    /// Allowed by the policy set of `version`.
+    pub fn allow(version: impl Into<String>) -> Self {
+        Decision {
+            outcome: Outcome::Allow,
+            reason: None,
+            policy_id: None,
+            version: version.into(),
+        }
+    }
+
+    /// True unless denied or waiting for approval.
+    pub fn is_allowed(&self) -> bool {
+        self.outcome == Outcome::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_input_parses_serializes_and_parses_again() {
+        let text = r#"{
+            "kind": "tool", "tenant": "acme", "user": "ada",
+            "run": {"id": "r1", "workflow": "refunds", "version": 3},
+            "step": {"id": "refund", "type": "tool"},
+            "model": null, "tool": {"name": "payments.refund"},
+            "arguments": {"amount": 1200},
+            "spend": {"run_usd": 0.12, "run_tokens": 900, "tenant_usd": 4.5, "tenant_tokens": 70000}
+        }"#;
+        let input: Input = serde_json::from_str(text).unwrap();
+        assert_eq!(input.kind, Kind::Tool);
+        assert_eq!(input.step.as_ref().unwrap().kind, "tool");
+        let again: Input = serde_json::from_value(serde_json::to_value(&input).unwrap()).unwrap();
+        assert_eq!(again, input);
+        // Absent parts are written as null, so policies see every key.
+        let minimal = serde_json::to_value(Input::new(Kind::Step, "acme")).unwrap();
+        assert_eq!(minimal["spend"], serde_json::Value::Null);
+        assert_eq!(minimal["kind"], "step");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<Input>(r#"{"kind": "tool", "tenant": "a", "tol": {}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tol"), "{err}");
+    }
+}
