@@ -30,9 +30,10 @@ use aob_testkit::NatsServer;
 /// Which functions a stack runs in-process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fns {
-    /// All four.
+    /// All of them; `llm`, `agent` and `tool` with nothing configured.
     All,
-    /// All but `http` (a test runs it as a child process).
+    /// `transform`, `validate` and `wait` (a test runs `http` as a child process, or the
+    /// model and tool functions with its own configuration: [`Stack::spawn_agents`]).
     AllButHttp,
 }
 
@@ -199,8 +200,48 @@ impl Stack {
             .await?;
         if fns == Fns::All {
             self.spawn_fn(aob_http::HttpHandler::new()?, &cfg).await?;
+            // The model and tool functions with nothing configured: every task subject has
+            // a consumer, and a step of theirs fails with a reason instead of waiting.
+            self.spawn_agents(
+                aob_llm::config::Config::default(),
+                aob_tool::ToolsConfig::default(),
+                &cfg,
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Runs the `llm`, `agent` and `tool` functions with these models and tools; returns
+    /// the tool gateway (shut it down to stop its MCP servers).
+    pub async fn spawn_agents(
+        &mut self,
+        models: aob_llm::config::Config,
+        tools: aob_tool::ToolsConfig,
+        cfg: &ServeConfig,
+    ) -> Result<Arc<aob_tool::Gateway>> {
+        let client = self.server.connect().await?;
+        let secrets = aob_runtime::secrets::Secrets::none();
+        let gateway = Arc::new(
+            aob_llm::gateway::Gateway::open(&client, models, secrets.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let tool_gateway = Arc::new(
+            aob_tool::Gateway::new(tools, aob_http::HttpHandler::new()?, secrets)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        self.spawn_fn(aob_tool::ToolHandler::with(tool_gateway.clone()), cfg)
+            .await?;
+        self.spawn_fn(aob_llm::handler::LlmHandler::new(gateway.clone()), cfg)
+            .await?;
+        let recorder = gateway.recorder().clone();
+        self.spawn_fn(
+            aob_agent::AgentHandler::new(gateway, tool_gateway.clone(), recorder),
+            cfg,
+        )
+        .await?;
+        Ok(tool_gateway)
     }
 
     async fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H, cfg: &ServeConfig) -> Result<()> {

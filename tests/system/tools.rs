@@ -56,18 +56,15 @@ async fn a_tool_step_calls_an_mcp_server_and_a_bad_argument_fails_the_run() {
         Path::new("tools.yaml"),
     )
     .unwrap();
-    let http = aob_http::HttpHandler::with(aob_http::Policy::default(), Secrets::none()).unwrap();
-    let gateway = Arc::new(aob_tool::Gateway::new(config, http, Secrets::none()).unwrap());
-
-    let s = Stack::start().await.unwrap();
-    let stop = CancellationToken::new();
-    let function = tokio::spawn(serve(
-        Arc::new(aob_tool::ToolHandler::with(gateway.clone())),
-        s.server.connect().await.unwrap(),
-        s.payloads.clone(),
-        ServeConfig::default(),
-        stop.clone(),
-    ));
+    let mut s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let gateway = s
+        .spawn_agents(
+            aob_llm::config::Config::default(),
+            config,
+            &ServeConfig::default(),
+        )
+        .await
+        .unwrap();
 
     s.publish(T, WORKFLOW).await.unwrap();
     let run = s
@@ -104,7 +101,5 @@ async fn a_tool_step_calls_an_mcp_server_and_a_bad_argument_fails_the_run() {
         error.message
     );
 
-    stop.cancel();
-    function.await.unwrap().unwrap();
     gateway.shutdown().await;
 }
