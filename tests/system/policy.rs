@@ -38,8 +38,16 @@ async fn policy_test_exit_codes_and_a_push_reaching_a_running_watch() -> anyhow:
     let dir = dir.to_str().unwrap_or_default();
     for (input, code, starts) in [
         (refund("acme", 10), 0, "allow"),
-        (refund("globex", 10), 1, "deny: tool payments.refund is not enabled for tenant globex (policy tool_tenants, version "),
-        (refund("acme", 5000), 2, "require_approval: refund of 5000 is above 1000 and needs approval (policy refund_approval, version "),
+        (
+            refund("globex", 10),
+            1,
+            "deny: tool payments.refund is not enabled for tenant globex (policy tool_tenants, version ",
+        ),
+        (
+            refund("acme", 5000),
+            2,
+            "require_approval: refund of 5000 is above 1000 and needs approval (policy refund_approval, version ",
+        ),
     ] {
         let (got, out, err) = aob(&s, &["policy", "test", dir, "--input", &input])?;
         assert_eq!(got, code, "{input}: {out}{err}");
@@ -63,7 +71,10 @@ async fn policy_test_exit_codes_and_a_push_reaching_a_running_watch() -> anyhow:
     // A file that does not compile is named with its line, and nothing is pushed.
     let tmp = tempfile::tempdir()?;
     let bad = tmp.path().join("bad.rego");
-    std::fs::write(&bad, "package aob.policies.bad\n\ndeny contains \"x\" if { input.kind == }\n")?;
+    std::fs::write(
+        &bad,
+        "package aob.policies.bad\n\ndeny contains \"x\" if { input.kind == }\n",
+    )?;
     let good = dir.to_string() + "/_all/tool_tenants.rego";
     let bad = bad.to_str().unwrap_or_default();
     let (got, _, err) = aob(&s, &["policy", "push", "--all", &good, bad])?;
@@ -74,7 +85,10 @@ async fn policy_test_exit_codes_and_a_push_reaching_a_running_watch() -> anyhow:
 
     let (got, out, err) = aob(&s, &["policy", "push", "--all", &good])?;
     assert_eq!(got, 0, "{err}");
-    assert!(out.starts_with("pushed tool_tenants.rego to _all (version "), "{out}");
+    assert!(
+        out.starts_with("pushed tool_tenants.rego to _all (version "),
+        "{out}"
+    );
     tokio::time::timeout(
         Duration::from_secs(10),
         rx.wait_for(|snap| snap.version("globex") != "none"),
