@@ -69,7 +69,17 @@ pub fn local_set(paths: &[PathBuf]) -> Result<PolicySet> {
 /// The compile error's full text (with the offending line) when there is one.
 fn explain(e: &aob_policy::Error) -> String {
     match e {
-        aob_policy::Error::Compile { detail, .. } => format!("{e}\n{detail}"),
+        aob_policy::Error::Compile {
+            detail, message, ..
+        } => {
+            // The detail ends with the message that the first line already gave.
+            let snippet = detail
+                .trim_end()
+                .strip_suffix(message.as_str())
+                .and_then(|d| d.trim_end().strip_suffix("error:"))
+                .unwrap_or(detail);
+            format!("{e}\n{}", snippet.trim_end())
+        }
         _ => e.to_string(),
     }
 }

@@ -4,6 +4,7 @@
 mod audit;
 mod core;
 mod flow;
+mod policy;
 mod robustness;
 mod secrets;
 mod tools;

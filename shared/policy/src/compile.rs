@@ -252,19 +252,20 @@ impl TenantPolicy {
         if self.rules.is_empty() {
             return Decision::allow(&self.version);
         }
-        let deny = |id: &str, reason: String| Decision {
+        let deny = |id: Option<&str>, reason: String| Decision {
             outcome: Outcome::Deny,
             reason: Some(reason),
-            policy_id: Some(id.to_string()),
+            policy_id: id.map(str::to_string),
             version: self.version.clone(),
         };
-        let value = match serde_json::from_value::<regorus::Value>(
-            serde_json::to_value(input).unwrap_or_default(),
-        ) {
+        let value = serde_json::to_value(input)
+            .map_err(|e| e.to_string())
+            .and_then(|v| serde_json::from_value::<regorus::Value>(v).map_err(|e| e.to_string()));
+        let value = match value {
             Ok(v) => v,
             Err(e) => {
                 return deny(
-                    "",
+                    None,
                     format!("policy input could not be built (fail closed): {e}"),
                 );
             }
@@ -282,7 +283,7 @@ impl TenantPolicy {
                 Ok(v) => v,
                 Err(e) => {
                     return deny(
-                        id,
+                        Some(id),
                         format!(
                             "policy {id} failed to evaluate (fail closed): {}",
                             one_line(&e.to_string())
@@ -294,7 +295,7 @@ impl TenantPolicy {
                 Ok(r) => r,
                 Err(what) => {
                     return deny(
-                        id,
+                        Some(id),
                         format!(
                             "policy {id} failed to evaluate (fail closed): {path} is {what}, not a set of strings"
                         ),
@@ -303,7 +304,7 @@ impl TenantPolicy {
             };
             if let Some(reason) = first {
                 match outcome {
-                    Outcome::Deny => return deny(id, reason),
+                    Outcome::Deny => return deny(Some(id), reason),
                     _ => approval = Some((id.clone(), reason)),
                 }
             }
