@@ -106,6 +106,7 @@ pub async fn run_stack(
         &stop,
     );
     spawn_function(&mut set, http, &client, &payloads, &stop);
+    let tool = tool.with_guard(gateway.guard().clone());
     spawn_function(&mut set, tool, &client, &payloads, &stop);
     spawn_function(
         &mut set,

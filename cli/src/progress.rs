@@ -143,6 +143,7 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
                 .unwrap_or_default();
             format!("  ↺ {label} done{next}")
         }
+        HistoryKind::StepProgress => format!("  · {label} {}", message(ev)),
         HistoryKind::Abort => format!("  ■ stopping running steps: {}", message(ev)),
         HistoryKind::Completed => {
             let outputs = ev.data.as_ref().and_then(|d| d.get("outputs"));

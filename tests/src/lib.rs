@@ -231,8 +231,11 @@ impl Stack {
             aob_tool::Gateway::new(tools, aob_http::HttpHandler::new()?, secrets)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
-        self.spawn_fn(aob_tool::ToolHandler::with(tool_gateway.clone()), cfg)
-            .await?;
+        self.spawn_fn(
+            aob_tool::ToolHandler::with(tool_gateway.clone()).with_guard(gateway.guard().clone()),
+            cfg,
+        )
+        .await?;
         self.spawn_fn(aob_llm::handler::LlmHandler::new(gateway.clone()), cfg)
             .await?;
         let recorder = gateway.recorder().clone();

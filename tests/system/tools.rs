@@ -2,15 +2,12 @@
 //! tool function, and a call whose arguments fail the tool's schema fails its run.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use aob_model::state::{RunStatus, StepStatus};
 use aob_model::wire::ErrorClass;
-use aob_runtime::nats::{ServeConfig, serve};
-use aob_runtime::secrets::Secrets;
-use aob_tests::Stack;
+use aob_runtime::nats::ServeConfig;
+use aob_tests::{Fns, Stack};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const T: &str = "default";
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use aob_llm::chat::{ChatRequest, Message, ToolSpec};
 use aob_llm::gateway::{Caller, Gateway};
 use aob_llm::handler::{account, build_request, call_json, route_of, scope_of, streamed};
+use aob_llm::policy::Call;
 use aob_llm::record::{Recorder, hex};
 use aob_model::audit::AuditKind;
 use aob_model::nodes::{AgentConfig, LlmConfig};
@@ -35,6 +36,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     (
         "AOB_SECRET_<NAME>",
         "secrets named by the models and tools files",
+    ),
+    (
+        "AOB_POLICY_DIR",
+        "a directory of Rego policies (`_all/`, `<tenant>/`) besides the AOB_POLICIES bucket",
     ),
 ];
 
@@ -91,6 +96,9 @@ struct RecordedTool {
     tool: String,
     result: ToolResult,
     took_ms: u64,
+    /// The policy decision that allowed the call (`policy_id` column, result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<(String, String)>,
 }
 
 /// What the loop has used so far.
@@ -128,6 +136,7 @@ impl AgentHandler {
         key_parts: &[&str],
         name: &str,
         args: Value,
+        policy_suffix: &str,
     ) -> Result<(RecordedTool, bool), StepError> {
         let key = Recorder::key(
             &task.tenant,
@@ -142,6 +151,19 @@ impl AgentHandler {
         {
             return Ok((r, true));
         }
+        // Asked before every live call; a recorded result was allowed when it was made.
+        let decision = self
+            .gateway
+            .guard()
+            .check(
+                cx,
+                &Caller::of(task, scope_of(task)),
+                Call::Tool { name },
+                Some(args.clone()),
+                None,
+                policy_suffix,
+            )
+            .await?;
         let started = std::time::Instant::now();
         let result = match self
             .tools
@@ -161,6 +183,7 @@ impl AgentHandler {
             tool: name.to_string(),
             result,
             took_ms: started.elapsed().as_millis() as u64,
+            policy: decision.map(|d| (d.column(), d.outcome.as_str().to_string())),
         };
         self.recorder
             .put(&key, &rec)
@@ -175,6 +198,14 @@ impl AgentHandler {
             .unwrap_or(rec);
         Ok((rec, false))
     }
+}
+
+/// Keeps a turn in the run's history (a `step_progress` event), once however often the
+/// attempt runs it.
+async fn report(cx: &Context, turn: u32, message: String, data: Value) -> Result<(), StepError> {
+    cx.report(u64::from(turn) - 1, message, data)
+        .await
+        .map_err(|e| StepError::retryable(format!("recording turn {turn} in the history: {e}")))
 }
 
 fn left_text(c: &AgentConfig, max_turns: u32, used: &Used) -> String {
@@ -301,15 +332,11 @@ impl aob_runtime::Handler for AgentHandler {
                 temperature: base.temperature,
                 json: false,
             };
-            let caller = Caller {
-                tenant: task.tenant.clone(),
-                run_id: task.run_id.clone(),
-                workflow: task.workflow.clone(),
-                scope: format!("{scope}/turn{turn}"),
-                replay: false,
-            };
+            let caller = Caller::of(&task, format!("{scope}/turn{turn}"));
             let a = streamed(cx, c.stream.unwrap_or(true), async |tx| {
-                self.gateway.call(&caller, route.as_ref(), &req, tx).await
+                self.gateway
+                    .call(&caller, route.as_ref(), &req, tx, cx)
+                    .await
             })
             .await?;
             account(cx, &a, &mut usage);
@@ -323,17 +350,26 @@ impl aob_runtime::Handler for AgentHandler {
                 .iter()
                 .map(|t| t.name.clone())
                 .collect();
+            let turn_data = json!({
+                "agent_turn": turn,
+                "model": a.model,
+                "reused": a.reused,
+                "tool_calls": proposed,
+                "tokens": a.response.usage.input + a.response.usage.output,
+                "cost_usd": a.cost_usd,
+            });
             cx.emit(Emission::Event {
-                data: json!({
-                    "agent_turn": turn,
-                    "model": a.model,
-                    "reused": a.reused,
-                    "tool_calls": proposed,
-                    "tokens": a.response.usage.input + a.response.usage.output,
-                }),
+                data: turn_data.clone(),
             })
             .await;
             if a.response.tool_calls.is_empty() {
+                report(
+                    cx,
+                    turn,
+                    format!("turn {turn}: {} answered", a.model),
+                    turn_data,
+                )
+                .await?;
                 return Ok(Outcome::Completed {
                     output: json!({
                         "text": a.response.text,
@@ -373,6 +409,7 @@ impl aob_runtime::Handler for AgentHandler {
                                 output: Value::Null,
                             },
                             took_ms: 0,
+                            policy: None,
                         },
                         false,
                     ),
@@ -384,6 +421,7 @@ impl aob_runtime::Handler for AgentHandler {
                             &[&scope, &turn_s, &call.id, name, &args_text],
                             name,
                             call.arguments.clone(),
+                            &format!("policy.tool.{turn}.{i}"),
                         )
                         .await?
                     }
@@ -400,6 +438,10 @@ impl aob_runtime::Handler for AgentHandler {
                     r.reason = Some(format!("turn {turn}: {}", rec.tool));
                     r.input_digest = Some(args_digest.clone());
                     r.duration_us = Some(rec.took_ms as i64 * 1000);
+                    if let Some((id, result)) = &rec.policy {
+                        r.policy_id = Some(id.clone());
+                        r.policy_result = Some(result.clone());
+                    }
                 });
                 tool_log.push(json!({
                     "turn": turn,
@@ -414,6 +456,25 @@ impl aob_runtime::Handler for AgentHandler {
                     rec.result.is_error,
                 ));
             }
+            let called: Vec<String> = tool_log
+                .iter()
+                .filter(|t| t["turn"] == turn)
+                .map(|t| {
+                    let tool = t["tool"].as_str().unwrap_or("?");
+                    if t["is_error"] == true {
+                        format!("{tool} (error)")
+                    } else {
+                        tool.to_string()
+                    }
+                })
+                .collect();
+            report(
+                cx,
+                turn,
+                format!("turn {turn}: {} called {}", a.model, called.join(", ")),
+                turn_data,
+            )
+            .await?;
         }
     }
 }

@@ -166,6 +166,9 @@ impl Event {
             }
             Event::Signal(Signal::Cancel { .. }) => "cancel".to_string(),
             Event::Signal(Signal::Timer { timer }) => format!("timer.{}", timer_name(timer)),
+            Event::Signal(Signal::Progress { at, seq, .. }) => {
+                format!("progress.{}.{seq}", at.token())
+            }
         }
     }
 }
@@ -304,6 +307,25 @@ pub fn transition(
             } else {
                 Unchanged(Some(m.s))
             }
+        }
+        // A report of an attempt the run is past (or not yet at) changes nothing.
+        (
+            Some(state),
+            Event::Signal(Signal::Progress {
+                at, message, data, ..
+            }),
+        ) => {
+            if classify(&state, &at) != Standing::Current {
+                return Unchanged(Some(state));
+            }
+            let mut m = Machine::new(def, state, now, resolve);
+            m.history(
+                HistoryKind::StepProgress,
+                Some(&at),
+                Some(message),
+                Some(data),
+            );
+            m.finish()
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aob_model::wire::StepError;
+use aob_runtime::context::Context;
 use aob_runtime::secrets::Secrets;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
@@ -15,6 +16,7 @@ use crate::chat::{ChatRequest, ChatResponse, ProviderError, TokenUsage};
 use crate::config::{BreakerConfig, Config, ModelConfig, Route, Strategy};
 use crate::ledger::{self, Amount, Ledgers};
 use crate::limits::{self, Windows};
+use crate::policy::{Call, Guard};
 use crate::provider::{Endpoint, Provider};
 use crate::record::{self, Recorded, Recorder};
 
@@ -33,6 +35,7 @@ pub struct Gateway {
     ledgers: Ledgers,
     windows: Windows,
     recorder: Recorder,
+    guard: Guard,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -50,11 +53,34 @@ pub struct Caller {
     pub run_id: String,
     /// Workflow name.
     pub workflow: String,
+    /// Workflow version.
+    pub version: u32,
+    /// The step's id.
+    pub step: String,
+    /// The step's node type (`llm`, `agent`).
+    pub node_type: String,
     /// The step and its position (`step`, item, iteration) and, within the step, which
     /// call (`repair 1`, `turn 3`): calls are recorded under it.
     pub scope: String,
     /// Only recorded answers may be used: a replay never calls a live model.
     pub replay: bool,
+}
+
+impl Caller {
+    /// The caller of a task: its run and step; `scope` names the call within the step
+    /// (`<step>/0`, `<step>/turn3`).
+    pub fn of(task: &aob_model::wire::Task, scope: String) -> Self {
+        Caller {
+            tenant: task.tenant.clone(),
+            run_id: task.run_id.clone(),
+            workflow: task.workflow.clone(),
+            version: task.version,
+            step: task.at.step.clone(),
+            node_type: task.node_type.clone(),
+            scope,
+            replay: false,
+        }
+    }
 }
 
 /// A model's answer, with what it cost.
@@ -77,6 +103,10 @@ pub struct Answer {
     /// Models tried before this one, and why each was passed over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passed_over: Vec<String>,
+    /// The policy decision that allowed the call (none when the tenant has no policies,
+    /// or the answer was reused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<aob_policy::Decision>,
 }
 
 /// An upper bound of the prompt's tokens: a token is at least one byte in every
@@ -115,7 +145,22 @@ impl Gateway {
             ledgers,
             windows,
             recorder,
+            guard: Guard::none(),
         }
+    }
+
+    /// The same gateway, asking `policies` before every model call.
+    pub fn with_policies(mut self, policies: aob_policy::Policies) -> Self {
+        self.guard = Guard {
+            policies,
+            ledgers: Some(self.ledgers.clone()),
+        };
+        self
+    }
+
+    /// The policies it asks, with its ledgers (the agent asks them before tool calls).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// A gateway over `config` whose stores are the topology's buckets on `client`'s
@@ -141,6 +186,10 @@ impl Gateway {
             .build()
             .map_err(|e| crate::kv::StoreError(format!("building the HTTP client: {e}")))?;
         let connect: Connect = Arc::new(move |e| crate::provider::connect(e, http.clone()));
+        // The watch task lives as long as the policies' handles: as long as the gateway.
+        let (policies, _watch) = aob_policy::Policies::from_env(&js)
+            .await
+            .map_err(|e| crate::kv::StoreError(format!("policies: {e}")))?;
         Ok(Gateway::new(
             config,
             connect,
@@ -148,7 +197,8 @@ impl Gateway {
             Ledgers::new(bucket(aob_streams::LEDGER).await?),
             Windows::new(bucket(aob_streams::LIMITS).await?),
             Recorder::new(bucket(aob_streams::CALLS).await?),
-        ))
+        )
+        .with_policies(policies))
     }
 
     /// The recorded calls.
@@ -186,9 +236,13 @@ impl Gateway {
                 now_ms,
             ));
         }
-        if let Some(b) = c.budgets.run {
-            scopes.push(ledger::Scope::run(&caller.tenant, &caller.run_id, b));
-        }
+        // The run's ledger is kept even without a limit: policies read what a run spent.
+        let run_budget = c.budgets.run.unwrap_or(ledger::UNLIMITED);
+        scopes.push(ledger::Scope::run(
+            &caller.tenant,
+            &caller.run_id,
+            run_budget,
+        ));
         scopes
     }
 
@@ -222,6 +276,7 @@ impl Gateway {
         route: Option<&Route>,
         req: &ChatRequest,
         stream: Option<&UnboundedSender<String>>,
+        cx: &Context,
     ) -> Result<Answer, StepError> {
         let route = match route.or_else(|| self.config.default_route(&caller.tenant)) {
             Some(r) => r.clone(),
@@ -283,6 +338,7 @@ impl Gateway {
                     digest: digest.clone(),
                     took_ms: rec.took_ms,
                     passed_over: Vec::new(),
+                    policy: None,
                 });
             }
         }
@@ -297,7 +353,10 @@ impl Gateway {
         let mut last: Option<StepError> = None;
         let mut first_refusal: Option<StepError> = None;
         for (name, m, r, digest) in planned {
-            match self.try_model(caller, &name, m, &r, &digest, stream).await {
+            match self
+                .try_model(caller, &name, m, &r, &digest, stream, cx)
+                .await
+            {
                 Ok(mut a) => {
                     a.passed_over = passed_over;
                     return Ok(a);
@@ -325,6 +384,7 @@ impl Gateway {
         Err(StepError { message, ..e })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn try_model(
         &self,
         caller: &Caller,
@@ -333,8 +393,12 @@ impl Gateway {
         req: &ChatRequest,
         digest: &str,
         stream: Option<&UnboundedSender<String>>,
+        cx: &Context,
     ) -> Result<Answer, Attempt> {
         let provider = m.provider_name();
+        let policy = self
+            .ask_policies(caller, name, &provider, req, digest, cx)
+            .await?;
         let pcfg = self
             .config
             .providers
@@ -467,6 +531,7 @@ impl Gateway {
                     digest: digest.to_string(),
                     took_ms: took.as_millis() as u64,
                     passed_over: Vec::new(),
+                    policy,
                 })
             }
             Err(e) => {
@@ -477,6 +542,58 @@ impl Gateway {
                 let _ = self.windows.correct(&lscopes, worst_tokens, 0, now).await;
                 Err(Attempt::Next(provider_error(name, &e)))
             }
+        }
+    }
+
+    /// Asks the tenant's policies about calling model `name` (when it has any), with what
+    /// the run and the tenant spent, and records the decision; a refusal is returned as the
+    /// step error that stops the call.
+    async fn ask_policies(
+        &self,
+        caller: &Caller,
+        name: &str,
+        provider: &str,
+        req: &ChatRequest,
+        digest: &str,
+        cx: &Context,
+    ) -> Result<Option<aob_policy::Decision>, Attempt> {
+        if self.guard.policies.version(&caller.tenant) == "none" {
+            return Ok(None);
+        }
+        let mut spend = aob_policy::Spend::default();
+        for scope in self.budget_scopes(caller, aob_runtime::now_ms()) {
+            let l = self
+                .ledgers
+                .get(&scope)
+                .await
+                .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
+            if scope.key.starts_with("run.") {
+                spend.run_usd = l.spent.usd;
+                spend.run_tokens = l.spent.tokens;
+            } else if scope.key.starts_with("tenant.") {
+                spend.tenant_usd = l.spent.usd;
+                spend.tenant_tokens = l.spent.tokens;
+            }
+        }
+        let arguments = serde_json::json!({
+            "max_tokens": req.max_tokens,
+            "tools": req.tools.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        });
+        match self
+            .guard
+            .check(
+                cx,
+                caller,
+                Call::Model { name, provider },
+                Some(arguments),
+                Some(spend),
+                &format!("policy.{}", &digest[..16]),
+            )
+            .await
+        {
+            Ok(d) => Ok(d),
+            Err(e) if e.class == aob_model::wire::ErrorClass::Terminal => Err(Attempt::Refused(e)),
+            Err(e) => Err(Attempt::Stop(e)),
         }
     }
 

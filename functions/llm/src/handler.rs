@@ -25,6 +25,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "AOB_SECRET_<NAME>",
         "a secret named by an `api_key: ${secrets.NAME}`",
     ),
+    (
+        "AOB_POLICY_DIR",
+        "a directory of Rego policies (`_all/`, `<tenant>/`) besides the AOB_POLICIES bucket",
+    ),
 ];
 
 /// Repairs when a step sets no `max_repairs`.
@@ -259,6 +263,10 @@ pub fn account(cx: &Context, a: &Answer, total: &mut Usage) {
             r.input_digest = Some(a.digest.clone());
             r.duration_us = Some(a.took_ms as i64 * 1000);
             r.reason = (!a.passed_over.is_empty()).then(|| a.passed_over.join("; "));
+            if let Some(d) = &a.policy {
+                r.policy_id = Some(d.column());
+                r.policy_result = Some(d.outcome.as_str().to_string());
+            }
         },
     );
 }
@@ -283,15 +291,11 @@ impl aob_runtime::Handler for LlmHandler {
         let mut prompt_digest = None;
         let mut repair = 0;
         loop {
-            let caller = Caller {
-                tenant: task.tenant.clone(),
-                run_id: task.run_id.clone(),
-                workflow: task.workflow.clone(),
-                scope: format!("{scope}/{repair}"),
-                replay: false,
-            };
+            let caller = Caller::of(&task, format!("{scope}/{repair}"));
             let a = streamed(cx, c.stream.unwrap_or(true), async |tx| {
-                self.gateway.call(&caller, route.as_ref(), &req, tx).await
+                self.gateway
+                    .call(&caller, route.as_ref(), &req, tx, cx)
+                    .await
             })
             .await?;
             prompt_digest.get_or_insert_with(|| a.digest.clone());

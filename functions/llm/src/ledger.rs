@@ -55,6 +55,13 @@ impl Ledger {
     }
 }
 
+/// A budget without limits: the ledger only counts.
+pub const UNLIMITED: Budget = Budget {
+    usd: None,
+    tokens: None,
+    period: Period::Total,
+};
+
 /// One budget that applies to a call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scope {

@@ -8,5 +8,6 @@ pub mod handler;
 pub mod kv;
 pub mod ledger;
 pub mod limits;
+pub mod policy;
 pub mod provider;
 pub mod record;

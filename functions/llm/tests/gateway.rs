@@ -65,9 +65,16 @@ fn caller(run: &str, scope: &str) -> Caller {
         tenant: "acme".into(),
         run_id: run.into(),
         workflow: "wf".into(),
+        version: 1,
+        step: "s".into(),
+        node_type: "llm".into(),
         scope: scope.into(),
         replay: false,
     }
+}
+
+fn cx() -> Context {
+    Context::detached(&aob_testkit::task("llm", "s", json!({}), json!({})))
 }
 
 fn ask(text: &str) -> ChatRequest {
@@ -100,7 +107,13 @@ default: { text: "from b", usage: { input: 10, output: 5 } }
     .await;
     let g = e.gateway("").await;
     let a = g
-        .call(&caller("r1", "s"), Some(&fallback()), &ask("hi"), None)
+        .call(
+            &caller("r1", "s"),
+            Some(&fallback()),
+            &ask("hi"),
+            None,
+            &cx(),
+        )
         .await
         .unwrap();
     assert_eq!(a.model, "b");
@@ -114,7 +127,13 @@ default: { text: "from b", usage: { input: 10, output: 5 } }
 
     // The same call again (a retry after a crash): the recorded answer, no request.
     let again = g
-        .call(&caller("r1", "s"), Some(&fallback()), &ask("hi"), None)
+        .call(
+            &caller("r1", "s"),
+            Some(&fallback()),
+            &ask("hi"),
+            None,
+            &cx(),
+        )
         .await
         .unwrap();
     assert!(again.reused);
@@ -124,7 +143,13 @@ default: { text: "from b", usage: { input: 10, output: 5 } }
     // Another instance (a restarted process) finds it too.
     let g2 = e.gateway("").await;
     let third = g2
-        .call(&caller("r1", "s"), Some(&fallback()), &ask("hi"), None)
+        .call(
+            &caller("r1", "s"),
+            Some(&fallback()),
+            &ask("hi"),
+            None,
+            &cx(),
+        )
         .await
         .unwrap();
     assert!(third.reused);
@@ -134,7 +159,13 @@ default: { text: "from b", usage: { input: 10, output: 5 } }
     let mut replay = caller("r1", "s");
     replay.replay = true;
     let err = g
-        .call(&replay, Some(&fallback()), &ask("something else"), None)
+        .call(
+            &replay,
+            Some(&fallback()),
+            &ask("something else"),
+            None,
+            &cx(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Terminal);
@@ -163,6 +194,7 @@ default: { text: ok }
                 Some(&fixed),
                 &ask(&format!("q{i}")),
                 None,
+                &cx(),
             )
             .await
             .unwrap_err();
@@ -171,7 +203,7 @@ default: { text: ok }
     assert_eq!(g.breakers().state("pa"), "open");
     let sent = e.double.requests().for_model("a");
     let err = g
-        .call(&caller("r", "s2"), Some(&fixed), &ask("q2"), None)
+        .call(&caller("r", "s2"), Some(&fixed), &ask("q2"), None, &cx())
         .await
         .unwrap_err();
     assert!(
@@ -188,19 +220,25 @@ default: { text: ok }
     );
     // With fallback, an open breaker passes to the next model at once.
     let a = g
-        .call(&caller("r", "s3"), Some(&fallback()), &ask("q3"), None)
+        .call(
+            &caller("r", "s3"),
+            Some(&fallback()),
+            &ask("q3"),
+            None,
+            &cx(),
+        )
         .await
         .unwrap();
     assert_eq!(a.model, "b");
     // After the cool-down one trial goes through; it fails (third scripted 503): open again.
     tokio::time::sleep(std::time::Duration::from_millis(350)).await;
-    g.call(&caller("r", "s4"), Some(&fixed), &ask("q4"), None)
+    g.call(&caller("r", "s4"), Some(&fixed), &ask("q4"), None, &cx())
         .await
         .unwrap_err();
     assert_eq!(g.breakers().state("pa"), "open");
     tokio::time::sleep(std::time::Duration::from_millis(350)).await;
     let ok = g
-        .call(&caller("r", "s5"), Some(&fixed), &ask("q5"), None)
+        .call(&caller("r", "s5"), Some(&fixed), &ask("q5"), None, &cx())
         .await
         .unwrap();
     assert_eq!(ok.response.text, "ok");
@@ -221,6 +259,7 @@ rules:
             Some(&Route::Model { model: "a".into() }),
             &ask("x"),
             None,
+            &cx(),
         )
         .await
         .unwrap_err();
@@ -256,6 +295,7 @@ rules:
                 None,
                 &ask(&format!("q{i:02}")),
                 None,
+                &cx(),
             )
             .await
         });
@@ -320,6 +360,7 @@ async fn rate_limits_hold_across_instances() {
                     None,
                     &ask(&format!("r{round}q{i}")),
                     None,
+                    &cx(),
                 )
                 .await,
             );

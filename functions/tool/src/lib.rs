@@ -57,10 +57,39 @@ pub enum Error {
 /// `Result` of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What the `tool` function reads from the environment besides the common variables.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    (
+        "AOB_TOOLS",
+        "the tools file (YAML): MCP servers, HTTP tools, limits, breaker (unset: no tools)",
+    ),
+    (
+        "AOB_HTTP_ALLOW",
+        "CIDRs, addresses or hosts HTTP tools may call even if denied (default none)",
+    ),
+    (
+        "AOB_HTTP_DENY",
+        "CIDRs, addresses or hosts denied to HTTP tools besides link-local and metadata addresses",
+    ),
+    (
+        "AOB_SECRETS_DIR",
+        "directory of secret files, one per name, read when used",
+    ),
+    (
+        "AOB_SECRET_<NAME>",
+        "a secret, when no file of that name exists",
+    ),
+    (
+        "AOB_POLICY_DIR",
+        "a directory of Rego policies (`_all/`, `<tenant>/`) besides the AOB_POLICIES bucket",
+    ),
+];
+
 /// The `tool` function: one [`Gateway::call`] per attempt.
 #[derive(Debug, Clone)]
 pub struct ToolHandler {
     gateway: Arc<Gateway>,
+    guard: aob_llm::policy::Guard,
 }
 
 impl ToolHandler {
@@ -71,7 +100,16 @@ impl ToolHandler {
 
     /// A handler over a given gateway.
     pub fn with(gateway: Arc<Gateway>) -> Self {
-        ToolHandler { gateway }
+        ToolHandler {
+            gateway,
+            guard: aob_llm::policy::Guard::none(),
+        }
+    }
+
+    /// The same handler, asking the tenant's policies before every call.
+    pub fn with_guard(mut self, guard: aob_llm::policy::Guard) -> Self {
+        self.guard = guard;
+        self
     }
 
     /// Its gateway.
@@ -86,28 +124,7 @@ impl aob_runtime::Handler for ToolHandler {
     }
 
     fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
-        &[
-            (
-                "AOB_TOOLS",
-                "the tools file (YAML): MCP servers, HTTP tools, limits, breaker (unset: no tools)",
-            ),
-            (
-                "AOB_HTTP_ALLOW",
-                "CIDRs, addresses or hosts HTTP tools may call even if denied (default none)",
-            ),
-            (
-                "AOB_HTTP_DENY",
-                "CIDRs, addresses or hosts denied to HTTP tools besides link-local and metadata addresses",
-            ),
-            (
-                "AOB_SECRETS_DIR",
-                "directory of secret files, one per name, read when used",
-            ),
-            (
-                "AOB_SECRET_<NAME>",
-                "a secret, when no file of that name exists",
-            ),
-        ]
+        ENV_VARS
     }
 
     async fn handle(
@@ -117,6 +134,25 @@ impl aob_runtime::Handler for ToolHandler {
     ) -> Result<Outcome, StepError> {
         let config: ToolConfig = aob_runtime::parse_config("tool", &task.config)?;
         let args = config.arguments.unwrap_or_else(|| json!({}));
+        let caller = aob_llm::gateway::Caller::of(&task, task.at.step.clone());
+        let decision = self
+            .guard
+            .check(
+                cx,
+                &caller,
+                aob_llm::policy::Call::Tool { name: &config.tool },
+                Some(args.clone()),
+                None,
+                "policy",
+            )
+            .await?;
+        if let Some(d) = decision {
+            cx.set_usage(aob_runtime::context::Usage {
+                policy_id: Some(d.column()),
+                policy_result: Some(d.outcome.as_str().to_string()),
+                ..Default::default()
+            });
+        }
         let out = self
             .gateway
             .call(&task.tenant, &config.tool, args, cx.cancelled())

@@ -52,6 +52,8 @@ pub enum AuditKind {
     BranchTaken,
     /// A loop started another iteration.
     LoopIteration,
+    /// A running step reported a milestone (an agent's turn).
+    StepProgress,
     /// A person decided an approval.
     ApprovalDecided,
     /// A policy was evaluated.
@@ -85,6 +87,7 @@ impl AuditKind {
             AuditKind::TaskExecuted => "task_executed",
             AuditKind::BranchTaken => "branch_taken",
             AuditKind::LoopIteration => "loop_iteration",
+            AuditKind::StepProgress => "step_progress",
             AuditKind::ApprovalDecided => "approval_decided",
             AuditKind::PolicyDecision => "policy_decision",
             AuditKind::ModelCall => "model_call",
@@ -106,6 +109,7 @@ impl AuditKind {
             HistoryKind::StepFailed => AuditKind::StepFailed,
             HistoryKind::StepSkipped => AuditKind::StepSkipped,
             HistoryKind::LoopIteration => AuditKind::LoopIteration,
+            HistoryKind::StepProgress => AuditKind::StepProgress,
             HistoryKind::Abort => AuditKind::RunAborted,
             HistoryKind::Completed => AuditKind::RunCompleted,
             HistoryKind::Failed => AuditKind::RunFailed,

@@ -38,6 +38,20 @@ pub enum Signal {
         /// Which one.
         timer: TimerKind,
     },
+    /// A running attempt reports a milestone worth keeping in the run's history (an agent's
+    /// turn). Sent by functions on the internal subject; the engine records it as a
+    /// `step_progress` event if the attempt is still the current one.
+    Progress {
+        /// The attempt.
+        at: StepRef,
+        /// Its position among the attempt's reports (0, 1, 2, ...): with `at`, its identity.
+        seq: u64,
+        /// A line for people.
+        message: String,
+        /// Details.
+        #[serde(default)]
+        data: Value,
+    },
 }
 
 /// Timers the engine sets for itself.
@@ -257,6 +271,8 @@ pub enum HistoryKind {
     StepSkipped,
     /// A loop step finished one iteration and starts another.
     LoopIteration,
+    /// A running step reported a milestone (an agent's turn).
+    StepProgress,
     /// Running steps of this run must stop (cancel or run failure).
     Abort,
     /// The run completed.
@@ -280,6 +296,7 @@ impl HistoryKind {
             HistoryKind::StepFailed => "step_failed",
             HistoryKind::StepSkipped => "step_skipped",
             HistoryKind::LoopIteration => "loop_iteration",
+            HistoryKind::StepProgress => "step_progress",
             HistoryKind::Abort => "abort",
             HistoryKind::Completed => "completed",
             HistoryKind::Failed => "failed",

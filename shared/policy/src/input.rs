@@ -181,6 +181,54 @@ impl Decision {
     pub fn is_allowed(&self) -> bool {
         self.outcome == Outcome::Allow
     }
+
+    /// The step error that stops `what` (`tool payments.refund`, `model gpt-4o`, `step
+    /// draft`), or `None` when it may go on. A denial is terminal with the policy's reason.
+    /// An action that needs approval does not run either: it is refused, terminally, until
+    /// approvals exist to ask a person.
+    pub fn refusal(&self, what: &str) -> Option<aob_model::wire::StepError> {
+        let by = match &self.policy_id {
+            Some(id) => format!("policy {id} (version {})", self.version),
+            None => format!("policies (version {})", self.version),
+        };
+        let reason = self.reason.as_deref().unwrap_or("no reason given");
+        let message = match self.outcome {
+            Outcome::Allow => return None,
+            Outcome::Deny => format!("{what} denied by {by}: {reason}"),
+            Outcome::RequireApproval => {
+                format!("{what} requires approval by {by}: {reason}; it was not run")
+            }
+        };
+        Some(
+            aob_model::wire::StepError::terminal(message).with_details(serde_json::json!({
+                "policy": {
+                    "outcome": self.outcome.as_str(),
+                    "policy_id": self.policy_id,
+                    "version": self.version,
+                    "reason": self.reason,
+                }
+            })),
+        )
+    }
+
+    /// The `policy_id` column of the decision: the deciding module and the set's version
+    /// (`spend_cap@1a2b3c4d5e6f`), or only the version on allow (`@1a2b3c4d5e6f`).
+    pub fn column(&self) -> String {
+        match &self.policy_id {
+            Some(id) => format!("{id}@{}", self.version),
+            None => format!("@{}", self.version),
+        }
+    }
+
+    /// Writes the decision into an audit record: `policy_id` (the deciding module, or the
+    /// set's version on allow: `<id>@<version>`), `policy_result`, the reason and what was
+    /// decided about.
+    pub fn fill(&self, what: &str, r: &mut aob_model::audit::DecisionRecord) {
+        r.policy_id = Some(self.column());
+        r.policy_result = Some(self.outcome.as_str().to_string());
+        r.decision = Some(format!("{what}: {}", self.outcome.as_str()));
+        r.reason.clone_from(&self.reason);
+    }
 }
 
 #[cfg(test)]

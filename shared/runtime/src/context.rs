@@ -64,6 +64,16 @@ pub enum Emission {
 pub trait Emitter: Send + Sync {
     /// Sends one emission; best effort (a lost progress note loses nothing the run needs).
     fn emit(&self, e: Emitted) -> BoxFuture<'_, ()>;
+    /// Hands a progress report to the engine, which keeps it in the run's history; `Ok`
+    /// once it is stored. The default keeps nothing.
+    fn report<'a>(
+        &'a self,
+        _tenant: &'a str,
+        _run_id: &'a str,
+        _signal: &'a aob_model::wire::Signal,
+    ) -> BoxFuture<'a, crate::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// An emitter that drops everything.
@@ -76,9 +86,12 @@ impl Emitter for Discard {
     }
 }
 
-/// An emitter that keeps emissions in memory, for tests.
+/// An emitter that keeps emissions (and reports) in memory, for tests.
 #[derive(Debug, Default)]
-pub struct Collect(pub Mutex<Vec<Emitted>>);
+pub struct Collect(
+    pub Mutex<Vec<Emitted>>,
+    pub Mutex<Vec<aob_model::wire::Signal>>,
+);
 
 impl Emitter for Collect {
     fn emit(&self, e: Emitted) -> BoxFuture<'_, ()> {
@@ -86,6 +99,17 @@ impl Emitter for Collect {
             v.push(e);
         }
         Box::pin(async {})
+    }
+    fn report<'a>(
+        &'a self,
+        _tenant: &'a str,
+        _run_id: &'a str,
+        signal: &'a aob_model::wire::Signal,
+    ) -> BoxFuture<'a, crate::Result<()>> {
+        if let Ok(mut v) = self.1.lock() {
+            v.push(signal.clone());
+        }
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -102,6 +126,10 @@ pub struct Usage {
     pub tokens_out: Option<u64>,
     /// Cost in US dollars.
     pub cost_usd: Option<f64>,
+    /// The policy that allowed the work (`<module>@<version>`).
+    pub policy_id: Option<String>,
+    /// Its result (`allow`).
+    pub policy_result: Option<String>,
 }
 
 impl Usage {
@@ -121,6 +149,12 @@ impl Usage {
         }
         if self.cost_usd.is_some() {
             r.cost_usd = self.cost_usd;
+        }
+        if self.policy_id.is_some() {
+            r.policy_id.clone_from(&self.policy_id);
+        }
+        if self.policy_result.is_some() {
+            r.policy_result.clone_from(&self.policy_result);
         }
     }
 }
@@ -201,6 +235,28 @@ impl Context {
             .await;
     }
 
+    /// Reports a milestone (an agent's turn) for the run's history: the engine records it as
+    /// a `step_progress` event while this attempt is current. `seq` numbers the attempt's
+    /// reports and must be the same on every delivery of the attempt, so a report sent
+    /// again is recorded once. Unlike [`Context::emit`], this is durable: an error means it
+    /// may not have been stored.
+    pub async fn report(
+        &self,
+        seq: u64,
+        message: impl Into<String>,
+        data: Value,
+    ) -> crate::Result<()> {
+        let signal = aob_model::wire::Signal::Progress {
+            at: self.at.clone(),
+            seq,
+            message: message.into(),
+            data,
+        };
+        self.emitter
+            .report(&self.tenant, &self.run_id, &signal)
+            .await
+    }
+
     /// Records what model answered and what it cost, on the attempt's DecisionRecord;
     /// fields left `None` keep what an earlier call set.
     pub fn set_usage(&self, usage: Usage) {
@@ -210,6 +266,8 @@ impl Context {
             u.tokens_in = usage.tokens_in.or(u.tokens_in);
             u.tokens_out = usage.tokens_out.or(u.tokens_out);
             u.cost_usd = usage.cost_usd.or(u.cost_usd);
+            u.policy_id = usage.policy_id.or(u.policy_id.take());
+            u.policy_result = usage.policy_result.or(u.policy_result.take());
         }
     }
 

@@ -265,6 +265,32 @@ impl crate::context::Emitter for NatsEmitter {
             }
         })
     }
+
+    fn report<'a>(
+        &'a self,
+        tenant: &'a str,
+        run_id: &'a str,
+        signal: &'a aob_model::wire::Signal,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let aob_model::wire::Signal::Progress { at, seq, .. } = signal else {
+                return Err(Error::Config("only progress is reported".into()));
+            };
+            let body = serde_json::to_vec(signal)
+                .map_err(|e| Error::Payload(format!("encoding a progress report: {e}")))?;
+            let js = jetstream::new(self.0.clone());
+            crate::bus::publish(
+                &js,
+                aob_streams::subjects::internal_signal(tenant, run_id),
+                &format!("progress.{run_id}.{}.{seq}", at.token()),
+                body.into(),
+            )
+            .await?
+            .await
+            .map_err(|e| Error::Nats(format!("progress report not acknowledged: {e}")))?;
+            Ok(())
+        })
+    }
 }
 
 async fn handle_message<H: Handler>(

@@ -15,8 +15,64 @@ impl<S: RunStore> Engine<S> {
         Ok(acks)
     }
 
-    /// Sends one task, its context and config offloaded when the body is too large.
+    /// Sends one task, its context and config offloaded when the body is too large. The
+    /// tenant's policies are asked first (when it has any): a step they deny, or one that
+    /// needs an approval, is not sent; its attempt fails terminally with the policy's reason,
+    /// as if a function had answered. Either way the decision is an audit record.
     pub(super) async fn send_task(&self, task: &Task) -> Result<PublishAckFuture> {
+        if self.policies.version(&task.tenant) != "none" {
+            let mut input = aob_policy::Input::new(aob_policy::Kind::Step, task.tenant.clone());
+            input.run = Some(aob_policy::RunRef {
+                id: task.run_id.clone(),
+                workflow: task.workflow.clone(),
+                version: task.version,
+            });
+            input.step = Some(aob_policy::StepRef {
+                id: task.at.step.clone(),
+                kind: task.node_type.clone(),
+            });
+            let decision = self.policies.evaluate(&input);
+            let what = format!("step {}", task.at.step);
+            let mut record = DecisionRecord::new(
+                format!("{}.{}.{}.policy", task.tenant, task.run_id, task.at.token()),
+                &task.tenant,
+                &task.run_id,
+                aob_model::audit::AuditKind::PolicyDecision,
+                "engine",
+                aob_runtime::now_us(),
+            );
+            record.workflow = Some(task.workflow.clone());
+            record.workflow_version = Some(task.version);
+            record.step_id = Some(task.at.step.clone());
+            record.node_type = Some(task.node_type.clone());
+            record.attempt = Some(task.at.attempt);
+            record.item = task.at.item;
+            record.iteration = task.at.iteration;
+            decision.fill(&what, &mut record);
+            bus::publish_record(&self.js, &record)
+                .await?
+                .await
+                .map_err(|e| {
+                    aob_runtime::Error::Nats(format!("policy record not acknowledged: {e}"))
+                })?;
+            if let Some(error) = decision.refusal(&what) {
+                let result = StepResult {
+                    tenant: task.tenant.clone(),
+                    run_id: task.run_id.clone(),
+                    at: task.at.clone(),
+                    outcome: Outcome::Failed { error },
+                    duration_ms: 0,
+                };
+                let body = serde_json::to_vec(&result).unwrap_or_default();
+                return Ok(bus::publish(
+                    &self.js,
+                    subjects::result(&task.tenant, &task.run_id),
+                    &aob_runtime::nats::result_msg_id(&result),
+                    body.into(),
+                )
+                .await?);
+            }
+        }
         let id = format!("task.{}.{}", task.run_id, task.at.token());
         let subject = subjects::task(&task.tenant, &task.node_type);
         let mut body = serde_json::to_vec(task).unwrap_or_default();

@@ -298,6 +298,12 @@ impl<S: RunStore> Engine<S> {
                         subjects::internal_signal(tenant, run)
                     ));
                 }
+                if matches!(signal, Signal::Progress { .. }) && *kind != "internal" {
+                    return Err(format!(
+                        "progress signals are internal: only functions send them, on {}",
+                        subjects::internal_signal(tenant, run)
+                    ));
+                }
                 Ok(Parsed::Signal {
                     tenant: tenant.to_string(),
                     run_id: run.to_string(),

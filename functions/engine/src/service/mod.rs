@@ -285,6 +285,8 @@ pub struct Engine<S: RunStore = NatsStore> {
     /// Half the shortest duplicate window of the streams the engine publishes to: a
     /// publish repeated within it is certainly dropped by the server.
     dedup_within: Duration,
+    /// The tenants' Rego policies, evaluated before each task is sent.
+    policies: aob_policy::Policies,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -338,7 +340,12 @@ impl<S: RunStore> Engine<S> {
         let registry = Registry::open(&js).await?;
         let timers = Timers::open(&js).await?;
         let dedup_within = duplicate_window(&js).await? / 2;
+        // The watch task lives as long as the policies' handles: as long as the engine.
+        let (policies, _watch) = aob_policy::Policies::from_env(&js)
+            .await
+            .map_err(|e| aob_runtime::Error::Config(format!("policies: {e}")))?;
         Ok(Engine {
+            policies,
             dedup_within,
             js,
             store,
