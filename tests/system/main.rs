@@ -1,6 +1,7 @@
 //! Whole-system tests: each starts its own nats-server on a free port with a temporary
 //! store, the topology, the engine and the functions, and drives real runs.
 
+mod agents;
 mod audit;
 mod core;
 mod flow;

@@ -143,7 +143,7 @@ impl aob_runtime::Handler for ToolHandler {
                 aob_llm::policy::Call::Tool { name: &config.tool },
                 Some(args.clone()),
                 None,
-                "policy",
+                "policy.tool",
             )
             .await?;
         if let Some(d) = decision {

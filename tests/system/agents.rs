@@ -1,0 +1,386 @@
+//! Agents end to end: the `llm`, `tool` and `agent` functions behind the engine, model
+//! calls answered by the scripted provider (a test double speaking the OpenAI protocol),
+//! tools from a real MCP server (`mcp-server-time`), Rego policies in the `AOB_POLICIES`
+//! bucket, and the audit trail read back with DuckDB.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use aob_model::state::{RunStatus, StepStatus};
+use aob_model::wire::{ErrorClass, HistoryKind};
+use aob_runtime::nats::ServeConfig;
+use aob_scripted_provider::{Script, ScriptedProvider};
+use aob_tests::{Fns, Stack};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Rules for these tests, beside the example policies.
+const TEST_RULES: &str = r#"
+package aob.policies.test_rules
+
+deny contains "steps named forbidden never run" if {
+	input.kind == "step"
+	input.step.id == "forbidden"
+}
+
+deny contains sprintf("tool %s is for acme only", [input.tool.name]) if {
+	input.kind == "tool"
+	input.tool.name == "time.convert_time"
+	input.tenant != "acme"
+}
+
+require_approval contains "this step's model calls need a person" if {
+	input.kind == "model"
+	input.step.id == "needs_ok"
+}
+"#;
+
+const SPEND: &str = r#"
+name: spend
+steps:
+  - id: first
+    type: llm
+    model: pricey
+    prompt: "first question"
+  - id: second
+    type: llm
+    model: pricey
+    needs: [first]
+    prompt: "second question"
+"#;
+
+const GUARDED: &str = r#"
+name: guarded
+steps:
+  - id: forbidden
+    type: transform
+    output: {x: 1}
+  - id: needs_ok
+    type: llm
+    prompt: "may I?"
+  - id: convert
+    type: tool
+    tool: time.convert_time
+    arguments: {source_timezone: UTC, time: "12:00", target_timezone: Asia/Tokyo}
+"#;
+
+struct Env {
+    s: Stack,
+    double: ScriptedProvider,
+    tools: Arc<aob_tool::Gateway>,
+    trail: String,
+    _audit: tempfile::TempDir,
+    stop_sink: CancellationToken,
+    sink: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+async fn env() -> Env {
+    let mut s = Stack::bare().await.unwrap();
+    // Policies first: the engine and the gateways load them at start.
+    let store = s.js.get_key_value(aob_streams::POLICIES).await.unwrap();
+    let examples = aob_tests::examples_dir().join("policies/_all");
+    let mut modules = serde_json::Map::new();
+    modules.insert("test_rules.rego".into(), json!(TEST_RULES));
+    modules.insert(
+        "spend_cap.rego".into(),
+        json!(std::fs::read_to_string(examples.join("spend_cap.rego")).unwrap()),
+    );
+    store
+        .put(
+            "_all",
+            serde_json::to_vec(&json!({ "modules": modules }))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+
+    let script =
+        std::fs::read_to_string(aob_tests::examples_dir().join("agentic/scripted-provider.yaml"))
+            .unwrap();
+    let double = ScriptedProvider::start(Script::parse(&script, "scripted-provider.yaml").unwrap())
+        .await
+        .unwrap();
+    let models = aob_llm::config::Config::parse(&format!(
+        "models:\n  \
+           scripted: {{ protocol: openai, base_url: \"{u}\", provider: scripted, price: {{ input: 0.15, output: 0.60 }} }}\n  \
+           pricey: {{ protocol: openai, base_url: \"{u}\", provider: scripted, price: {{ input: 100000, output: 100000 }} }}\n\
+         default: {{ model: scripted }}\n",
+        u = double.openai_base_url()
+    ))
+    .unwrap();
+    let time = aob_testkit::venv_dir()
+        .map(|v| v.join("bin/mcp-server-time"))
+        .filter(|p| p.exists())
+        .expect("mcp-server-time is missing: run scripts/setup");
+    let tools = aob_tool::ToolsConfig::parse(
+        &format!(
+            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
+            time.display()
+        ),
+        Path::new("tools.yaml"),
+    )
+    .unwrap();
+
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let tools = s
+        .spawn_agents(models, tools, &ServeConfig::default())
+        .await
+        .unwrap();
+
+    let audit = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", audit.path().display());
+    let stop_sink = CancellationToken::new();
+    let sink = {
+        let (client, stop) = (s.client.clone(), stop_sink.clone());
+        tokio::spawn(async move {
+            aob_fn_audit::run(client, &url, aob_audit::sink::SinkConfig::default(), stop)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
+    let trail = aob_tests::audit::trail(audit.path());
+    Env {
+        s,
+        double,
+        tools,
+        trail,
+        _audit: audit,
+        stop_sink,
+        sink,
+    }
+}
+
+impl Env {
+    async fn run(
+        &self,
+        tenant: &str,
+        wf: &str,
+        input: Value,
+    ) -> (
+        aob_model::state::RunState,
+        Vec<aob_model::wire::HistoryEvent>,
+        String,
+    ) {
+        let run = self.s.start_run(tenant, wf, input).await.unwrap();
+        let (state, events) = self.s.wait_run(tenant, &run).await.unwrap();
+        (state, events, run)
+    }
+
+    async fn query(&self, sql: &str) -> Vec<Vec<Value>> {
+        aob_tests::audit::drain(&self.s.client, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        aob_tests::audit::duckdb(&sql.replace("TRAIL", &self.trail)).unwrap()
+    }
+
+    async fn stop(self) {
+        self.tools.shutdown().await;
+        self.stop_sink.cancel();
+        self.sink.await.unwrap().unwrap();
+    }
+}
+
+fn failure(state: &aob_model::state::RunState, step: &str) -> aob_model::wire::StepError {
+    let st = &state.steps[step];
+    assert_eq!(st.status(), StepStatus::Failed, "{step}: {st:?}");
+    st.error.clone().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agentic_example_runs_under_policies_and_duckdb_answers_the_auditor() {
+    let e = env().await;
+    let input = json!({"text": "When does the Tokyo office open? It is noon in Paris."});
+    let wf = e.s.publish_example("acme", "agentic").await.unwrap();
+    let wf2 = e.s.publish_example("globex", "agentic").await.unwrap();
+
+    // acme: every step, model call and tool call is allowed.
+    let (state, events, run) = e.run("acme", &wf, input.clone()).await;
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    let draft = state.steps["draft"].output.clone().unwrap();
+    assert_eq!(draft["turns"], 2, "{draft}");
+    assert!(draft["text"].as_str().unwrap().contains("20:00 in Tokyo"));
+    // Each agent turn is a history event of the draft step.
+    let turns: Vec<&str> = events
+        .iter()
+        .filter(|ev| ev.kind == HistoryKind::StepProgress)
+        .map(|ev| ev.message.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            "turn 1: scripted called time.convert_time",
+            "turn 2: scripted answered"
+        ],
+        "{events:#?}"
+    );
+    let step_cost: f64 = ["classify", "draft"]
+        .iter()
+        .map(|s| {
+            state.steps[*s].output.as_ref().unwrap()["usage"]["cost_usd"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum();
+
+    // globex: the agent's convert_time call is denied; the step fails terminally.
+    let (state, events, denied_run) = e.run("globex", &wf2, input.clone()).await;
+    assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
+    let err = failure(&state, "draft");
+    assert_eq!(err.class, ErrorClass::Terminal);
+    assert!(
+        err.message
+            .contains("tool time.convert_time denied by policy test_rules")
+            && err.message.contains("is for acme only"),
+        "{}",
+        err.message
+    );
+
+    // Cost per workflow per tenant.
+    let got = e
+        .query(
+            "SELECT tenant, workflow, count(*), sum(tokens_in), sum(tokens_out), sum(cost_usd) \
+             FROM TRAIL WHERE event_kind = 'model_call' AND record_id LIKE '%.call.%' \
+             GROUP BY ALL ORDER BY tenant",
+        )
+        .await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0][0], json!("acme"));
+    assert_eq!(got[0][1], json!("support-agent"));
+    assert_eq!(got[0][2], json!(3), "classify, and two agent turns");
+    let acme_cost = got[0][5].as_f64().unwrap();
+    assert!(
+        (acme_cost - step_cost).abs() < 1e-12,
+        "{acme_cost} vs {step_cost}"
+    );
+    assert_eq!(got[1][0], json!("globex"));
+    assert_eq!(
+        got[1][2],
+        json!(2),
+        "classify, and the turn that asked for the tool"
+    );
+
+    // Every tool call of the acme run with its policy decision.
+    let got = e
+        .query(&format!(
+            "SELECT step_id, actor, policy_result, starts_with(policy_id, '@') \
+             FROM TRAIL WHERE run_id = '{run}' AND event_kind = 'tool_call' ORDER BY finished_at"
+        ))
+        .await;
+    assert_eq!(
+        got,
+        vec![
+            vec![json!("now"), json!("fn.tool"), json!("allow"), json!(true)],
+            vec![
+                json!("draft"),
+                json!("fn.agent"),
+                json!("allow"),
+                json!(true)
+            ],
+        ]
+    );
+    // The denial is in the audit with the policy that decided.
+    let got = e
+        .query(&format!(
+            "SELECT step_id, policy_result, split_part(policy_id, '@', 1), reason \
+             FROM TRAIL WHERE run_id = '{denied_run}' AND event_kind = 'policy_decision' \
+             AND policy_result <> 'allow'"
+        ))
+        .await;
+    assert_eq!(
+        got,
+        vec![vec![
+            json!("draft"),
+            json!("deny"),
+            json!("test_rules"),
+            json!("tool time.convert_time is for acme only")
+        ]]
+    );
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
+    let e = env().await;
+    e.s.publish("globex", GUARDED).await.unwrap();
+    let before = e.double.requests().total;
+    let (state, events, run) = e.run("globex", "guarded", json!({})).await;
+    assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
+
+    // A step the policies deny never reaches its function.
+    let err = failure(&state, "forbidden");
+    assert_eq!(err.class, ErrorClass::Terminal);
+    assert!(
+        err.message
+            .starts_with("step forbidden denied by policy test_rules (version ")
+            && err.message.ends_with("): steps named forbidden never run"),
+        "{}",
+        err.message
+    );
+    assert!(
+        events.iter().any(|ev| ev.kind == HistoryKind::StepFailed
+            && ev.step.as_deref() == Some("forbidden")
+            && ev
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("never run"))),
+        "{events:#?}"
+    );
+    // A model call that needs approval is not made.
+    let err = failure(&state, "needs_ok");
+    assert!(
+        err.message
+            .contains("model scripted requires approval by policy test_rules")
+            && err.message.contains("it was not run"),
+        "{}",
+        err.message
+    );
+    assert_eq!(e.double.requests().total, before, "no model was called");
+    // A tool step the policies deny.
+    let err = failure(&state, "convert");
+    assert!(
+        err.message
+            .contains("tool time.convert_time denied by policy test_rules"),
+        "{}",
+        err.message
+    );
+
+    // The spend cap: the first call costs more than $0.50, the second is refused.
+    e.s.publish("acme", SPEND).await.unwrap();
+    let (state, events, _) = e.run("acme", "spend", json!({})).await;
+    assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
+    assert_eq!(state.steps["first"].status(), StepStatus::Completed);
+    let err = failure(&state, "second");
+    assert!(
+        err.message.contains("denied by policy spend_cap")
+            && err.message.contains("reached the cap"),
+        "{}",
+        err.message
+    );
+
+    // Every evaluation is in the audit: the step decisions from the engine, the call
+    // decisions from the functions.
+    let got = e
+        .query(&format!(
+            "SELECT step_id, actor, policy_result FROM TRAIL \
+             WHERE run_id = '{run}' AND event_kind = 'policy_decision' ORDER BY step_id, actor"
+        ))
+        .await;
+    assert_eq!(
+        got,
+        vec![
+            vec![json!("convert"), json!("engine"), json!("allow")],
+            vec![json!("convert"), json!("fn.tool"), json!("deny")],
+            vec![json!("forbidden"), json!("engine"), json!("deny")],
+            vec![json!("needs_ok"), json!("engine"), json!("allow")],
+            vec![
+                json!("needs_ok"),
+                json!("fn.llm"),
+                json!("require_approval")
+            ],
+        ]
+    );
+    e.stop().await;
+}
