@@ -74,6 +74,7 @@ struct Env {
     sink: tokio::task::JoinHandle<Result<(), String>>,
 }
 
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 async fn env() -> Env {
     let mut s = Stack::bare().await.unwrap();
     // Policies first: the engine and the gateways load them at start.
@@ -153,6 +154,7 @@ async fn env() -> Env {
     }
 }
 
+#[allow(clippy::unwrap_used)]
 impl Env {
     async fn run(
         &self,
@@ -183,6 +185,7 @@ impl Env {
     }
 }
 
+#[allow(clippy::unwrap_used)]
 fn failure(state: &aob_model::state::RunState, step: &str) -> aob_model::wire::StepError {
     let st = &state.steps[step];
     assert_eq!(st.status(), StepStatus::Failed, "{step}: {st:?}");

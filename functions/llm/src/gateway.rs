@@ -236,13 +236,15 @@ impl Gateway {
                 now_ms,
             ));
         }
-        // The run's ledger is kept even without a limit: policies read what a run spent.
-        let run_budget = c.budgets.run.unwrap_or(ledger::UNLIMITED);
-        scopes.push(ledger::Scope::run(
-            &caller.tenant,
-            &caller.run_id,
-            run_budget,
-        ));
+        // Without a limit, the run's ledger is kept for the tenant's policies (they read
+        // what a run spent); a tenant without policies saves the two round trips.
+        match c.budgets.run {
+            Some(b) => scopes.push(ledger::Scope::run(&caller.tenant, &caller.run_id, b)),
+            None if self.guard.policies.version(&caller.tenant) != "none" => scopes.push(
+                ledger::Scope::run(&caller.tenant, &caller.run_id, ledger::UNLIMITED),
+            ),
+            None => {}
+        }
         scopes
     }
 

@@ -34,7 +34,12 @@ impl<S: RunStore> Engine<S> {
             let decision = self.policies.evaluate(&input);
             let what = format!("step {}", task.at.step);
             let mut record = DecisionRecord::new(
-                format!("{}.{}.{}.policy.step", task.tenant, task.run_id, task.at.token()),
+                format!(
+                    "{}.{}.{}.policy.step",
+                    task.tenant,
+                    task.run_id,
+                    task.at.token()
+                ),
                 &task.tenant,
                 &task.run_id,
                 aob_model::audit::AuditKind::PolicyDecision,
