@@ -181,7 +181,7 @@ impl AgentHandler {
         };
         let rec = RecordedTool {
             tool: name.to_string(),
-            result,
+            result: bounded(result),
             took_ms: started.elapsed().as_millis() as u64,
             policy: decision.map(|d| (d.column(), d.outcome.as_str().to_string())),
         };
@@ -198,6 +198,31 @@ impl AgentHandler {
             .unwrap_or(rec);
         Ok((rec, false))
     }
+}
+
+/// Most bytes of a tool's text the model is given (and recorded).
+pub const MAX_TOOL_TEXT: usize = 64 * 1024;
+/// Most bytes of a tool's full output kept in its record.
+pub const MAX_TOOL_OUTPUT: usize = 256 * 1024;
+
+/// A tool result cut to what a record holds (a KV value is at most the server's payload
+/// limit, 1 MiB by default) and a model can use: the text to [`MAX_TOOL_TEXT`] with a note
+/// of what was cut, the full output dropped above [`MAX_TOOL_OUTPUT`].
+fn bounded(mut r: ToolResult) -> ToolResult {
+    if r.text.len() > MAX_TOOL_TEXT {
+        let mut end = MAX_TOOL_TEXT;
+        while !r.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = r.text.len() - end;
+        r.text.truncate(end);
+        r.text.push_str(&format!("\n[{cut} more bytes cut]"));
+    }
+    let size = serde_json::to_vec(&r.output).map_or(0, |v| v.len());
+    if size > MAX_TOOL_OUTPUT {
+        r.output = json!({ "cut": true, "bytes": size });
+    }
+    r
 }
 
 /// Keeps a turn in the run's history (a `step_progress` event), once however often the
@@ -476,5 +501,35 @@ impl aob_runtime::Handler for AgentHandler {
             )
             .await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_tool_result_is_cut_to_what_a_record_and_a_model_take() {
+        let big = "é".repeat(MAX_TOOL_TEXT); // two bytes each: the cut falls inside one
+        let r = bounded(ToolResult {
+            text: big.clone(),
+            is_error: false,
+            output: json!({ "blob": "x".repeat(MAX_TOOL_OUTPUT) }),
+        });
+        assert!(r.text.len() < MAX_TOOL_TEXT + 64);
+        assert!(
+            r.text.ends_with("more bytes cut]"),
+            "{}",
+            &r.text[r.text.len() - 40..]
+        );
+        assert_eq!(r.output["cut"], true);
+        assert!(serde_json::to_vec(&r).unwrap().len() < 1024 * 1024 / 4);
+        let small = bounded(ToolResult {
+            text: "ok".into(),
+            is_error: false,
+            output: json!({"a": 1}),
+        });
+        assert_eq!(small.text, "ok");
+        assert_eq!(small.output, json!({"a": 1}));
     }
 }

@@ -315,8 +315,11 @@ pub fn transition(
                 at, message, data, ..
             }),
         ) => {
-            if classify(&state, &at) != Standing::Current {
-                return Unchanged(Some(state));
+            match classify(&state, &at) {
+                Standing::Current => {}
+                // Its task went out before the state that started it was written: held.
+                Standing::Ahead => return Transition::Ahead(Some(state)),
+                Standing::Stale => return Unchanged(Some(state)),
             }
             let mut m = Machine::new(def, state, now, resolve);
             m.history(

@@ -1023,3 +1023,33 @@ fn a_loop_iteration_retries_then_the_loop_goes_on() {
     s.ok(&next[0], json!({"n": 2}));
     assert_eq!(s.status(), RunStatus::Completed);
 }
+
+fn progress(at: &StepRef, seq: u64) -> Event {
+    Event::Signal(Signal::Progress {
+        at: at.clone(),
+        seq,
+        message: format!("turn {}", seq + 1),
+        data: json!({"agent_turn": seq + 1}),
+    })
+}
+
+#[test]
+fn progress_of_the_current_attempt_is_history_and_of_any_other_changes_nothing() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: a, type: transform, output: 1, retry: {max_attempts: 2, backoff: {initial: 10ms}}}\n",
+    );
+    s.start(json!({}));
+    let t = s.take().remove(0);
+    assert!(s.send(progress(&t.at, 0)), "the current attempt's report");
+    assert_eq!(s.count(HistoryKind::StepProgress), 1);
+    // A report of an attempt not started yet is held, not dropped.
+    let mut later = t.at.clone();
+    later.attempt = 2;
+    assert!(!s.send(progress(&later, 0)));
+    assert_eq!(s.held, 1);
+    // After the step is done, a late report changes nothing.
+    assert!(s.ok(&t, json!(1)));
+    assert!(!s.send(progress(&t.at, 1)));
+    assert_eq!(s.count(HistoryKind::StepProgress), 1);
+    assert_eq!(s.status(), RunStatus::Completed);
+}
