@@ -380,6 +380,9 @@ pub enum RunCommand {
         /// Give up after this long (e.g. `30s`, `5m`).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         timeout: Option<Duration>,
+        /// Do not show the text models stream while `llm` and `agent` steps run.
+        #[arg(long)]
+        no_tokens: bool,
     },
     /// List the tenant's runs, newest first.
     #[command(after_help = "EXAMPLES:\n  \

@@ -51,9 +51,11 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }) => workflows::show(&ctx, &name, version, json).await,
         Command::Run(RunCommand::Start(args)) => runs::cmd_start(&ctx, args).await,
         Command::Run(RunCommand::Get { id, json }) => runs::cmd_get(&ctx, &id, json).await,
-        Command::Run(RunCommand::Watch { id, timeout }) => {
-            runs::cmd_watch(&ctx, &id, timeout).await
-        }
+        Command::Run(RunCommand::Watch {
+            id,
+            timeout,
+            no_tokens,
+        }) => runs::cmd_watch(&ctx, &id, timeout, !no_tokens).await,
         Command::Run(RunCommand::List { limit }) => runs::cmd_list(&ctx, limit).await,
         Command::Run(RunCommand::Cancel { id, reason }) => {
             runs::cmd_cancel(&ctx, &id, reason).await

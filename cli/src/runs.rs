@@ -575,12 +575,54 @@ pub async fn cmd_get(ctx: &Ctx, id: &str, json: bool) -> Result<ExitCode> {
 }
 
 /// `aob run watch`.
-pub async fn cmd_watch(ctx: &Ctx, id: &str, timeout: Option<Duration>) -> Result<ExitCode> {
+pub async fn cmd_watch(
+    ctx: &Ctx,
+    id: &str,
+    timeout: Option<Duration>,
+    tokens: bool,
+) -> Result<ExitCode> {
     let client = ctx.connect().await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let mut feed = HistoryFeed::open(&js, &ctx.tenant, id).await?;
-    let end = feed.follow(timeout, |l| say!("{l}")).await?;
-    Ok(exit_code(&end))
+    // Streamed text is written as it arrives, after a `│ <step>:` mark; the next history
+    // line starts on a line of its own.
+    let mid_line = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streaming = if tokens {
+        let mut sub = client
+            .subscribe(subjects::stream_of_run(&ctx.tenant, id))
+            .await
+            .with_context(|| format!("following what the steps of run {id} stream"))?;
+        let mid_line = mid_line.clone();
+        Some(tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            while let Some(msg) = sub.next().await {
+                let Ok(e) = serde_json::from_slice::<aob_runtime::context::Emitted>(&msg.payload)
+                else {
+                    continue;
+                };
+                if let aob_runtime::context::Emission::Chunk { text } = e.body {
+                    if !mid_line.swap(true, Ordering::SeqCst) {
+                        crate::out::text(&format!("  │ {}: ", e.at.step));
+                    }
+                    crate::out::text(&text);
+                }
+            }
+        }))
+    } else {
+        None
+    };
+    let end = feed
+        .follow(timeout, |l| {
+            if mid_line.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                crate::out::text("\n");
+            }
+            say!("{l}")
+        })
+        .await;
+    if let Some(task) = streaming {
+        task.abort();
+    }
+    Ok(exit_code(&end?))
 }
 
 /// `aob run list`.

@@ -29,6 +29,11 @@ pub fn internal_for(subject: &str) -> Option<String> {
     }
 }
 
+/// Everything the steps of a run emit: `aob.<tenant>.stream.<run>.>`.
+pub fn stream_of_run(tenant: &str, run: &str) -> String {
+    format!("aob.{tenant}.stream.{run}.>")
+}
+
 /// What a running step emits (progress, streamed chunks): `aob.<tenant>.stream.<run>.<step>`,
 /// core NATS only, captured by no stream.
 pub fn stream(tenant: &str, run: &str, step: &str) -> String {

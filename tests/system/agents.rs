@@ -387,3 +387,122 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
     );
     e.stop().await;
 }
+
+const KILL_SCRIPT: &str = r#"
+rules:
+  - when: { has_tool_result: false }
+    reply: { tool_calls: [{ name: time__get_current_time, arguments: { timezone: "Europe/Paris" } }], usage: { input: 30, output: 10 } }
+  - when: { contains: "Europe/Paris" }
+    times: 1
+    reply: { tool_calls: [{ name: time__convert_time, arguments: { source_timezone: "Europe/Paris", time: "12:00", target_timezone: "Asia/Tokyo" } }], usage: { input: 60, output: 12 } }
+  - when: { has_tool_result: true }
+    times: 1
+    delay_ms: 60000
+    reply: { text: "never sent: the process is killed first" }
+  - when: { has_tool_result: true }
+    reply: { text: "Noon in Paris is 20:00 in Tokyo.", usage: { input: 90, output: 9 } }
+"#;
+
+const T: &str = "acme";
+
+const KILLED: &str = r#"
+name: killed
+steps:
+  - id: draft
+    type: agent
+    prompt: "What time is it in Tokyo when it is noon in Paris?"
+    tools: [time.get_current_time, time.convert_time]
+    max_turns: 5
+"#;
+
+/// The agent function as a process, killed during its third turn (after two turns whose
+/// model answers and tool results were recorded), and started again: the run resumes at
+/// the third turn. The double counts the model requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_process_killed_after_its_second_turn_resumes_at_the_third() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let double = ScriptedProvider::start(Script::parse(KILL_SCRIPT, "kill script").unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models.yaml");
+    std::fs::write(
+        &models,
+        format!(
+            "models:\n  m: {{ protocol: openai, base_url: \"{}\" }}\ndefault: {{ model: m }}\n",
+            double.openai_base_url()
+        ),
+    )
+    .unwrap();
+    let time = aob_testkit::venv_dir()
+        .map(|v| v.join("bin/mcp-server-time"))
+        .filter(|p| p.exists())
+        .expect("mcp-server-time is missing: run scripts/setup");
+    let tools = dir.path().join("tools.yaml");
+    std::fs::write(
+        &tools,
+        format!(
+            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
+            time.display()
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        std::process::Command::new(aob_tests::binary("aob-agent").unwrap())
+            .env("NATS_URL", s.server.url())
+            .env("AOB_PAYLOAD_URL", &s.payload_url)
+            .env("AOB_MODELS", &models)
+            .env("AOB_TOOLS", &tools)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    s.publish(T, KILLED).await.unwrap();
+    let run = s.start_run(T, "killed", json!({})).await.unwrap();
+    // Two turns done, the third asked: the model's third request has arrived.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while double.requests().total < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third turn never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = spawn();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    second.kill().unwrap();
+    let _ = second.wait();
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    let out = state.steps["draft"].output.clone().unwrap();
+    assert_eq!(out["text"], "Noon in Paris is 20:00 in Tokyo.");
+    assert_eq!(out["turns"], 3);
+    assert_eq!(
+        double.requests().total,
+        4,
+        "turns 1 and 2 were not asked again; the interrupted third was"
+    );
+    let tools_used = out["tool_calls"].as_array().unwrap();
+    assert_eq!(tools_used.len(), 2, "{out}");
+    assert!(
+        tools_used.iter().all(|t| t["reused"] == true),
+        "no tool call made twice: {out}"
+    );
+    // Each turn is in the history once, although the first two were reported twice.
+    let turns: Vec<&str> = events
+        .iter()
+        .filter(|ev| ev.kind == HistoryKind::StepProgress)
+        .map(|ev| ev.message.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            "turn 1: m called time.get_current_time",
+            "turn 2: m called time.convert_time",
+            "turn 3: m answered"
+        ],
+        "{events:#?}"
+    );
+}

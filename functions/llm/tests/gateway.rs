@@ -465,3 +465,99 @@ rules:
     assert!(err.message.contains("after 1 repair"), "{}", err.message);
     assert!(err.message.contains("not JSON"), "{}", err.message);
 }
+
+#[tokio::test]
+async fn cheapest_tries_the_lower_price_first_and_fastest_the_quicker_model() {
+    let e = env(r#"
+rules:
+  - when: { model: a }
+    delay_ms: 150
+    reply: { text: "from a" }
+default: { text: "from b" }
+"#)
+    .await;
+    let g = e.gateway("").await;
+    let route = |strategy| Route::Strategy {
+        strategy,
+        models: vec!["a".into(), "b".into()],
+    };
+    // b costs less than a.
+    let got = g
+        .call(
+            &caller("r", "c"),
+            Some(&route(Strategy::Cheapest)),
+            &ask("q"),
+            None,
+            &cx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.model, "b");
+    // Unmeasured models go first, so each is measured once; then the quicker one leads.
+    let fixed_a = Route::Model { model: "a".into() };
+    g.call(&caller("r", "f0"), Some(&fixed_a), &ask("q0"), None, &cx())
+        .await
+        .unwrap();
+    let got = g
+        .call(
+            &caller("r", "f1"),
+            Some(&route(Strategy::Fastest)),
+            &ask("q1"),
+            None,
+            &cx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.model, "b", "b has never been measured");
+    let got = g
+        .call(
+            &caller("r", "f2"),
+            Some(&route(Strategy::Fastest)),
+            &ask("q2"),
+            None,
+            &cx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.model, "b", "b answered faster than a");
+}
+
+#[tokio::test]
+async fn a_tokens_per_minute_limit_counts_the_worst_case_and_refuses_past_it() {
+    let e = env("default: { text: ok, usage: { input: 5, output: 5 } }\n").await;
+    // Each call may use up to its prompt bound plus max_tokens (50): counted at that
+    // worst case, three would not fit in 160; corrected to the real use (10 each) after
+    // each call, they do.
+    let g = e
+        .gateway("tenants:\n  acme: { limits: { tokens_per_minute: 160 } }\n")
+        .await;
+    let one = aob_llm::gateway::input_bound(&ask("q0")) + 50;
+    assert!(2 * one <= 160 && 3 * one > 160, "bound {one}");
+    for i in 0..2 {
+        g.call(
+            &caller("t", &format!("s{i}")),
+            None,
+            &ask(&format!("q{i}")),
+            None,
+            &cx(),
+        )
+        .await
+        .unwrap();
+    }
+    g.call(&caller("t", "s2"), None, &ask("q2"), None, &cx())
+        .await
+        .unwrap();
+    // A call whose worst case alone exceeds the limit is refused.
+    let mut big = ask("q3");
+    big.messages[0].content = "x".repeat(200);
+    let err = g
+        .call(&caller("t", "s3"), None, &big, None, &cx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Retryable);
+    assert!(
+        err.message.contains("160 tokens per minute"),
+        "{}",
+        err.message
+    );
+}
