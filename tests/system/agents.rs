@@ -506,3 +506,56 @@ async fn an_agent_process_killed_after_its_second_turn_resumes_at_the_third() {
         "{events:#?}"
     );
 }
+
+/// `aob run watch` shows a model's text as it streams, then the step's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aob_run_watch_shows_the_tokens_a_model_streams() {
+    let mut s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    // The answer waits a moment, so the watcher (started after the run) is listening.
+    let double = ScriptedProvider::start(
+        Script::parse(
+            "rules:\n  - delay_ms: 1500\n    reply: { text: \"Once upon a time there was a gateway.\" }\n",
+            "story script",
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let models = aob_llm::config::Config::parse(&format!(
+        "models:\n  m: {{ protocol: anthropic, base_url: \"{}\" }}\ndefault: {{ model: m }}\n",
+        double.url()
+    ))
+    .unwrap();
+    let tools = s
+        .spawn_agents(
+            models,
+            aob_tool::ToolsConfig::default(),
+            &ServeConfig::default(),
+        )
+        .await
+        .unwrap();
+    s.publish(
+        T,
+        "name: story\nsteps:\n  - {id: tell, type: llm, prompt: \"tell me a story\"}\n",
+    )
+    .await
+    .unwrap();
+    let run = s.start_run(T, "story", json!({})).await.unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(aob_tests::binary("aob").unwrap())
+            .args(["--tenant", T, "run", "watch", &run])
+            .env("NATS_URL", s.server.url())
+            .output(),
+    )
+    .await
+    .expect("the watch ended with the run")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("  │ tell: Once upon a time there was a gateway.\n  ✓ tell completed"),
+        "{stdout}"
+    );
+    tools.shutdown().await;
+}
