@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use aob_agent::{AgentHandler, ToolResult, Tools};
 use aob_llm::chat::{ChatRequest, Message, ToolSpec};
 use aob_llm::config::Config;
@@ -215,14 +215,7 @@ default: { text: "ok", usage: { input: 5, output: 1 } }
     );
 
     // (2) A tool call to a warm MCP server.
-    let time = aob_testkit::venv_dir()
-        .map(|v| v.join("bin/mcp-server-time"))
-        .filter(|p| p.exists())
-        .context("mcp-server-time is missing: run scripts/setup")?;
-    let tools_yaml = format!(
-        "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
-        time.display()
-    );
+    let tools_yaml = aob_testkit::time_tools_yaml()?;
     let config = aob_tool::ToolsConfig::parse(&tools_yaml, Path::new("tools.yaml"))?;
     let raw = aob_tool::mcp::McpServer::new("time", config.mcp["time"].clone(), Secrets::none())
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -110,15 +110,8 @@ async fn env() -> Env {
         u = double.openai_base_url()
     ))
     .unwrap();
-    let time = aob_testkit::venv_dir()
-        .map(|v| v.join("bin/mcp-server-time"))
-        .filter(|p| p.exists())
-        .expect("mcp-server-time is missing: run scripts/setup");
     let tools = aob_tool::ToolsConfig::parse(
-        &format!(
-            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
-            time.display()
-        ),
+        &aob_testkit::time_tools_yaml().unwrap(),
         Path::new("tools.yaml"),
     )
     .unwrap();
@@ -434,19 +427,8 @@ async fn an_agent_process_killed_after_its_second_turn_resumes_at_the_third() {
         ),
     )
     .unwrap();
-    let time = aob_testkit::venv_dir()
-        .map(|v| v.join("bin/mcp-server-time"))
-        .filter(|p| p.exists())
-        .expect("mcp-server-time is missing: run scripts/setup");
     let tools = dir.path().join("tools.yaml");
-    std::fs::write(
-        &tools,
-        format!(
-            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
-            time.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&tools, aob_testkit::time_tools_yaml().unwrap()).unwrap();
     let spawn = || {
         std::process::Command::new(aob_tests::binary("aob-agent").unwrap())
             .env("NATS_URL", s.server.url())

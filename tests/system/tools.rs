@@ -41,15 +41,8 @@ steps:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tool_step_calls_an_mcp_server_and_a_bad_argument_fails_the_run() {
-    let time = aob_testkit::venv_dir()
-        .map(|v| v.join("bin/mcp-server-time"))
-        .filter(|p| p.exists())
-        .expect("mcp-server-time is missing: run scripts/setup");
     let config = aob_tool::ToolsConfig::parse(
-        &format!(
-            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
-            time.display()
-        ),
+        &aob_testkit::time_tools_yaml().unwrap(),
         Path::new("tools.yaml"),
     )
     .unwrap();

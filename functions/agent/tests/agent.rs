@@ -48,14 +48,6 @@ impl Tools for Counted {
     }
 }
 
-fn time_server() -> String {
-    let bin = aob_testkit::venv_dir()
-        .map(|v| v.join("bin/mcp-server-time"))
-        .filter(|p| p.is_file())
-        .expect("mcp-server-time in the project's virtualenv: run scripts/setup");
-    bin.display().to_string()
-}
-
 const SCRIPT: &str = r#"
 rules:
   - when: { has_tool_result: false }
@@ -103,10 +95,7 @@ impl Env {
         )
         .await
         .unwrap();
-        let tools_yaml = format!(
-            "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
-            time_server()
-        );
+        let tools_yaml = aob_testkit::time_tools_yaml().unwrap();
         let config =
             aob_tool::config::ToolsConfig::parse(&tools_yaml, Path::new("tools.yaml")).unwrap();
         let http = aob_http::HttpHandler::new().unwrap();

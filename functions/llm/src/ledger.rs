@@ -242,26 +242,16 @@ impl Ledgers {
         id: &str,
         actual: Amount,
     ) -> Result<(), StoreError> {
-        for scope in scopes {
-            update(&self.kv, &scope.key, |l: Option<Ledger>| {
-                let Some(mut l) = l else {
-                    return Ok::<_, ()>((None, ()));
-                };
-                if l.holds.remove(id).is_none() {
-                    return Ok((None, ()));
-                }
-                l.spent.usd += actual.usd;
-                l.spent.tokens += actual.tokens;
-                Ok((Some(l), ()))
-            })
-            .await?
-            .ok();
-        }
-        Ok(())
+        self.drop_hold(scopes, id, actual).await
     }
 
     /// Drops call `id`'s hold without spending (the call was not made).
     pub async fn release(&self, scopes: &[Scope], id: &str) -> Result<(), StoreError> {
+        self.drop_hold(scopes, id, Amount::default()).await
+    }
+
+    /// Removes call `id`'s hold in every scope and counts `spent` where there was one.
+    async fn drop_hold(&self, scopes: &[Scope], id: &str, spent: Amount) -> Result<(), StoreError> {
         for scope in scopes {
             update(&self.kv, &scope.key, |l: Option<Ledger>| {
                 let Some(mut l) = l else {
@@ -270,6 +260,8 @@ impl Ledgers {
                 if l.holds.remove(id).is_none() {
                     return Ok((None, ()));
                 }
+                l.spent.usd += spent.usd;
+                l.spent.tokens += spent.tokens;
                 Ok((Some(l), ()))
             })
             .await?

@@ -43,6 +43,19 @@ pub fn venv_dir() -> Option<PathBuf> {
     }
 }
 
+/// A tools file (YAML) whose one MCP server, `time`, is `mcp-server-time` from the
+/// project's virtualenv over stdio (`scripts/setup` installs it).
+pub fn time_tools_yaml() -> Result<String> {
+    let bin = venv_dir()
+        .map(|v| v.join("bin/mcp-server-time"))
+        .filter(|p| p.is_file())
+        .context("mcp-server-time is missing from the project's virtualenv: run scripts/setup")?;
+    Ok(format!(
+        "mcp:\n  time:\n    command: \"{}\"\n    args: [\"--local-timezone\", \"UTC\"]\n",
+        bin.display()
+    ))
+}
+
 /// Where the nats-server binary is.
 pub fn nats_server_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("AOB_NATS_SERVER") {
