@@ -1053,3 +1053,34 @@ fn progress_of_the_current_attempt_is_history_and_of_any_other_changes_nothing()
     assert_eq!(s.count(HistoryKind::StepProgress), 1);
     assert_eq!(s.status(), RunStatus::Completed);
 }
+
+#[test]
+fn a_retry_waits_what_the_error_asks_when_that_is_longer_than_the_backoff() {
+    let mut s = Sim::new(
+        "name: w\nsteps:\n  - {id: m, type: llm, prompt: hi, retry: {max_attempts: 3, backoff: {initial: 100ms}}}\n",
+    );
+    s.start(json!({}));
+    let t = s.take();
+    // A provider's Retry-After of 7 s.
+    assert!(s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("429").retry_after(std::time::Duration::from_secs(7))
+        }
+    ));
+    let (timer, due) = s.timers.pop().unwrap();
+    assert_eq!(due, s.now + 7_000);
+    s.now += 7_000;
+    assert!(s.send(Event::Signal(Signal::Timer { timer })));
+    let t = s.take();
+    assert_eq!(t[0].at.attempt, 2);
+    // Shorter than the backoff: the backoff wins.
+    assert!(s.reply(
+        &t[0].at,
+        Outcome::Failed {
+            error: StepError::retryable("429").retry_after(std::time::Duration::from_millis(5))
+        }
+    ));
+    let (_, due) = s.timers.pop().unwrap();
+    assert_eq!(due, s.now + 200, "the backoff, 100 ms doubled for the second retry");
+}
