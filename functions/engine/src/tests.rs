@@ -1082,5 +1082,9 @@ fn a_retry_waits_what_the_error_asks_when_that_is_longer_than_the_backoff() {
         }
     ));
     let (_, due) = s.timers.pop().unwrap();
-    assert_eq!(due, s.now + 200, "the backoff, 100 ms doubled for the second retry");
+    assert_eq!(
+        due,
+        s.now + 200,
+        "the backoff, 100 ms doubled for the second retry"
+    );
 }

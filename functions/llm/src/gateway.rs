@@ -503,27 +503,20 @@ impl Gateway {
                     took_ms: took.as_millis() as u64,
                     at_ms: aob_runtime::now_ms(),
                 };
-                // Recorded before anything else: from here on, a retry pays nothing.
-                self.recorder
-                    .put(&key, &rec)
-                    .await
-                    .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
+                // Recorded before the result is sent: from then on, a retry pays nothing
+                // (and settles the holds itself, should this process stop first).
                 let used = response.usage.input + response.usage.output;
-                self.ledgers
-                    .settle(
-                        &bscopes,
-                        &key,
-                        Amount {
-                            usd: cost,
-                            tokens: used,
-                        },
-                    )
-                    .await
-                    .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
-                let _ = self
-                    .windows
-                    .correct(&lscopes, worst_tokens, used, now)
-                    .await;
+                let spent = Amount {
+                    usd: cost,
+                    tokens: used,
+                };
+                let (recorded, settled, _) = tokio::join!(
+                    self.recorder.put(&key, &rec),
+                    self.ledgers.settle(&bscopes, &key, spent),
+                    self.windows.correct(&lscopes, worst_tokens, used, now),
+                );
+                recorded.map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
+                settled.map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
                 Ok(Answer {
                     model: name.to_string(),
                     provider,

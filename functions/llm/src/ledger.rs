@@ -155,6 +155,7 @@ pub struct Refusal {
 #[derive(Clone)]
 pub struct Ledgers {
     kv: kv::Store,
+    cache: std::sync::Arc<crate::kv::Cache>,
 }
 
 impl std::fmt::Debug for Ledgers {
@@ -170,7 +171,10 @@ fn usd(v: f64) -> String {
 impl Ledgers {
     /// Ledgers in `kv` (the `AOB_LEDGER` bucket).
     pub fn new(kv: kv::Store) -> Self {
-        Ledgers { kv }
+        Ledgers {
+            kv,
+            cache: std::sync::Arc::default(),
+        }
     }
 
     /// Holds `worst` for call `id` in every scope, or in none: a refusal releases the
@@ -186,7 +190,7 @@ impl Ledgers {
     ) -> Result<Result<(), Refusal>, StoreError> {
         let until_ms = now_ms + hold_for.as_millis() as u64;
         for (i, scope) in scopes.iter().enumerate() {
-            let got = update(&self.kv, &scope.key, |l: Option<Ledger>| {
+            let got = update(&self.kv, &self.cache, &scope.key, |l: Option<Ledger>| {
                 let mut l = l.unwrap_or_default();
                 l.holds.retain(|_, h| h.until_ms > now_ms);
                 if l.holds.contains_key(id) {
@@ -253,7 +257,7 @@ impl Ledgers {
     /// Removes call `id`'s hold in every scope and counts `spent` where there was one.
     async fn drop_hold(&self, scopes: &[Scope], id: &str, spent: Amount) -> Result<(), StoreError> {
         for scope in scopes {
-            update(&self.kv, &scope.key, |l: Option<Ledger>| {
+            update(&self.kv, &self.cache, &scope.key, |l: Option<Ledger>| {
                 let Some(mut l) = l else {
                     return Ok::<_, ()>((None, ()));
                 };

@@ -58,6 +58,7 @@ pub struct Exhausted {
 #[derive(Clone)]
 pub struct Windows {
     kv: kv::Store,
+    cache: std::sync::Arc<crate::kv::Cache>,
 }
 
 impl std::fmt::Debug for Windows {
@@ -69,7 +70,10 @@ impl std::fmt::Debug for Windows {
 impl Windows {
     /// Windows in `kv` (the `AOB_LIMITS` bucket).
     pub fn new(kv: kv::Store) -> Self {
-        Windows { kv }
+        Windows {
+            kv,
+            cache: std::sync::Arc::default(),
+        }
     }
 
     /// Counts one request of up to `tokens` tokens in every scope, or refuses it. A
@@ -87,7 +91,7 @@ impl Windows {
                 continue;
             }
             let key = format!("{}.{minute}", s.key);
-            let got = update(&self.kv, &key, |c: Option<Count>| {
+            let got = update(&self.kv, &self.cache, &key, |c: Option<Count>| {
                 let mut c = c.unwrap_or_default();
                 if let Some(rpm) = s.limits.requests_per_minute
                     && c.requests + 1 > rpm
@@ -147,7 +151,7 @@ impl Windows {
             .filter(|s| s.limits.tokens_per_minute.is_some())
         {
             let key = format!("{}.{minute}", s.key);
-            update(&self.kv, &key, |c: Option<Count>| {
+            update(&self.kv, &self.cache, &key, |c: Option<Count>| {
                 let mut c = c.unwrap_or_default();
                 c.tokens += tokens;
                 Ok::<_, ()>((Some(c), ()))
@@ -167,7 +171,7 @@ impl Windows {
     ) -> Result<(), StoreError> {
         for s in scopes.iter().filter(|s| s.limits.is_set()) {
             let key = format!("{}.{minute}", s.key);
-            update(&self.kv, &key, |c: Option<Count>| {
+            update(&self.kv, &self.cache, &key, |c: Option<Count>| {
                 let Some(mut c) = c else {
                     return Ok::<_, ()>((None, ()));
                 };

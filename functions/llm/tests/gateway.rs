@@ -561,3 +561,47 @@ async fn a_tokens_per_minute_limit_counts_the_worst_case_and_refuses_past_it() {
         err.message
     );
 }
+
+#[tokio::test]
+async fn ledgers_in_two_processes_never_decide_on_what_their_cache_remembers() {
+    use aob_llm::ledger::{Amount, Ledgers, Scope};
+    let e = env("default: { text: ok }\n").await;
+    let kv = async_nats::jetstream::new(e.client.clone())
+        .get_key_value(aob_streams::LEDGER)
+        .await
+        .unwrap();
+    let (a, b) = (Ledgers::new(kv.clone()), Ledgers::new(kv));
+    let budget = aob_llm::config::Budget {
+        usd: Some(2.0),
+        tokens: None,
+        period: Default::default(),
+    };
+    let scopes = [Scope::run("acme", "two", budget)];
+    let one = Amount {
+        usd: 1.0,
+        tokens: 1,
+    };
+    let hold = std::time::Duration::from_secs(60);
+    let now = aob_runtime::now_ms;
+    let reserve = |l: &Ledgers, id: &'static str| {
+        let l = l.clone();
+        let scopes = scopes.clone();
+        async move { l.reserve(&scopes, id, one, hold, now()).await.unwrap() }
+    };
+    assert!(reserve(&a, "1").await.is_ok());
+    assert!(reserve(&a, "2").await.is_ok());
+    assert!(reserve(&a, "3").await.is_err(), "full");
+    // Another process frees a hold; the first one's cache still says full.
+    b.release(&scopes, "1").await.unwrap();
+    assert!(
+        reserve(&a, "3").await.is_ok(),
+        "a refusal is checked against the store"
+    );
+    // And the second one's cache (one hold) is behind the first's write: no overspend.
+    assert!(
+        reserve(&b, "4").await.is_err(),
+        "a write on a stale cache is retried"
+    );
+    let l = a.get(&scopes[0]).await.unwrap();
+    assert_eq!(l.held(now()).usd, 2.0);
+}
