@@ -3,9 +3,11 @@
 //!
 //! A [`Cache`] keeps the value and revision this process last wrote per key, so that the
 //! next change of a key it alone is changing (a run's ledger, the limits window of this
-//! minute) is one write instead of a read and a write. A cached value is only a guess:
-//! a write on it fails if anyone wrote since, and is then retried from a fresh read; and a
-//! decision not to write (a refusal, nothing to change) is never taken on a cached value.
+//! minute) is one write instead of a read and a write; a key it never wrote is first
+//! guessed absent, so a new key (a new run's ledger) is one create. A guess is only a
+//! guess: a write on it fails if anyone wrote since, and is then retried from a fresh
+//! read; and a decision not to write (a refusal, nothing to change) is never taken on a
+//! guess.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -82,11 +84,13 @@ pub async fn update<T, R, E>(
 where
     T: Serialize + DeserializeOwned,
 {
-    let mut cached = cache.get(key);
+    // First a guess: what this process last wrote, or nothing at all.
+    let mut guess = Some(cache.get(key));
     loop {
-        let from_cache = cached.is_some();
-        let (current, revision) = match cached.take() {
-            Some((bytes, rev)) => (Some(bytes), Some(rev)),
+        let from_cache = guess.is_some();
+        let (current, revision) = match guess.take() {
+            Some(Some((bytes, rev))) => (Some(bytes), Some(rev)),
+            Some(None) => (None, None),
             None => match read(store, key).await? {
                 Some((bytes, rev, true)) => (Some(bytes), Some(rev)),
                 Some((_, rev, false)) => (None, Some(rev)),
