@@ -185,17 +185,21 @@ impl AgentHandler {
             took_ms: started.elapsed().as_millis() as u64,
             policy: decision.map(|d| (d.column(), d.outcome.as_str().to_string())),
         };
-        self.recorder
+        let kept = self
+            .recorder
             .put(&key, &rec)
             .await
             .map_err(|e| StepError::retryable(e.0))?;
-        // Another delivery may have recorded first: use what is recorded.
-        let rec = self
-            .recorder
-            .get::<RecordedTool>(&key)
-            .await
-            .map_err(|e| StepError::retryable(e.0))?
-            .unwrap_or(rec);
+        // Another delivery recorded first: its result is the one the model sees.
+        let rec = if kept {
+            rec
+        } else {
+            self.recorder
+                .get::<RecordedTool>(&key)
+                .await
+                .map_err(|e| StepError::retryable(e.0))?
+                .unwrap_or(rec)
+        };
         Ok((rec, false))
     }
 }

@@ -515,8 +515,18 @@ impl Gateway {
                     self.ledgers.settle(&bscopes, &key, spent),
                     self.windows.correct(&lscopes, worst_tokens, used, now),
                 );
-                recorded.map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
+                let kept = recorded.map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
                 settled.map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?;
+                // A duplicate delivery recorded its answer first: that one is the answer.
+                let response = if kept {
+                    response
+                } else {
+                    self.recorder
+                        .get::<Recorded>(&key)
+                        .await
+                        .map_err(|e| Attempt::Stop(StepError::retryable(e.0)))?
+                        .map_or(response, |r| r.response)
+                };
                 Ok(Answer {
                     model: name.to_string(),
                     provider,

@@ -84,14 +84,15 @@ impl Recorder {
         }
     }
 
-    /// Records a call. The first record of a key wins: a second writer (a duplicate
-    /// delivery that called too) keeps the first answer, so every reader sees one.
-    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+    /// Records a call; `true` if this record is the one kept. The first record of a key
+    /// wins: a second writer (a duplicate delivery that called too) must use the first
+    /// answer (`false`), so every reader, and every later turn, sees one.
+    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
         let body = serde_json::to_vec(value)
             .map_err(|e| StoreError(format!("encoding recorded call {key}: {e}")))?;
         match self.kv.create(key, body.into()).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(StoreError(format!("recording call {key}: {e}"))),
         }
     }

@@ -605,3 +605,33 @@ async fn ledgers_in_two_processes_never_decide_on_what_their_cache_remembers() {
     let l = a.get(&scopes[0]).await.unwrap();
     assert_eq!(l.held(now()).usd, 2.0);
 }
+
+#[tokio::test]
+async fn two_deliveries_racing_on_one_call_both_answer_with_the_recorded_answer() {
+    // The double answers "A" once, then "B": two concurrent calls get different replies
+    // from it, but only one can be the call's answer.
+    let e = env(r#"
+rules:
+  - times: 1
+    delay_ms: 100
+    reply: { text: "A" }
+  - delay_ms: 300
+    reply: { text: "B" }
+"#)
+    .await;
+    let (g1, g2) = (e.gateway("").await, e.gateway("").await);
+    let (c1, c2) = (caller("race", "s"), caller("race", "s"));
+    let (q1, q2) = (ask("same question"), ask("same question"));
+    let (x1, x2) = (cx(), cx());
+    let (a, b) = tokio::join!(
+        g1.call(&c1, None, &q1, None, &x1),
+        g2.call(&c2, None, &q2, None, &x2)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(e.double.requests().total, 2, "both called");
+    assert_eq!(a.response.text, "A");
+    assert_eq!(
+        b.response.text, "A",
+        "the later one takes the recorded answer"
+    );
+}
