@@ -40,13 +40,17 @@ pub enum Command {
     #[command(
         long_about = "Runs everything in one process: a local nats-server with JetStream (unless \
             --nats-url or NATS_URL points to one), the topology, the engine with its timer service, \
-            and the transform, validate, http, wait and tool functions (tools from AOB_TOOLS). Payloads larger than the offload \
+            and the transform, validate, http, wait, tool, llm and agent functions (tools from AOB_TOOLS; models from \
+            AOB_MODELS, or, without it, the scripted provider: a test double that needs no key and no network). \
+            Payloads larger than the offload \
             threshold go to <data>/payloads unless AOB_PAYLOAD_URL is set. The server's URL is \
             written to <data>/nats.url so that other shells can use it. Ctrl-C stops everything.",
         after_help = "EXAMPLES:\n  \
             aob dev\n  \
             aob dev --data /tmp/aobdev\n  \
             aob dev --example examples/chain/workflow.yaml --input '{\"name\": \"Ada\"}'\n  \
+            AOB_TOOLS=examples/agentic/tools.yaml aob dev --example examples/agentic/workflow.yaml \
+              --input '{\"text\": \"When does the Tokyo office open?\"}'\n  \
             # in another shell:\n  \
             export NATS_URL=$(cat .aob/nats.url)"
     )]

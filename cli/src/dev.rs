@@ -49,9 +49,9 @@ fn spawn_function<H: Handler>(
     });
 }
 
-/// Runs the engine, its timer service and the transform, validate, http, wait and tool functions
-/// on `client` until `shutdown` is cancelled, then lets them drain. The topology must be
-/// applied. If one component fails, the others are stopped and its error is returned.
+/// Runs the engine, its timer service and the transform, validate, http, wait, tool, llm and
+/// agent functions on `client` until `shutdown` is cancelled, then lets them drain. The
+/// topology must be applied. If one component fails, the others are stopped and its error is returned.
 pub async fn run_stack(
     client: async_nats::Client,
     payloads: PayloadStore,
