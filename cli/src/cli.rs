@@ -113,6 +113,13 @@ pub enum Command {
             aob tools list --config tools.yaml --json"
     )]
     Tools(ToolsCommand),
+    /// Generate deployment configuration.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob infra nats-accounts acme globex --out infra/nats/generated"
+    )]
+    Infra(InfraCommand),
     /// Push Rego policies to the bucket, list them, and try them locally.
     #[command(
         subcommand,
@@ -494,4 +501,32 @@ mod tests {
             Cli::try_parse_from(["aob", "run", "start", "greeting", "--timeout", "5s"]).is_err()
         );
     }
+}
+
+/// `aob infra ...`.
+#[derive(Debug, Subcommand)]
+pub enum InfraCommand {
+    /// Write the NATS users and permissions for these tenants (accounts.conf and a password
+    /// file per user).
+    #[command(
+        long_about = "Writes <out>/accounts.conf, to include in a nats-server configuration: one account \
+            (AOB, with JetStream) whose users are the system user (engine, functions, audit sink) and \
+            one user per tenant (tenant-<name>). A tenant's user may publish starts and signals of its \
+            own runs and follow their history and state; it may not publish results, internal signals \
+            or tasks, nor touch another tenant's subjects. Passwords are generated once into \
+            <out>/<user>.password (mode 0600) and kept when the command runs again.",
+        after_help = "EXAMPLES:\n  \
+            aob infra nats-accounts acme globex --out infra/nats/generated"
+    )]
+    NatsAccounts {
+        /// The tenants.
+        #[arg(value_name = "TENANT", required = true)]
+        tenants: Vec<String>,
+        /// The system user's name.
+        #[arg(long, default_value = "aob", value_name = "USER")]
+        system_user: String,
+        /// Where to write.
+        #[arg(long, default_value = "infra/nats/generated", value_name = "DIR")]
+        out: PathBuf,
+    },
 }

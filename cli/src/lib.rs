@@ -10,6 +10,7 @@ pub mod cli;
 pub mod ctx;
 pub mod dev;
 pub mod dlq;
+pub mod infra;
 pub mod input;
 pub mod policy;
 pub mod progress;
@@ -24,8 +25,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, DlqCommand, PolicyCommand, RunCommand, StreamsCommand,
-    ToolsCommand, WorkflowCommand,
+    AuditCommand, Cli, Command, DlqCommand, InfraCommand, PolicyCommand, RunCommand,
+    StreamsCommand, ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
 
@@ -72,6 +73,11 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dlq(DlqCommand::Ls { json }) => dlq::cmd_ls(&ctx, json).await,
         Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
+        Command::Infra(InfraCommand::NatsAccounts {
+            tenants,
+            system_user,
+            out,
+        }) => infra::cmd_nats_accounts(&tenants, &system_user, &out).map(|()| ExitCode::SUCCESS),
         Command::Tools(ToolsCommand::List { config, json }) => {
             tools::cmd_list(config.as_deref(), json).await
         }

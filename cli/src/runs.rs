@@ -158,6 +158,9 @@ impl HistoryFeed {
         })?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
+                // Named, so the filter travels in the request's subject, where a tenant's
+                // NATS permissions can pin it to the tenant's runs (`aob infra nats-accounts`).
+                name: Some(format!("watch_{}", ulid::Ulid::new())),
                 filter_subject: subjects::history_of(tenant, run_id),
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()

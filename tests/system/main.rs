@@ -5,6 +5,7 @@ mod agents;
 mod audit;
 mod core;
 mod flow;
+mod infra;
 mod policy;
 mod robustness;
 mod secrets;

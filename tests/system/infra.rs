@@ -1,0 +1,215 @@
+//! `aob infra nats-accounts` against a real nats-server running with the accounts it
+//! writes: a tenant's user starts and follows its own runs, and is refused results,
+//! internal signals, tasks and another tenant's subjects.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aob_tests::Stack;
+use serde_json::json;
+
+/// The `aob` binary with these arguments and `NATS_URL`; exit code and output.
+#[allow(clippy::unwrap_used)]
+fn aob(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(aob_tests::binary("aob").unwrap())
+        .args(args)
+        .env("NATS_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_user_runs_its_own_workflows_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("generated");
+    let (code, _, err) = aob(
+        "nats://127.0.0.1:1",
+        &[
+            "infra",
+            "nats-accounts",
+            "acme",
+            "globex",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    // The stack's own connections carry no credentials: they are the system user.
+    // (`include` paths are relative to the including file: infra/nats/single.conf includes
+    // `generated/accounts.conf`; here the text goes in whole.)
+    let conf = format!(
+        "{}\nno_auth_user: aob\n",
+        std::fs::read_to_string(out.join("accounts.conf")).unwrap()
+    );
+    let server = aob_testkit::NatsServer::start_with_config(&conf).unwrap();
+    let s = Stack::start_on(server).await.unwrap();
+    s.publish_example("acme", "chain").await.unwrap();
+    let pw = std::fs::read_to_string(out.join("tenant-acme.password")).unwrap();
+    let acme_url = format!(
+        "nats://tenant-acme:{}@127.0.0.1:{}",
+        pw.trim(),
+        s.server.port()
+    );
+
+    // Its own runs: start one and follow it to the end, with the CLI as the tenant.
+    let (code, stdout, err) = aob(
+        &acme_url,
+        &[
+            "--tenant",
+            "acme",
+            "run",
+            "start",
+            "greeting",
+            "--input",
+            r#"{"name": "Ada"}"#,
+            "--wait",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("COMPLETED"), "{stdout}");
+    let run = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("run ")
+                .map(|r| r.split_whitespace().next().unwrap_or_default().to_string())
+        })
+        .unwrap();
+    let (code, stdout, err) = aob(&acme_url, &["--tenant", "acme", "run", "get", &run]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+
+    // Another tenant's runs: nothing to see (the consumer it would need is refused).
+    let (code, stdout, _) = aob(
+        &acme_url,
+        &[
+            "--tenant",
+            "globex",
+            "run",
+            "watch",
+            &run,
+            "--timeout",
+            "3s",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(!stdout.contains("started"), "{stdout}");
+
+    // Subjects a tenant may not touch: each one is a permissions violation.
+    let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = violations.clone();
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        "tenant-acme".into(),
+        pw.trim().to_string(),
+    )
+    .event_callback(move |e| {
+        let seen = seen.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = e
+                && let Ok(mut v) = seen.lock()
+            {
+                v.push(e.to_string());
+            }
+        }
+    })
+    .connect(s.server.url())
+    .await
+    .unwrap();
+    let forbidden = [
+        "aob.acme.result.01X".to_string(),
+        "aob.acme.cmd.internal.01X".to_string(),
+        "aob.acme.task.transform".to_string(),
+        "aob.globex.cmd.start".to_string(),
+        "aob.acme.audit".to_string(),
+    ];
+    for subject in &forbidden {
+        client
+            .publish(subject.clone(), json!({}).to_string().into())
+            .await
+            .unwrap();
+    }
+    let _sub = client.subscribe("aob.globex.run.>").await.unwrap();
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = violations.lock().unwrap().clone();
+        let publish_refused = forbidden
+            .iter()
+            .all(|f| got.iter().any(|g| g.contains(f.as_str())));
+        let subscribe_refused = got.iter().any(|g| g.contains("aob.globex.run.>"));
+        if publish_refused && subscribe_refused {
+            assert!(
+                got.iter()
+                    .all(|g| g.to_lowercase().contains("permissions violation")),
+                "{got:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "violations seen: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Following another tenant's history with a consumer of its own is refused too.
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream(aob_streams::HISTORY).await.unwrap();
+    let other = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            name: Some("peek".into()),
+            filter_subject: "aob.globex.run.>".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        other.is_err(),
+        "a consumer on another tenant's history was created"
+    );
+}
+
+/// The shipped configurations (one node; three nodes) are accepted by nats-server's own
+/// check, with the accounts `aob infra nats-accounts` writes beside them.
+#[test]
+fn the_shipped_nats_configurations_pass_the_servers_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = dir.path().join("nats");
+    std::fs::create_dir_all(nats.join("cluster")).unwrap();
+    let shipped = aob_tests::examples_dir().join("../infra/nats");
+    let mut confs = vec!["single.conf".to_string()];
+    for i in 1..=3 {
+        confs.push(format!("cluster/aob-{i}.conf"));
+    }
+    for c in &confs {
+        std::fs::copy(shipped.join(c), nats.join(c)).unwrap();
+    }
+    let (code, _, err) = aob(
+        "nats://127.0.0.1:1",
+        &[
+            "infra",
+            "nats-accounts",
+            "acme",
+            "--out",
+            nats.join("generated").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let server = aob_testkit::nats_server_binary().unwrap();
+    for c in &confs {
+        let out = std::process::Command::new(&server)
+            .args(["-t", "-c"])
+            .arg(nats.join(c))
+            .current_dir(&nats)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{c}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
