@@ -57,7 +57,7 @@ impl Ctx {
 
 /// Connects to NATS at `url`; `source` says where the URL came from.
 pub async fn connect(url: &str, source: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    aob_runtime::nats_options()
         .name("aob-cli")
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

@@ -213,3 +213,190 @@ fn the_shipped_nats_configurations_pass_the_servers_check() {
         );
     }
 }
+
+/// Writes a CA and a server certificate for 127.0.0.1 into `dir` with the system's openssl.
+#[allow(clippy::unwrap_used)]
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=aob test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    ]);
+}
+
+/// A server with TLS on its client port and a WebSocket listener: a tenant's user works
+/// over both, with the same permissions; a client without TLS is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_connect_over_tls_and_websocket_with_the_same_permissions() {
+    aob_runtime::init_tls();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let out = dir.path().join("generated");
+    let (code, _, err) = aob(
+        "nats://127.0.0.1:1",
+        &[
+            "infra",
+            "nats-accounts",
+            "acme",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let d = dir.path().display();
+    let conf = format!(
+        "{}\nno_auth_user: aob\ntls {{ cert_file: \"{d}/server.crt\", key_file: \"{d}/server.key\" }}\nwebsocket {{ port: -1, no_tls: true }}\n",
+        std::fs::read_to_string(out.join("accounts.conf")).unwrap()
+    );
+    let server = aob_testkit::NatsServer::start_with_config(&conf).unwrap();
+    let log = std::fs::read_to_string(server.store_dir().join("nats-server.log")).unwrap();
+    let ws_port: u16 = log
+        .lines()
+        .find_map(|l| l.split("Listening for websocket clients on ").nth(1))
+        .and_then(|rest| rest.rsplit(':').next())
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the websocket listener's port in the server log");
+    let tls_url = format!("tls://127.0.0.1:{}", server.port());
+    // The system user, over TLS, applies the topology.
+    let system = async_nats::ConnectOptions::new()
+        .add_root_certificates(dir.path().join("ca.crt"))
+        .require_tls(true)
+        .connect(&tls_url)
+        .await
+        .unwrap();
+    aob_streams::Topology::default()
+        .apply(&async_nats::jetstream::new(system.clone()))
+        .await
+        .unwrap();
+    // A client that cannot verify the server (no CA given) does not get in.
+    let plain = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(server.url());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), plain)
+            .await
+            .map_or(true, |r| r.is_err()),
+        "a client that cannot verify the server got in"
+    );
+    // The CLI (and every function) trusts the CA named by AOB_NATS_CA.
+    let ca = dir.path().join("ca.crt");
+    let cli = |with_ca: bool| {
+        let mut cmd = std::process::Command::new(aob_tests::binary("aob").unwrap());
+        cmd.args(["streams", "diff"]).env("NATS_URL", &tls_url);
+        if with_ca {
+            cmd.env("AOB_NATS_CA", &ca);
+        }
+        cmd.output().unwrap()
+    };
+    let with = cli(true);
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert!(
+        !cli(false).status.success(),
+        "the server was trusted without its CA"
+    );
+    let pw = std::fs::read_to_string(out.join("tenant-acme.password")).unwrap();
+    let pw = pw.trim().to_string();
+    let start = serde_json::to_vec(&json!({"workflow": "w", "input": {}})).unwrap();
+    for (how, options, url) in [
+        (
+            "tls",
+            async_nats::ConnectOptions::with_user_and_password("tenant-acme".into(), pw.clone())
+                .add_root_certificates(dir.path().join("ca.crt"))
+                .require_tls(true),
+            tls_url.clone(),
+        ),
+        (
+            "websocket",
+            async_nats::ConnectOptions::with_user_and_password("tenant-acme".into(), pw.clone()),
+            format!("ws://127.0.0.1:{ws_port}"),
+        ),
+    ] {
+        let client = options.connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        // Its own start is stored (acknowledged by the stream).
+        js.publish("aob.acme.cmd.start", start.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("{how}: the start was not stored: {e}"));
+        // Another tenant's start is not.
+        let other = js
+            .publish("aob.globex.cmd.start", start.clone().into())
+            .await;
+        let stored = match other {
+            Ok(ack) => tokio::time::timeout(Duration::from_secs(3), ack)
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            Err(_) => false,
+        };
+        assert!(!stored, "{how}: another tenant's start was stored");
+    }
+}

@@ -390,11 +390,33 @@ impl Env {
 
     /// Connects to NATS.
     pub async fn connect(&self) -> Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
+        init_tls();
+        nats_options()
             .name("aob")
             .connect(&self.nats_url)
             .await
             .map_err(|e| Error::Nats(format!("connecting to {}: {e}", redact(&self.nats_url))))
+    }
+}
+
+/// Chooses the TLS implementation of the process (aws-lc-rs) before any TLS connection is
+/// made. Two are linked (the NATS client's and the HTTP client's), and rustls will not pick
+/// one on its own: a `tls://` NATS URL would fail without this. Idempotent.
+pub fn init_tls() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// Connection options every AOB client starts from: TLS chosen ([`init_tls`]) and, with
+/// `AOB_NATS_CA`, the CA that signed the server's certificate.
+pub fn nats_options() -> async_nats::ConnectOptions {
+    init_tls();
+    let options = async_nats::ConnectOptions::new();
+    match std::env::var_os("AOB_NATS_CA").filter(|v| !v.is_empty()) {
+        Some(ca) => options.add_root_certificates(ca.into()),
+        None => options,
     }
 }
 

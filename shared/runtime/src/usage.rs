@@ -13,10 +13,14 @@ pub struct Usage<'a> {
 }
 
 /// The variables every component reads.
-pub const COMMON_VARS: [(&str, &str); 4] = [
+pub const COMMON_VARS: [(&str, &str); 5] = [
     (
         "NATS_URL",
-        "NATS server URL (default nats://127.0.0.1:4222)",
+        "NATS server URL (default nats://127.0.0.1:4222; tls://host:port for TLS; user:password@ for a user)",
+    ),
+    (
+        "AOB_NATS_CA",
+        "a PEM file of the CA that signed the NATS server's certificate (default: the system's roots)",
     ),
     (
         "AOB_PAYLOAD_URL",
