@@ -400,3 +400,20 @@ async fn tenants_connect_over_tls_and_websocket_with_the_same_permissions() {
         assert!(!stored, "{how}: another tenant's start was stored");
     }
 }
+
+/// The image's Dockerfile passes hadolint (installed by scripts/setup).
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let hadolint = aob_tests::audit::venv_bin("hadolint").unwrap();
+    let dockerfile = aob_tests::examples_dir().join("../infra/docker/Dockerfile");
+    let out = std::process::Command::new(hadolint)
+        .arg(&dockerfile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
