@@ -273,13 +273,28 @@ impl crate::context::Emitter for NatsEmitter {
         signal: &'a aob_model::wire::Signal,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let aob_model::wire::Signal::Progress { at, seq, .. } = signal else {
+            let aob_model::wire::Signal::Progress {
+                at, seq, message, ..
+            } = signal
+            else {
                 return Err(Error::Config("only progress is reported".into()));
             };
             let body = serde_json::to_vec(signal)
                 .map_err(|e| Error::Payload(format!("encoding a progress report: {e}")))?;
+            // Watch for the engine's event before sending: the report and the attempt's
+            // result travel by different paths, and a report applied after the result is
+            // dropped as stale. Waiting for it (a few ms) keeps them in order.
+            let mut recorded = self
+                .0
+                .subscribe(aob_streams::subjects::history(
+                    tenant,
+                    run_id,
+                    aob_model::wire::HistoryKind::StepProgress.token(),
+                ))
+                .await
+                .map_err(|e| Error::Nats(format!("watching for a progress event: {e}")))?;
             let js = jetstream::new(self.0.clone());
-            crate::bus::publish(
+            let ack = crate::bus::publish(
                 &js,
                 aob_streams::subjects::internal_signal(tenant, run_id),
                 &format!("progress.{run_id}.{}.{seq}", at.token()),
@@ -288,10 +303,31 @@ impl crate::context::Emitter for NatsEmitter {
             .await?
             .await
             .map_err(|e| Error::Nats(format!("progress report not acknowledged: {e}")))?;
+            if ack.duplicate {
+                // Sent before (by an earlier delivery of this attempt): recorded then.
+                return Ok(());
+            }
+            let seen = async {
+                while let Some(m) = recorded.next().await {
+                    if let Ok(ev) =
+                        serde_json::from_slice::<aob_model::wire::HistoryEvent>(&m.payload)
+                        && ev.step.as_deref() == Some(at.step.as_str())
+                        && ev.attempt == Some(at.attempt)
+                        && ev.message.as_deref() == Some(message.as_str())
+                    {
+                        return;
+                    }
+                }
+            };
+            // Without an engine the report still waits in its stream; go on after a while.
+            let _ = tokio::time::timeout(REPORT_WAIT, seen).await;
             Ok(())
         })
     }
 }
+
+/// Longest a progress report waits for the engine to record it.
+const REPORT_WAIT: Duration = Duration::from_secs(5);
 
 async fn handle_message<H: Handler>(
     handler: &H,
