@@ -178,6 +178,15 @@ impl Env {
     }
 }
 
+/// The `step_progress` lines of a run's history, in order.
+fn progress_lines(events: &[aob_model::wire::HistoryEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|ev| ev.kind == HistoryKind::StepProgress)
+        .map(|ev| ev.message.as_deref().unwrap_or_default())
+        .collect()
+}
+
 #[allow(clippy::unwrap_used)]
 fn failure(state: &aob_model::state::RunState, step: &str) -> aob_model::wire::StepError {
     let st = &state.steps[step];
@@ -199,11 +208,7 @@ async fn the_agentic_example_runs_under_policies_and_duckdb_answers_the_auditor(
     assert_eq!(draft["turns"], 2, "{draft}");
     assert!(draft["text"].as_str().unwrap().contains("20:00 in Tokyo"));
     // Each agent turn is a history event of the draft step.
-    let turns: Vec<&str> = events
-        .iter()
-        .filter(|ev| ev.kind == HistoryKind::StepProgress)
-        .map(|ev| ev.message.as_deref().unwrap_or_default())
-        .collect();
+    let turns = progress_lines(&events);
     assert_eq!(
         turns,
         [
@@ -492,11 +497,7 @@ async fn an_agent_process_killed_after_its_second_turn_resumes_at_the_third() {
         "no tool call made twice: {out}"
     );
     // Each turn is in the history once, although the first two were reported twice.
-    let turns: Vec<&str> = events
-        .iter()
-        .filter(|ev| ev.kind == HistoryKind::StepProgress)
-        .map(|ev| ev.message.as_deref().unwrap_or_default())
-        .collect();
+    let turns = progress_lines(&events);
     assert_eq!(
         turns,
         [

@@ -311,7 +311,7 @@ impl Gateway {
         }
         // A recorded answer from any candidate wins: after a crash the call that was paid
         // for is used, whichever model it was.
-        for (name, m, _, digest) in &planned {
+        for (name, _, _, digest) in &planned {
             let key = Recorder::key(&caller.tenant, &caller.run_id, digest);
             let got: Option<Recorded> = self
                 .recorder
@@ -330,7 +330,6 @@ impl Gateway {
                     .settle(&scopes, &key, spent)
                     .await
                     .map_err(|e| StepError::retryable(e.0))?;
-                let _ = m;
                 return Ok(Answer {
                     model: name.clone(),
                     provider: rec.provider,
@@ -409,16 +408,15 @@ impl Gateway {
             .unwrap_or_default();
         let bcfg: BreakerConfig = pcfg.breaker.unwrap_or_default();
         let input = input_bound(req);
+        // The bound is generous (a token per byte); only refuse what cannot fit whatever
+        // the tokenizer (four bytes a token).
         if let Some(window) = m.context_window
-            && input > window
+            && input / 4 > window
         {
-            // The bound is generous; only refuse what cannot fit whatever the tokenizer.
-            if input / 4 > window {
-                return Err(Attempt::Next(StepError::terminal(format!(
-                    "the prompt (about {} tokens) does not fit model {name}'s context window of {window}",
-                    input / 4
-                ))));
-            }
+            return Err(Attempt::Next(StepError::terminal(format!(
+                "the prompt (about {} tokens) does not fit model {name}'s context window of {window}",
+                input / 4
+            ))));
         }
         if let Err(open) = self.breakers.admit(&provider, &bcfg) {
             return Err(Attempt::Next(

@@ -10,7 +10,7 @@ use aob_runtime::context::{Context, Emission, Usage};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::chat::{ChatRequest, Message, Role};
+use crate::chat::{ChatRequest, Message};
 use crate::config::{Route, Strategy};
 use crate::gateway::{Answer, Caller, Gateway};
 use crate::record::hex;
@@ -339,10 +339,7 @@ impl aob_runtime::Handler for LlmHandler {
                 .with_details(json!({ "last_answer": text, "errors": problems })));
             }
             repair += 1;
-            req.messages.push(Message {
-                role: Role::Assistant,
-                ..Message::assistant(text, Vec::new())
-            });
+            req.messages.push(Message::assistant(text, Vec::new()));
             req.messages.push(Message::user(format!(
                 "That answer does not satisfy the JSON Schema: {}. Answer again with JSON only.",
                 problems.join("; ")

@@ -113,16 +113,19 @@ impl Guard {
             Call::Model { .. } => Kind::Model,
             Call::Tool { .. } => Kind::Tool,
         };
-        let mut input = Input::new(kind, task.tenant.clone());
-        input.run = Some(aob_policy::RunRef {
-            id: task.run_id.clone(),
-            workflow: task.workflow.clone(),
-            version: task.version,
-        });
-        input.step = Some(aob_policy::StepRef {
-            id: task.step.clone(),
-            kind: task.node_type.clone(),
-        });
+        let mut input = Input::in_step(
+            kind,
+            &task.tenant,
+            aob_policy::RunRef {
+                id: task.run_id.clone(),
+                workflow: task.workflow.clone(),
+                version: task.version,
+            },
+            aob_policy::StepRef {
+                id: task.step.clone(),
+                kind: task.node_type.clone(),
+            },
+        );
         let what = match call {
             Call::Model { name, provider } => {
                 input.model = Some(aob_policy::ModelRef {

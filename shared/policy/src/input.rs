@@ -106,6 +106,16 @@ pub struct Input {
 }
 
 impl Input {
+    /// An input about an action inside a step of a run: the kind, the tenant, the run
+    /// (`id`, workflow, version) and the step (`id`, node type).
+    pub fn in_step(kind: Kind, tenant: &str, run: RunRef, step: StepRef) -> Self {
+        Input {
+            run: Some(run),
+            step: Some(step),
+            ..Input::new(kind, tenant)
+        }
+    }
+
     /// An input with only the kind and the tenant.
     pub fn new(kind: Kind, tenant: impl Into<String>) -> Self {
         Input {

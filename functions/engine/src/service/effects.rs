@@ -21,16 +21,19 @@ impl<S: RunStore> Engine<S> {
     /// as if a function had answered. Either way the decision is an audit record.
     pub(super) async fn send_task(&self, task: &Task) -> Result<PublishAckFuture> {
         if self.policies.version(&task.tenant) != "none" {
-            let mut input = aob_policy::Input::new(aob_policy::Kind::Step, task.tenant.clone());
-            input.run = Some(aob_policy::RunRef {
-                id: task.run_id.clone(),
-                workflow: task.workflow.clone(),
-                version: task.version,
-            });
-            input.step = Some(aob_policy::StepRef {
-                id: task.at.step.clone(),
-                kind: task.node_type.clone(),
-            });
+            let input = aob_policy::Input::in_step(
+                aob_policy::Kind::Step,
+                &task.tenant,
+                aob_policy::RunRef {
+                    id: task.run_id.clone(),
+                    workflow: task.workflow.clone(),
+                    version: task.version,
+                },
+                aob_policy::StepRef {
+                    id: task.at.step.clone(),
+                    kind: task.node_type.clone(),
+                },
+            );
             let decision = self.policies.evaluate(&input);
             let what = format!("step {}", task.at.step);
             let mut record = DecisionRecord::new(
