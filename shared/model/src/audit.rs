@@ -66,6 +66,20 @@ pub enum AuditKind {
     Rollback,
     /// A compensation ran.
     Compensation,
+    /// A `human` step asked people to decide.
+    ApprovalRequested,
+    /// A decision was refused.
+    DecisionRefused,
+    /// An approval request expired.
+    ApprovalExpired,
+    /// An approval request was escalated.
+    ApprovalEscalated,
+    /// The run was paused.
+    RunPaused,
+    /// The run was resumed.
+    RunResumed,
+    /// The run ended after compensating.
+    RunCompensated,
 }
 
 impl AuditKind {
@@ -94,6 +108,13 @@ impl AuditKind {
             AuditKind::ToolCall => "tool_call",
             AuditKind::Rollback => "rollback",
             AuditKind::Compensation => "compensation",
+            AuditKind::ApprovalRequested => "approval_requested",
+            AuditKind::DecisionRefused => "decision_refused",
+            AuditKind::ApprovalExpired => "approval_expired",
+            AuditKind::ApprovalEscalated => "approval_escalated",
+            AuditKind::RunPaused => "run_paused",
+            AuditKind::RunResumed => "run_resumed",
+            AuditKind::RunCompensated => "run_compensated",
         }
     }
 
@@ -114,6 +135,18 @@ impl AuditKind {
             HistoryKind::Completed => AuditKind::RunCompleted,
             HistoryKind::Failed => AuditKind::RunFailed,
             HistoryKind::Cancelled => AuditKind::RunCancelled,
+            HistoryKind::ApprovalRequested => AuditKind::ApprovalRequested,
+            HistoryKind::ApprovalDecided => AuditKind::ApprovalDecided,
+            HistoryKind::DecisionRefused => AuditKind::DecisionRefused,
+            HistoryKind::ApprovalExpired => AuditKind::ApprovalExpired,
+            HistoryKind::ApprovalEscalated => AuditKind::ApprovalEscalated,
+            HistoryKind::Paused => AuditKind::RunPaused,
+            HistoryKind::Resumed => AuditKind::RunResumed,
+            HistoryKind::RolledBack => AuditKind::Rollback,
+            HistoryKind::CompensationStarted
+            | HistoryKind::StepCompensated
+            | HistoryKind::CompensationFailed => AuditKind::Compensation,
+            HistoryKind::Compensated => AuditKind::RunCompensated,
         }
     }
 }
@@ -369,10 +402,34 @@ impl DecisionRecord {
             AuditKind::StepSkipped => ("SKIPPED", "skip"),
             AuditKind::StepRetried => ("PENDING", "retry"),
             AuditKind::LoopIteration => ("RUNNING", "iterate"),
+            AuditKind::ApprovalRequested => ("WAITING", "request_approval"),
+            AuditKind::DecisionRefused => ("WAITING", "refuse"),
+            AuditKind::ApprovalExpired => ("WAITING", "expire"),
+            AuditKind::ApprovalEscalated => ("WAITING", "escalate"),
+            AuditKind::RunPaused => ("RUNNING", "pause"),
+            AuditKind::RunResumed => ("RUNNING", "resume"),
+            AuditKind::Rollback => ("RUNNING", "rollback"),
+            AuditKind::RunCompensated => ("COMPENSATED", "compensate"),
+            AuditKind::Compensation => match ev.kind {
+                HistoryKind::StepCompensated => ("COMPENSATED", "compensate"),
+                HistoryKind::CompensationFailed => ("FAILED", "compensate"),
+                _ => ("RUNNING", "compensate"),
+            },
             _ => ("", ""),
         };
         r.status = Some(status.to_string()).filter(|s| !s.is_empty());
         r.decision = Some(decision.to_string()).filter(|s| !s.is_empty());
+        // A person's act (a decision, a pause, a rollback) names them as its actor.
+        if let Some(by) = data.and_then(|d| d.get("by")).and_then(Value::as_str)
+            && !by.is_empty()
+        {
+            r.actor = by.to_string();
+        }
+        if ev.kind == HistoryKind::ApprovalDecided
+            && let Some(d) = data.and_then(|d| d.get("decision")).and_then(Value::as_str)
+        {
+            r.decision = Some(d.to_string());
+        }
         if let Some(d) = data {
             if let Some(out) = d.get("output") {
                 r = r.with_output(out);

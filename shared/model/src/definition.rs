@@ -30,6 +30,12 @@ pub struct Workflow {
     /// Run timeout: the run fails when it is still going after this long (e.g. `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+    /// What a step's final failure does, unless the step says otherwise (default `fail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+    /// Most rollbacks of one run, automatic and by hand (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rollbacks: Option<u32>,
     /// The steps, in any order; edges come from `needs`.
     pub steps: Vec<Step>,
 }
@@ -86,6 +92,9 @@ pub struct Step {
     /// What undoes this step on rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<Compensate>,
+    /// What this step's final failure does (the workflow's `on_failure` otherwise).
+    #[serde(default, alias = "on_fail", skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
     /// Type-specific fields (`url`, `output`, `schema`, ...).
     #[serde(flatten)]
     #[schemars(skip)]
@@ -217,6 +226,69 @@ pub enum Compensate {
         #[schemars(skip)]
         config: Map<String, Value>,
     },
+}
+
+/// What a step's final failure does.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The run fails (the default).
+    Fail,
+    /// Compensate every completed step that has a `compensate` action, latest first; the
+    /// run then ends as `end` says (COMPENSATED unless `failed`).
+    Compensate {
+        /// `compensated` (default) or `failed`.
+        end: CompensatedEnd,
+    },
+    /// Restore the run to the checkpoint before this step and run again from there, under
+    /// a new generation (bounded by the workflow's `max_rollbacks`).
+    RollbackTo(String),
+}
+
+/// How a compensated run ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CompensatedEnd {
+    /// COMPENSATED.
+    #[default]
+    Compensated,
+    /// FAILED.
+    Failed,
+}
+
+impl<'de> Deserialize<'de> for OnFailure {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        const HELP: &str = "write `fail`, `compensate`, `{compensate: {end: failed}}` or `{rollback_to: <step>}`";
+        match Value::deserialize(d)? {
+            Value::String(s) if s == "fail" => Ok(OnFailure::Fail),
+            Value::String(s) if s == "compensate" => Ok(OnFailure::Compensate {
+                end: CompensatedEnd::Compensated,
+            }),
+            Value::Object(m) if m.len() == 1 => {
+                let (k, v) = m.into_iter().next().ok_or_else(|| D::Error::custom(HELP))?;
+                match (k.as_str(), v) {
+                    ("rollback_to", Value::String(step)) => Ok(OnFailure::RollbackTo(step)),
+                    ("compensate", Value::Object(o)) => {
+                        let end = match o.get("end") {
+                            None => CompensatedEnd::Compensated,
+                            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                                D::Error::custom("`compensate.end` is `compensated` or `failed`")
+                            })?,
+                        };
+                        if let Some(k) = o.keys().find(|k| *k != "end") {
+                            return Err(D::Error::custom(format!(
+                                "unknown field `{k}` in `compensate` (only `end`)"
+                            )));
+                        }
+                        Ok(OnFailure::Compensate { end })
+                    }
+                    (k, _) => Err(D::Error::custom(format!("`{k}` is not a failure action; {HELP}"))),
+                }
+            }
+            other => Err(D::Error::custom(format!("`{other}` is not a failure action; {HELP}"))),
+        }
+    }
 }
 
 /// A duration written as `500ms`, `30s`, `5m`, `1h 30m` (or a number of seconds).

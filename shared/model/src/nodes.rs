@@ -119,7 +119,30 @@ pub const REGISTRY: &[NodeType] = &[
         check: check_wait,
         audit_kind: crate::audit::AuditKind::TaskExecuted,
     },
+    NodeType {
+        name: "human",
+        fields: &[
+            ("approvers", Field::Data),
+            ("fields", Field::Data),
+            ("deadline", Field::Data),
+            ("required", Field::Data),
+            ("allow_self_approval", Field::Data),
+        ],
+        schema: || schemars::schema_for!(HumanConfig),
+        check: check_human,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
+    NodeType {
+        name: "workflow",
+        fields: &[("workflow", Field::Data), ("version", Field::Data)],
+        schema: || schemars::schema_for!(WorkflowStepConfig),
+        check: check_workflow_step,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
 ];
+
+/// Node types the engine runs itself, with no function and no task subject.
+pub const ENGINE_TYPES: &[&str] = &["workflow"];
 
 /// The descriptor of a node type.
 pub fn node_type(name: &str) -> Option<&'static NodeType> {
@@ -256,6 +279,115 @@ pub struct WaitConfig {
     /// Wait until this RFC 3339 time (template), e.g. `2026-12-01T09:00:00Z`.
     #[serde(default)]
     pub until: Option<String>,
+}
+
+/// `human`: an approval request that people decide on; the step waits as state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HumanConfig {
+    /// Who may decide.
+    pub approvers: Approvers,
+    /// Approvals needed (N of M, default 1); one rejection rejects.
+    #[serde(default = "one")]
+    pub required: u32,
+    /// Whether the run's starter may decide on their own run (default no).
+    #[serde(default)]
+    pub allow_self_approval: bool,
+    /// What the deciders are asked: a template over the run context.
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// JSON Schema of the fields a decider may edit; the edited values are the step's
+    /// `values` output.
+    #[serde(default)]
+    pub fields: Option<Value>,
+    /// Initial values of the editable fields (templates).
+    #[serde(default)]
+    pub values: Option<Value>,
+    /// When the request expires, and what happens then.
+    #[serde(default)]
+    pub deadline: Option<Deadline>,
+    /// Who else hears of the request.
+    #[serde(default)]
+    pub notify: Option<Notify>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Who may decide: listed users, or holders of listed roles.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Approvers {
+    /// User ids.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl Approvers {
+    /// Whether a user holding `roles` is one of them.
+    pub fn admits(&self, user: &str, roles: &[String]) -> bool {
+        self.users.iter().any(|u| u == user) || roles.iter().any(|r| self.roles.contains(r))
+    }
+}
+
+/// An approval deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Deadline {
+    /// How long after the request (or the escalation) it expires.
+    pub after: Dur,
+    /// What happens then.
+    pub action: DeadlineAction,
+    /// For `escalate`: the new deciders.
+    #[serde(default)]
+    pub to: Option<Approvers>,
+    /// For `escalate`: the next deadline.
+    #[serde(default)]
+    pub then: Option<Box<Deadline>>,
+}
+
+/// What an expired approval request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadlineAction {
+    /// The step completes as approved (by the deadline, not by a person).
+    Approve,
+    /// The step fails as rejected (by the deadline), and its `on_failure` applies.
+    Reject,
+    /// The request goes to `to`, with the deadline `then`.
+    Escalate,
+    /// The run fails.
+    Fail,
+}
+
+/// Notifications of an approval request.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Addresses mailed over SMTP (templates).
+    #[serde(default)]
+    pub email: Vec<String>,
+    /// A URL that gets the request as JSON (POST).
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+/// `workflow`: runs another workflow as a child run and completes with its outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowStepConfig {
+    /// The child workflow's name.
+    pub workflow: String,
+    /// Its version (default: the latest when the step starts).
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// The child's input (templates over this run's context).
+    #[serde(default)]
+    pub input: Option<Value>,
 }
 
 /// `llm`: one answer from a model, through the model gateway.
@@ -537,6 +669,70 @@ fn check_wait(config: &Map<String, Value>) -> Result<(), (String, String)> {
             "give either `duration` or `until`, not both".to_string(),
         )),
         _ => Ok(()),
+    })
+}
+
+fn check_human(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: HumanConfig| {
+        let err = |f: &str, m: String| Err((f.to_string(), m));
+        if c.approvers.users.is_empty() && c.approvers.roles.is_empty() {
+            return err("approvers", "name at least one user or role".into());
+        }
+        if c.required == 0 {
+            return err("required", "must be at least 1".into());
+        }
+        if c.approvers.roles.is_empty() && c.required as usize > c.approvers.users.len() {
+            return err(
+                "required",
+                format!(
+                    "{} approvals needed but only {} users may decide",
+                    c.required,
+                    c.approvers.users.len()
+                ),
+            );
+        }
+        if let Some(s) = &c.fields
+            && let Err(e) = jsonschema::validator_for(s)
+        {
+            return err("fields", format!("not a valid JSON Schema: {e}"));
+        }
+        let mut d = c.deadline.as_ref();
+        let mut path = "deadline".to_string();
+        while let Some(dl) = d {
+            if dl.after.0.is_zero() {
+                return err(&format!("{path}.after"), "must be longer than zero".into());
+            }
+            match (dl.action, &dl.to, &dl.then) {
+                (DeadlineAction::Escalate, None, _) => {
+                    return err(&format!("{path}.to"), "`escalate` needs `to`".into());
+                }
+                (DeadlineAction::Escalate, Some(_), None) => {
+                    return err(&format!("{path}.then"), "`escalate` needs `then`, the next deadline".into());
+                }
+                (DeadlineAction::Escalate, Some(to), _) if to.users.is_empty() && to.roles.is_empty() => {
+                    return err(&format!("{path}.to"), "name at least one user or role".into());
+                }
+                (a, Some(_), _) | (a, _, Some(_)) if a != DeadlineAction::Escalate => {
+                    return err(&path, "`to` and `then` go with `action: escalate` only".into());
+                }
+                _ => {}
+            }
+            d = dl.then.as_deref();
+            path.push_str(".then");
+        }
+        Ok(())
+    })
+}
+
+fn check_workflow_step(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: WorkflowStepConfig| {
+        if c.workflow.is_empty() || !c.workflow.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-') {
+            return Err(("workflow".to_string(), format!("`{}` is not a workflow name", c.workflow)));
+        }
+        if c.version == Some(0) {
+            return Err(("version".to_string(), "versions start at 1".to_string()));
+        }
+        Ok(())
     })
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::wire::{StepError, Task, TimerKind};
+use crate::wire::{StepError, StepRef, Task, TimerKind, Verdict};
 
 /// Status of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,8 @@ pub enum RunStatus {
     Failed,
     /// Cancelled by a signal.
     Cancelled,
+    /// A step failed and the completed steps were compensated.
+    Compensated,
 }
 
 impl RunStatus {
@@ -45,6 +47,8 @@ pub enum StepStatus {
     Failed,
     /// Not run.
     Skipped,
+    /// Completed, then undone by its compensation.
+    Compensated,
 }
 
 impl StepStatus {
@@ -52,7 +56,10 @@ impl StepStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            StepStatus::Completed | StepStatus::Failed | StepStatus::Skipped
+            StepStatus::Completed
+                | StepStatus::Failed
+                | StepStatus::Skipped
+                | StepStatus::Compensated
         )
     }
 }
@@ -321,6 +328,93 @@ pub struct StepState {
     /// `slots`).
     #[serde(flatten)]
     pub shape: ShapeState,
+    /// The run's history position when the step began: a rollback to this step restores
+    /// what had finished before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_seq: Option<u64>,
+    /// The run's history position when the step finished (orders compensations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_seq: Option<u64>,
+    /// The open approval request of a waiting `human` step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Box<Approval>>,
+}
+
+/// An approval request: who may decide, how many must agree, the votes so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// What the deciders are asked (rendered from the run context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The editable fields' values, as the last approver left them.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub values: Value,
+    /// Users who may decide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Roles whose holders may decide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// Approvals needed.
+    pub required: u32,
+    /// Whether the run's starter may decide.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_self: bool,
+    /// 0, then one more per escalation.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u32,
+    /// When the current deadline passes (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Decisions taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub votes: Vec<Vote>,
+}
+
+/// One person's decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    /// Who.
+    pub by: String,
+    /// What.
+    pub decision: Verdict,
+    /// Their comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// When (ms since the Unix epoch).
+    pub ts_ms: u64,
+}
+
+/// A run compensating its completed steps (after a failure or a cancel).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Compensation {
+    /// Why the run compensates.
+    pub reason: String,
+    /// How the run ends once every compensation ran.
+    pub end: RunStatus,
+    /// Steps still to compensate, the next first (reverse completion order). Filled once
+    /// no step is running any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue: Vec<String>,
+    /// Whether `queue` was filled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub planned: bool,
+    /// The compensation out now: the compensated step and the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<CompensationAttempt>,
+    /// Steps whose compensation failed for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
+}
+
+/// One attempt of one compensation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompensationAttempt {
+    /// The step being compensated.
+    pub step: String,
+    /// Where the compensation is (out, or backing off before a retry).
+    #[serde(flatten)]
+    pub phase: Phase,
 }
 
 impl StepState {
@@ -390,6 +484,9 @@ impl StepState {
             started_ms: None,
             finished_ms: None,
             shape: ShapeState::Single,
+            started_seq: None,
+            finished_seq: None,
+            approval: None,
         }
     }
 }
@@ -474,6 +571,36 @@ pub struct RunState {
     /// The event whose transition produced the outbox (see `machine::Event::id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox_cause: Option<String>,
+    /// Who started the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
+    /// No new step starts while set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Rollbacks so far (bounded by the workflow's `max_rollbacks`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rollbacks: u32,
+    /// Set while the run compensates its completed steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<Box<Compensation>>,
+    /// The run this one was forked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    /// The `workflow` step this run is the child of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<crate::wire::ParentRef>,
+}
+
+/// The run id of the child a `workflow` step's attempt starts: derived from the parent's
+/// run and the attempt, so a repeated start is the same run.
+pub fn child_run_id(parent_run: &str, at: &StepRef) -> String {
+    let id = format!("{parent_run}-{}", at.token());
+    if id.len() <= 128 {
+        id
+    } else {
+        let digest = crate::audit::sha256_hex(id.as_bytes());
+        format!("{}-{}", &parent_run[..parent_run.len().min(60)], &digest[..32])
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::definition::{Compensate, Step, Workflow};
+use crate::definition::{Compensate, OnFailure, Step, Workflow};
 use crate::expr::{self, Expr};
 use crate::nodes;
 
@@ -107,6 +107,11 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
 
     for s in &wf.steps {
         check_step(&mut c, s, &ids);
+    }
+    if let Some(OnFailure::RollbackTo(to)) = &wf.on_failure
+        && (!ids.contains_key(to.as_str()) || compensation.contains(to.as_str()))
+    {
+        c.add(None, "on_failure.rollback_to", format!("there is no step `{to}` in the forward path"));
     }
 
     // Cycles: report each once, with its path.
@@ -259,6 +264,16 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
         }
         None => {}
     }
+    if matches!(s.kind.as_str(), "human" | "workflow") && (s.for_each.is_some() || s.loop_.is_some()) {
+        c.add(id, if s.for_each.is_some() { "for_each" } else { "loop" }, format!("a `{}` step runs once: put it in a sub-workflow to repeat it", s.kind));
+    }
+    if let Some(OnFailure::RollbackTo(to)) = &s.on_failure {
+        if !ids.contains_key(to.as_str()) {
+            c.add(id, "on_failure.rollback_to", format!("there is no step `{to}`"));
+        } else if to != &s.id && !upstream(s, ids).contains(to.as_str()) {
+            c.add(id, "on_failure.rollback_to", format!("`{to}` is not among this step's needs (directly or through them): the checkpoint before it must come before this step"));
+        }
+    }
     // Expressions and templates must parse.
     for (field, source) in expressions_of(s) {
         let res = if field.starts_with("when")
@@ -275,6 +290,20 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
             c.add(id, &field, e.message);
         }
     }
+}
+
+/// Every step `s` needs, directly or through others.
+fn upstream<'a>(s: &'a Step, ids: &BTreeMap<&'a str, &'a Step>) -> BTreeSet<&'a str> {
+    let mut out = BTreeSet::new();
+    let mut todo: Vec<&str> = s.needs.iter().map(String::as_str).collect();
+    while let Some(n) = todo.pop() {
+        if out.insert(n)
+            && let Some(st) = ids.get(n)
+        {
+            todo.extend(st.needs.iter().map(String::as_str));
+        }
+    }
+    out
 }
 
 /// Every expression (CEL) and template of a step, with its field path.

@@ -18,6 +18,40 @@ pub struct StartCommand {
     /// Run id to use (`[A-Za-z0-9_-]`, at most 128 characters); derived from the message when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// Who starts the run (a user id): the run's starter, who may not approve their own
+    /// run unless a step allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Start as a fork of an earlier run: reuse its recorded outputs before a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<ForkSpec>,
+    /// Set by the engine when a `workflow` step starts this run as its child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// What a forked run takes from its source run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSpec {
+    /// The run forked from (same tenant).
+    pub run: String,
+    /// The first step executed live: the outputs of the steps that finished before it
+    /// started in the source run are reused.
+    pub from: String,
+    /// Outputs to use instead of the recorded ones, by step id.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub set: serde_json::Map<String, Value>,
+}
+
+/// The parent of a child run: the attempt of its `workflow` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    /// The parent's run id (same tenant).
+    pub run: String,
+    /// The attempt waiting for the child.
+    pub at: StepRef,
 }
 
 /// Body of `aob.<tenant>.cmd.signal.<run>`.
@@ -32,6 +66,53 @@ pub enum Signal {
         /// Who asked.
         #[serde(default)]
         by: Option<String>,
+        /// Run the compensations of the completed steps before the run ends.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        compensate: bool,
+    },
+    /// A person's decision on the approval request of a `human` step.
+    Decide {
+        /// The step.
+        step: String,
+        /// Who decides (a user id).
+        by: String,
+        /// Roles the decider holds.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        roles: Vec<String>,
+        /// Approve or reject.
+        decision: Verdict,
+        /// A comment (the reason, for a rejection).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comment: Option<String>,
+        /// New values for the request's editable fields.
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        set: serde_json::Map<String, Value>,
+        /// Chosen by the sender to find the engine's answer in the history.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// Start no new step until resumed (steps already running finish).
+    Pause {
+        /// Who asked.
+        #[serde(default)]
+        by: Option<String>,
+    },
+    /// Go on after a pause.
+    Resume {
+        /// Who asked.
+        #[serde(default)]
+        by: Option<String>,
+    },
+    /// Restore the run to the checkpoint before a step and run again from there.
+    Rollback {
+        /// The step.
+        to: String,
+        /// Who asked.
+        #[serde(default)]
+        by: Option<String>,
+        /// Why.
+        #[serde(default)]
+        reason: Option<String>,
     },
     /// A durable timer of the engine fired.
     Timer {
@@ -70,6 +151,23 @@ pub enum TimerKind {
     },
     /// The run ran past the workflow's timeout.
     RunTimeout,
+    /// The deadline of an approval request (round 0, then one more per escalation).
+    Approval {
+        /// The waiting attempt.
+        at: StepRef,
+        /// Which deadline.
+        round: u32,
+    },
+}
+
+/// A decision on an approval request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Approve.
+    Approve,
+    /// Reject.
+    Reject,
 }
 
 /// One attempt of one step (one item of a for_each, one iteration of a loop).
@@ -216,6 +314,10 @@ pub enum Outcome {
         /// When it is expected to resume (ms since the Unix epoch), if known.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until_ms: Option<u64>,
+        /// What the wait is about: for a `human` step, the rendered request (`summary`,
+        /// `values`, `notified`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<Value>,
     },
 }
 
@@ -281,6 +383,31 @@ pub enum HistoryKind {
     Failed,
     /// The run was cancelled.
     Cancelled,
+    /// A `human` step asks people to decide.
+    ApprovalRequested,
+    /// A person decided on an approval request (the decision is recorded).
+    ApprovalDecided,
+    /// A decision was refused (not allowed, a second vote, an expired request); nothing
+    /// else changed.
+    DecisionRefused,
+    /// An approval request's deadline passed; its action follows.
+    ApprovalExpired,
+    /// An approval request went to other deciders with a new deadline.
+    ApprovalEscalated,
+    /// The run was paused.
+    Paused,
+    /// The run was resumed.
+    Resumed,
+    /// The run was rolled back to the checkpoint before a step (a new generation).
+    RolledBack,
+    /// A completed step's compensation started.
+    CompensationStarted,
+    /// A step was compensated.
+    StepCompensated,
+    /// A step's compensation failed for good.
+    CompensationFailed,
+    /// The run ended after compensating its completed steps.
+    Compensated,
 }
 
 impl HistoryKind {
@@ -301,6 +428,18 @@ impl HistoryKind {
             HistoryKind::Completed => "completed",
             HistoryKind::Failed => "failed",
             HistoryKind::Cancelled => "cancelled",
+            HistoryKind::ApprovalRequested => "approval_requested",
+            HistoryKind::ApprovalDecided => "approval_decided",
+            HistoryKind::DecisionRefused => "decision_refused",
+            HistoryKind::ApprovalExpired => "approval_expired",
+            HistoryKind::ApprovalEscalated => "approval_escalated",
+            HistoryKind::Paused => "paused",
+            HistoryKind::Resumed => "resumed",
+            HistoryKind::RolledBack => "rolled_back",
+            HistoryKind::CompensationStarted => "compensation_started",
+            HistoryKind::StepCompensated => "step_compensated",
+            HistoryKind::CompensationFailed => "compensation_failed",
+            HistoryKind::Compensated => "compensated",
         }
     }
 
@@ -311,6 +450,7 @@ impl HistoryKind {
             HistoryKind::Completed
                 | HistoryKind::Failed
                 | HistoryKind::Cancelled
+                | HistoryKind::Compensated
                 | HistoryKind::Rejected
         )
     }
