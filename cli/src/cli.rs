@@ -28,6 +28,9 @@ pub struct Cli {
     /// NATS server URL (default: the URL in .aob/nats.url written by `aob dev`, else nats://127.0.0.1:4222).
     #[arg(long, global = true, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
+    /// Who you are: recorded as the starter of runs and the author of decisions (default: $USER).
+    #[arg(long = "as", global = true, env = "AOB_USER", value_name = "USER")]
+    pub user: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -85,6 +88,28 @@ pub enum Command {
             aob run cancel 01JAB3XYZ --reason 'wrong input'"
     )]
     Run(RunCommand),
+    /// List the approval requests waiting for a decision.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob approvals list\n  \
+            aob --as alice approvals list --mine --role finance"
+    )]
+    Approvals(ApprovalsCommand),
+    /// Approve the open approval request of a run's `human` step.
+    #[command(
+        long_about = "Sends your approval of the request of a `human` step and waits for the \
+            engine's answer: recorded (exit code 0) or refused with the reason (exit code 1), \
+            e.g. you may not decide, you already did, or the request expired.",
+        after_help = "EXAMPLES:\n  \
+            aob --as alice approve 01JAB3XYZ review --comment 'looks right'\n  \
+            aob --as bob approve 01JAB3XYZ review --role finance --set amount=120 --set note='\"ok\"'"
+    )]
+    Approve(ApproveArgs),
+    /// Reject the open approval request of a run's `human` step.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob --as alice reject 01JAB3XYZ review --reason 'the total is wrong'")]
+    Reject(RejectArgs),
     /// Follow decision records, flush the audit sink, list the audit's Parquet files.
     #[command(
         subcommand,
@@ -414,7 +439,158 @@ pub enum RunCommand {
         /// Why, shown in the history.
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        /// Run the compensations of the completed steps (latest first) before the run ends.
+        #[arg(long)]
+        compensate: bool,
     },
+    /// Start no new step of a run until it is resumed (running steps finish).
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run pause 01JAB3XYZ\n  \
+        aob run resume 01JAB3XYZ")]
+    Pause {
+        /// Run id.
+        id: String,
+    },
+    /// Let a paused run go on.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run resume 01JAB3XYZ")]
+    Resume {
+        /// Run id.
+        id: String,
+    },
+    /// Roll a running or failed run back to the checkpoint before a step, and run on from there.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob run rollback 01JAB3XYZ --to draft\n  \
+        aob run rollback 01JAB3XYZ --to draft --reason 'new prompt' --wait")]
+    Rollback {
+        /// Run id.
+        id: String,
+        /// The step to run again (with every step that started after it).
+        #[arg(long, value_name = "STEP")]
+        to: String,
+        /// Why, shown in the history.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Follow the run until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start a new run reusing a run's recorded outputs before a step; run the rest live.
+    #[command(
+        long_about = "Starts a new run of the same workflow (or of --version N of it) that reuses \
+            the recorded outputs of the steps that completed before STEP started in RUN and \
+            executes live from STEP on. The original run and its history are untouched. \
+            Use it for what-ifs: a changed prompt or model in a new version, or a changed \
+            output with --set.",
+        after_help = "EXAMPLES:\n  \
+            aob run fork 01JAB3XYZ --from review --wait\n  \
+            aob run fork 01JAB3XYZ --from draft --version 3\n  \
+            aob run fork 01JAB3XYZ --from check --set steps.draft.output='{\"text\": \"shorter\"}'"
+    )]
+    Fork(ForkArgs),
+    /// Run the engine again over a run's recorded history and check it decides the same.
+    #[command(
+        long_about = "Replays a run: the engine's decisions are computed again from the recorded \
+            history (step outputs, model and tool answers, signals, timers), with the run's \
+            workflow version or another one, and compared with what was recorded. No function, \
+            model or tool is called. Exit code 0 when every decision matches, 1 at the first \
+            difference, which is shown. Use it before upgrading the engine or a workflow.",
+        after_help = "EXAMPLES:\n  \
+            aob run replay 01JAB3XYZ\n  \
+            aob run replay 01JAB3XYZ --version 4\n  \
+            aob run replay 01JAB3XYZ --file workflow.yaml"
+    )]
+    Replay {
+        /// Run id.
+        id: String,
+        /// Replay under this published version instead of the run's.
+        #[arg(long, conflicts_with = "file")]
+        version: Option<u32>,
+        /// Replay under the definition in this file (not published).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+}
+
+/// `aob run fork`.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The run to fork.
+    pub id: String,
+    /// The first step executed live.
+    #[arg(long, value_name = "STEP")]
+    pub from: String,
+    /// Input of the new run: JSON text, @file.json or @- (default: the original run's).
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub input: Option<String>,
+    /// Use this output for a reused step: `steps.<id>.output=<JSON>` (repeatable).
+    #[arg(long = "set", value_name = "steps.ID.output=JSON")]
+    pub set: Vec<String>,
+    /// Run this version of the workflow (default: the original run's).
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Run id of the new run (default: a new ULID).
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// Follow the new run until it ends.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `aob approvals ...`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List the open approval requests of the tenant's running runs.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob approvals list\n  \
+        aob --as alice approvals list --mine --role finance")]
+    List {
+        /// Only the requests you (--as, with --role) may decide on and have not decided.
+        #[arg(long)]
+        mine: bool,
+        /// Roles you hold (repeatable).
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+    },
+}
+
+/// `aob approve`.
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// Run id.
+    pub run: String,
+    /// The `human` step.
+    pub step: String,
+    /// A comment, kept with the decision.
+    #[arg(long, value_name = "TEXT")]
+    pub comment: Option<String>,
+    /// Edit a field of the request: `field=value`, the value JSON or else text (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+    /// Roles you hold (repeatable).
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// Give up waiting for the engine's answer after this long.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "30s")]
+    pub timeout: Duration,
+}
+
+/// `aob reject`.
+#[derive(Debug, Args)]
+pub struct RejectArgs {
+    /// Run id.
+    pub run: String,
+    /// The `human` step.
+    pub step: String,
+    /// Why, kept with the decision.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+    /// Roles you hold (repeatable).
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// Give up waiting for the engine's answer after this long.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "30s")]
+    pub timeout: Duration,
 }
 
 /// `aob run start`.

@@ -20,6 +20,8 @@ pub struct Ctx {
     pub nats_url: String,
     /// Where the URL came from, for error messages (`--nats-url/NATS_URL`, `.aob/nats.url`, `default`).
     pub url_source: String,
+    /// Who is acting (`--as` / `AOB_USER`), when given.
+    pub user: Option<String>,
 }
 
 impl Ctx {
@@ -40,6 +42,7 @@ impl Ctx {
             tenant: tenant.to_string(),
             nats_url,
             url_source,
+            user: None,
         })
     }
 

@@ -49,7 +49,7 @@ fn spawn_function<H: Handler>(
     });
 }
 
-/// Runs the engine, its timer service and the transform, validate, http, wait, tool, llm and
+/// Runs the engine, its timer service and the transform, validate, http, wait, human, tool, llm and
 /// agent functions on `client` until `shutdown` is cancelled, then lets them drain. The
 /// topology must be applied. If one component fails, the others are stopped and its error is returned.
 pub async fn run_stack(
@@ -130,6 +130,13 @@ pub async fn run_stack(
         &payloads,
         &stop,
     );
+    spawn_function(
+        &mut set,
+        aob_human::HumanHandler::new(aob_human::Notifier::from_env()),
+        &client,
+        &payloads,
+        &stop,
+    );
 
     let mut failure: Option<anyhow::Error> = None;
     while let Some(joined) = set.join_next().await {
@@ -204,6 +211,8 @@ async fn run_example(
         version: None,
         input,
         run_id: Some(run_id),
+        by: Some(crate::people::identity(ctx)),
+        fork: None,
     };
     runs::start_and_wait(&js, &payloads, &ctx.tenant, req, None, |l| say!("{l}")).await?;
     Ok(())

@@ -12,6 +12,7 @@ pub mod dev;
 pub mod dlq;
 pub mod infra;
 pub mod input;
+pub mod people;
 pub mod policy;
 pub mod progress;
 pub mod runs;
@@ -25,14 +26,15 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, DlqCommand, InfraCommand, PolicyCommand, RunCommand,
-    StreamsCommand, ToolsCommand, WorkflowCommand,
+    ApprovalsCommand, AuditCommand, Cli, Command, DlqCommand, InfraCommand, PolicyCommand,
+    RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
 
 /// Runs one parsed command line; the exit code says how it went.
 pub async fn execute(cli: Cli) -> Result<ExitCode> {
-    let ctx = Ctx::new(&cli.tenant, cli.nats_url.as_deref())?;
+    let mut ctx = Ctx::new(&cli.tenant, cli.nats_url.as_deref())?;
+    ctx.user = cli.user.clone().filter(|u| !u.trim().is_empty());
     if !matches!(cli.command, Command::Dev(_)) && std::env::var_os("RUST_LOG").is_some() {
         aob_runtime::init_logging();
     }
@@ -58,9 +60,28 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             no_tokens,
         }) => runs::cmd_watch(&ctx, &id, timeout, !no_tokens).await,
         Command::Run(RunCommand::List { limit }) => runs::cmd_list(&ctx, limit).await,
-        Command::Run(RunCommand::Cancel { id, reason }) => {
-            runs::cmd_cancel(&ctx, &id, reason).await
+        Command::Run(RunCommand::Cancel {
+            id,
+            reason,
+            compensate,
+        }) => runs::cmd_cancel(&ctx, &id, reason, compensate).await,
+        Command::Run(RunCommand::Pause { id }) => people::cmd_pause(&ctx, &id, true).await,
+        Command::Run(RunCommand::Resume { id }) => people::cmd_pause(&ctx, &id, false).await,
+        Command::Run(RunCommand::Rollback {
+            id,
+            to,
+            reason,
+            wait,
+        }) => people::cmd_rollback(&ctx, &id, &to, reason, wait).await,
+        Command::Run(RunCommand::Fork(args)) => people::cmd_fork(&ctx, args).await,
+        Command::Run(RunCommand::Replay { id, version, file }) => {
+            people::cmd_replay(&ctx, &id, version, file.as_deref()).await
         }
+        Command::Approvals(ApprovalsCommand::List { mine, roles }) => {
+            people::cmd_approvals(&ctx, mine, &roles).await
+        }
+        Command::Approve(args) => people::cmd_approve(&ctx, args).await,
+        Command::Reject(args) => people::cmd_reject(&ctx, args).await,
         Command::Audit(AuditCommand::Tail {
             all,
             run,

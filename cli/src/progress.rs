@@ -78,6 +78,7 @@ pub fn terminal_word(kind: HistoryKind) -> Option<&'static str> {
         HistoryKind::Failed => Some("FAILED"),
         HistoryKind::Cancelled => Some("CANCELLED"),
         HistoryKind::Rejected => Some("REJECTED"),
+        HistoryKind::Compensated => Some("COMPENSATED"),
         _ => None,
     }
 }
@@ -158,7 +159,43 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
                 _ => format!("run {} COMPLETED{took}", ev.run_id),
             }
         }
-        HistoryKind::Failed | HistoryKind::Cancelled | HistoryKind::Rejected => {
+        HistoryKind::ApprovalRequested => {
+            let text = |k: &str| {
+                ev.data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            let mut line = format!("  ✋ {label} {}", message(ev));
+            if let Some(due) = data_u64(ev, "deadline_ms") {
+                line.push_str(&format!(
+                    " (deadline in {})",
+                    duration(due.saturating_sub(ev.ts_ms))
+                ));
+            }
+            if let (Some(a), Some(r)) = (text("approve"), text("reject")) {
+                line.push_str(&format!("\n    to decide: {a}  |  {r}"));
+            }
+            line
+        }
+        HistoryKind::ApprovalDecided => format!("  ✎ {label} {}", message(ev)),
+        HistoryKind::DecisionRefused => format!("  ⊘ {label} {}", message(ev)),
+        HistoryKind::ApprovalExpired => format!("  ⌛ {label} {}", message(ev)),
+        HistoryKind::ApprovalEscalated => format!("  ⇪ {label} {}", message(ev)),
+        HistoryKind::Paused => format!("  ⏸ run {}", message(ev)),
+        HistoryKind::Resumed => format!("  ▶ run {}", message(ev)),
+        HistoryKind::RolledBack => format!("  ⟲ {}", message(ev)),
+        HistoryKind::CompensationStarted if ev.step.is_some() => {
+            format!("  ↶ {label} compensating")
+        }
+        HistoryKind::CompensationStarted => format!("  ↶ {}", message(ev)),
+        HistoryKind::StepCompensated => format!("  ↶ {label} compensated{took}"),
+        HistoryKind::CompensationFailed => format!("  ✗ {}", message(ev)),
+        HistoryKind::Failed
+        | HistoryKind::Cancelled
+        | HistoryKind::Rejected
+        | HistoryKind::Compensated => {
             let word = terminal_word(ev.kind).unwrap_or("ENDED");
             format!("run {} {word}{took}: {}", ev.run_id, message(ev))
         }

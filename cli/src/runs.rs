@@ -39,6 +39,10 @@ pub struct StartRequest {
     pub input: Value,
     /// Run id; a new ULID when `None`.
     pub run_id: Option<String>,
+    /// Who starts it.
+    pub by: Option<String>,
+    /// A fork of an earlier run.
+    pub fork: Option<aob_model::wire::ForkSpec>,
 }
 
 /// A start that JetStream accepted.
@@ -108,6 +112,9 @@ pub async fn start_run(
         version: req.version,
         input,
         run_id: Some(run_id.clone()),
+        by: req.by,
+        fork: req.fork,
+        parent: None,
     };
     let body = serde_json::to_vec(&cmd)?;
     let subject = subjects::start(tenant);
@@ -533,6 +540,8 @@ pub async fn cmd_start(ctx: &Ctx, args: StartArgs) -> Result<ExitCode> {
         version: args.version,
         input,
         run_id: args.run_id,
+        by: Some(crate::people::identity(ctx)),
+        fork: None,
     };
     if !args.wait {
         let started = start_run(&js, &payloads, &ctx.tenant, req).await?;
@@ -671,9 +680,14 @@ pub async fn cancel_run(
     run_id: &str,
     reason: Option<String>,
     by: Option<String>,
+    compensate: bool,
 ) -> Result<()> {
     check_run_id(run_id)?;
-    let body = serde_json::to_vec(&Signal::Cancel { reason, by })?;
+    let body = serde_json::to_vec(&Signal::Cancel {
+        reason,
+        by,
+        compensate,
+    })?;
     let subject = subjects::signal(tenant, run_id);
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("cancel.{run_id}").as_str());
@@ -686,7 +700,12 @@ pub async fn cancel_run(
 }
 
 /// `aob run cancel`.
-pub async fn cmd_cancel(ctx: &Ctx, id: &str, reason: Option<String>) -> Result<ExitCode> {
+pub async fn cmd_cancel(
+    ctx: &Ctx,
+    id: &str,
+    reason: Option<String>,
+    compensate: bool,
+) -> Result<ExitCode> {
     let client = ctx.connect().await?;
     let js = jetstream::new(client);
     let state = get_state(&js, &ctx.tenant, id)
@@ -699,12 +718,13 @@ pub async fn cmd_cancel(ctx: &Ctx, id: &str, reason: Option<String>) -> Result<E
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let by = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "cli".to_string());
-    cancel_run(&js, &ctx.tenant, id, reason, Some(by)).await?;
-    say!("cancel requested for {id}");
+    let by = crate::people::identity(ctx);
+    cancel_run(&js, &ctx.tenant, id, reason, Some(by), compensate).await?;
+    if compensate {
+        say!("cancel requested for {id}; its completed steps will be compensated");
+    } else {
+        say!("cancel requested for {id}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -771,6 +791,12 @@ mod tests {
             generation: 0,
             outbox: Vec::new(),
             outbox_cause: None,
+            started_by: None,
+            paused: false,
+            rollbacks: 0,
+            compensation: None,
+            forked_from: None,
+            parent: None,
         }
     }
 

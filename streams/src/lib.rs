@@ -126,6 +126,7 @@ impl Default for Topology {
             max_deliver: 20,
             node_types: aob_model::nodes::names()
                 .into_iter()
+                .filter(|t| !aob_model::nodes::ENGINE_TYPES.contains(t))
                 .map(str::to_string)
                 .collect(),
         }

@@ -198,6 +198,9 @@ impl Stack {
             .await?;
         self.spawn_fn(aob_wait::WaitHandler::new(timers), &cfg)
             .await?;
+        // Approval requests without email (a test that mails spawns its own).
+        self.spawn_fn(aob_human::HumanHandler::default(), &cfg)
+            .await?;
         if fns == Fns::All {
             self.spawn_fn(aob_http::HttpHandler::new()?, &cfg).await?;
             // The model and tool functions with nothing configured: every task subject has
@@ -247,6 +250,15 @@ impl Stack {
         Ok(tool_gateway)
     }
 
+    /// Runs one function in-process with the test transport settings.
+    pub async fn spawn_handler<H: aob_runtime::Handler>(&mut self, h: H) -> Result<()> {
+        let cfg = ServeConfig {
+            heartbeat: Duration::from_millis(500),
+            ..ServeConfig::default()
+        };
+        self.spawn_fn(h, &cfg).await
+    }
+
     async fn spawn_fn<H: aob_runtime::Handler>(&mut self, h: H, cfg: &ServeConfig) -> Result<()> {
         let client = self.server.connect().await?;
         let payloads = self.payloads.clone();
@@ -286,6 +298,17 @@ impl Stack {
 
     /// Publishes a start command with a `Nats-Msg-Id` and the run id in the body.
     pub async fn start_run(&self, tenant: &str, workflow: &str, input: Value) -> Result<String> {
+        self.start_run_as(tenant, workflow, input, None).await
+    }
+
+    /// Like [`Stack::start_run`], started by `by`.
+    pub async fn start_run_as(
+        &self,
+        tenant: &str,
+        workflow: &str,
+        input: Value,
+        by: Option<&str>,
+    ) -> Result<String> {
         let run_id = ulid::Ulid::new().to_string();
         let input = self
             .payloads
@@ -296,6 +319,9 @@ impl Stack {
             version: None,
             input,
             run_id: Some(run_id.clone()),
+            by: by.map(str::to_string),
+            fork: None,
+            parent: None,
         };
         self.publish_raw(
             &subjects::start(tenant),

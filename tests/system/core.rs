@@ -117,6 +117,7 @@ async fn a_finished_run_never_publishes_its_effects_again() {
     let cancel = Signal::Cancel {
         reason: Some("too late".into()),
         by: None,
+        compensate: false,
     };
     signal(&s, &run, "late-cancel", &cancel).await.unwrap();
     s.commands_handled().await.unwrap();
@@ -1035,6 +1036,9 @@ fn start_of(workflow: &str, run: &str) -> aob_model::wire::StartCommand {
         version: None,
         input: json!({}),
         run_id: Some(run.into()),
+        by: None,
+        fork: None,
+        parent: None,
     }
 }
 

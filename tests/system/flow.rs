@@ -261,6 +261,7 @@ async fn cancel_stops_a_run() {
     let cancel = Signal::Cancel {
         reason: Some("test".into()),
         by: Some("tester".into()),
+        compensate: false,
     };
     s.publish_raw(
         &aob_streams::subjects::signal(T, &run),

@@ -158,7 +158,9 @@ async fn garbage_on_every_consumed_subject_is_dead_lettered_and_work_goes_on() {
         subjects::result(T, "some-run"),
     ];
     for t in aob_model::nodes::names() {
-        subjects_hit.push(subjects::task(T, t));
+        if !aob_model::nodes::ENGINE_TYPES.contains(&t) {
+            subjects_hit.push(subjects::task(T, t));
+        }
     }
     let garbage: Vec<Vec<u8>> = vec![
         b"\x00\xff\xfe not json".to_vec(),

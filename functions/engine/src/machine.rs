@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Map, Value, json};
 
-use aob_model::definition::{Step, Trigger, Workflow};
+use aob_model::definition::{OnFailure, Step, Trigger, Workflow};
 use aob_model::expr::Expr;
 use aob_model::state::{
     Effect, Phase, RunState, RunStatus, Shape, ShapeState, Slot, StepState, StepStatus,
@@ -21,6 +21,13 @@ use aob_model::wire::{
     ErrorClass, HistoryEvent, HistoryKind, Outcome, Signal, StartCommand, StepError, StepRef,
     StepResult, Task, TimerKind,
 };
+
+mod children;
+mod people;
+mod recovery;
+pub mod replay;
+
+pub use children::fork_seed;
 
 /// Most elements one for_each step runs. Each costs about 150 bytes of run state while the
 /// step runs (its slot, with its output by reference), so this keeps a run record far below
@@ -77,6 +84,10 @@ impl Compiled {
             if let Some(l) = &s.loop_ {
                 untils.insert(s.id.clone(), e(&l.until, "loop.until")?);
                 condition_reads.extend(aob_model::expr::referenced_steps(&l.until));
+            }
+            // The engine renders a child run's input itself: it needs the values.
+            if s.kind == "workflow" {
+                condition_reads.extend(reads(s));
             }
             reads_map.insert(s.id.clone(), reads(s));
         }
@@ -165,6 +176,12 @@ impl Event {
                 format!("result.{}.{outcome}", r.at.token())
             }
             Event::Signal(Signal::Cancel { .. }) => "cancel".to_string(),
+            Event::Signal(Signal::Decide { step, by, id, .. }) => {
+                format!("decide.{step}.{by}.{}", id.as_deref().unwrap_or(""))
+            }
+            Event::Signal(Signal::Pause { .. }) => "pause".to_string(),
+            Event::Signal(Signal::Resume { .. }) => "resume".to_string(),
+            Event::Signal(Signal::Rollback { to, .. }) => format!("rollback.{to}"),
             Event::Signal(Signal::Timer { timer }) => format!("timer.{}", timer_name(timer)),
             Event::Signal(Signal::Progress { at, seq, .. }) => {
                 format!("progress.{}.{seq}", at.token())
@@ -180,6 +197,7 @@ pub fn timer_name(timer: &TimerKind) -> String {
         TimerKind::Retry { at } => format!("retry-{}", at.token()),
         TimerKind::StepTimeout { at } => format!("timeout-{}", at.token()),
         TimerKind::RunTimeout => "run-timeout".to_string(),
+        TimerKind::Approval { at, round } => format!("approval-{}-r{round}", at.token()),
     }
 }
 
@@ -239,6 +257,12 @@ pub fn transition(
             let state = RunState {
                 run_id,
                 tenant,
+                started_by: cmd.by.clone(),
+                paused: false,
+                rollbacks: 0,
+                compensation: None,
+                forked_from: cmd.fork.as_ref().map(|f| f.run.clone()),
+                parent: cmd.parent.clone(),
                 workflow: def.wf.name.clone(),
                 version: def.version,
                 status: RunStatus::Running,
@@ -259,12 +283,23 @@ pub fn transition(
                 outbox_cause: None,
             };
             let mut m = Machine::new(def, state, now, resolve);
-            m.history(
-                HistoryKind::Started,
-                None,
-                None,
-                Some(json!({"workflow": def.wf.name, "version": def.version})),
-            );
+            let mut data = json!({"workflow": def.wf.name, "version": def.version});
+            let mut message = None;
+            if let Some(by) = &cmd.by {
+                data["by"] = json!(by);
+            }
+            if let Some(p) = &cmd.parent {
+                data["parent"] = json!({"run": p.run, "step": p.at.step});
+                message = Some(format!("child of run {} (step `{}`)", p.run, p.at.step));
+            }
+            if let Some(f) = &cmd.fork {
+                data["forked_from"] = json!({"run": f.run, "from": f.from});
+                message = Some(format!("fork of run {} from step `{}`", f.run, f.from));
+            }
+            m.history(HistoryKind::Started, None, message, Some(data));
+            if let Some(f) = &cmd.fork {
+                m.seed(f);
+            }
             if let Some(t) = &def.wf.timeout {
                 m.effects.push(Effect::Timer {
                     timer: TimerKind::RunTimeout,
@@ -276,7 +311,36 @@ pub fn transition(
         }
         (None, Event::Result(_)) => Transition::Ahead(None),
         (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Unchanged(state),
+        // A person may roll a failed or cancelled run back: it runs again.
+        (Some(state), Event::Signal(Signal::Rollback { to, by, reason }))
+            if matches!(state.status, RunStatus::Failed | RunStatus::Cancelled)
+                || !state.status.is_terminal() =>
+        {
+            let mut m = Machine::new(def, state, now, resolve);
+            let why = reason.unwrap_or_else(|| format!("rolled back to `{to}` by hand"));
+            match m.rollback(&to, by, why) {
+                Ok(()) => {
+                    m.advance();
+                    m.finish()
+                }
+                Err(e) => {
+                    tracing::info!(run = %m.s.run_id, "rollback refused: {e}");
+                    Unchanged(Some(m.s))
+                }
+            }
+        }
         (Some(state), _) if state.status.is_terminal() => Unchanged(Some(state)),
+        (Some(state), Event::Result(r)) if recovery::is_compensation(&state, &r.at) => {
+            match recovery::standing(&state, &r.at) {
+                Standing::Ahead => Transition::Ahead(Some(state)),
+                Standing::Stale => Unchanged(Some(state)),
+                Standing::Current => {
+                    let mut m = Machine::new(def, state, now, resolve);
+                    m.on_compensation_result(r);
+                    m.finish()
+                }
+            }
+        }
         (Some(state), Event::Result(r)) => match classify(&state, &r.at) {
             Standing::Ahead => Transition::Ahead(Some(state)),
             Standing::Stale => Unchanged(Some(state)),
@@ -289,7 +353,14 @@ pub fn transition(
                 }
             }
         },
-        (Some(state), Event::Signal(Signal::Cancel { reason, by })) => {
+        (
+            Some(state),
+            Event::Signal(Signal::Cancel {
+                reason,
+                by,
+                compensate,
+            }),
+        ) => {
             let mut m = Machine::new(def, state, now, resolve);
             let why = match (reason, by) {
                 (Some(r), Some(b)) => format!("cancelled by {b}: {r}"),
@@ -297,9 +368,78 @@ pub fn transition(
                 (None, Some(b)) => format!("cancelled by {b}"),
                 (None, None) => "cancelled".to_string(),
             };
-            m.end_early(RunStatus::Cancelled, why);
+            if compensate {
+                if m.s.compensation.is_some() {
+                    return Unchanged(Some(m.s));
+                }
+                m.start_compensation(why, RunStatus::Cancelled, true);
+                m.advance();
+            } else {
+                m.end_early(RunStatus::Cancelled, why);
+            }
             m.finish()
         }
+        (
+            Some(state),
+            Event::Signal(Signal::Decide {
+                step,
+                by,
+                roles,
+                decision,
+                comment,
+                set,
+                id,
+            }),
+        ) => {
+            let mut m = Machine::new(def, state, now, resolve);
+            m.on_decide(people::Decision {
+                step,
+                by,
+                roles,
+                verdict: decision,
+                comment,
+                set,
+                id,
+            });
+            m.advance();
+            m.finish()
+        }
+        (Some(state), Event::Signal(Signal::Pause { by })) => {
+            if state.paused {
+                return Unchanged(Some(state));
+            }
+            let mut m = Machine::new(def, state, now, resolve);
+            m.s.paused = true;
+            m.history(
+                HistoryKind::Paused,
+                None,
+                Some(match &by {
+                    Some(b) => format!("paused by {b}"),
+                    None => "paused".to_string(),
+                }),
+                Some(json!({"by": by})),
+            );
+            m.finish()
+        }
+        (Some(state), Event::Signal(Signal::Resume { by })) => {
+            if !state.paused {
+                return Unchanged(Some(state));
+            }
+            let mut m = Machine::new(def, state, now, resolve);
+            m.s.paused = false;
+            m.history(
+                HistoryKind::Resumed,
+                None,
+                Some(match &by {
+                    Some(b) => format!("resumed by {b}"),
+                    None => "resumed".to_string(),
+                }),
+                Some(json!({"by": by})),
+            );
+            m.advance();
+            m.finish()
+        }
+        (Some(state), Event::Signal(Signal::Rollback { .. })) => Unchanged(Some(state)),
         (Some(state), Event::Signal(Signal::Timer { timer })) => {
             let mut m = Machine::new(def, state, now, resolve);
             if m.on_timer(timer) {
@@ -392,8 +532,12 @@ pub fn task_of(
     deadline_ms: Option<u64>,
     resolve: Resolve<'_>,
 ) -> Option<Task> {
-    let step = def.step(&at.step)?;
     let m = Machine::new(def, state.clone(), state.updated_ms, resolve);
+    if recovery::is_compensation(state, at) {
+        let task = m.compensation_task(at, deadline_ms)?;
+        return m.missing.borrow().is_empty().then_some(task);
+    }
+    let step = def.step(&at.step)?;
     let task = m.task(step, at, deadline_ms);
     m.missing.borrow().is_empty().then_some(task)
 }
@@ -474,6 +618,11 @@ struct Machine<'a> {
     now: u64,
     resolve: Resolve<'a>,
     effects: Vec<Effect>,
+    /// Steps that failed for good in this transition and whose `on_failure` is not `fail`:
+    /// their rollback or compensation is taken by [`Machine::advance`], between passes.
+    failures: Vec<String>,
+    /// Whether the run had ended before this transition (a child tells its parent once).
+    was_terminal: bool,
     /// References conditions needed that `resolve` did not have.
     missing: std::cell::RefCell<Vec<String>>,
     /// for_each lists not kept in state, evaluated at most once per transition.
@@ -486,6 +635,8 @@ impl<'a> Machine<'a> {
         s.outbox_cause = None;
         Machine {
             def,
+            failures: Vec::new(),
+            was_terminal: s.status.is_terminal(),
             s,
             now,
             resolve,
@@ -499,6 +650,9 @@ impl<'a> Machine<'a> {
         let missing = self.missing.take();
         if !missing.is_empty() {
             return Transition::Unresolved(missing);
+        }
+        if self.s.status.is_terminal() && !self.was_terminal {
+            self.tell_parent();
         }
         self.s.updated_ms = self.now;
         Transition::Changed(self.s, self.effects)
@@ -607,8 +761,20 @@ impl<'a> Machine<'a> {
     /// Schedules whatever became ready, skips what cannot run, and ends the run when all
     /// steps are done. Repeats until nothing changes, since skips cascade.
     fn advance(&mut self) {
+        if self.s.status.is_terminal() {
+            return;
+        }
         let def = self.def;
         loop {
+            if !self.failures.is_empty() {
+                let id = self.failures.remove(0);
+                self.on_final_failure(&id);
+                continue;
+            }
+            if self.s.compensation.is_some() {
+                self.compensate_next();
+                return;
+            }
             // Status and attempt of every step by position, read once per pass (the run's
             // map is keyed by id; a pass looks at every pending step and its needs).
             let mut status: Vec<Option<(StepStatus, u32)>> = vec![None; def.wf.steps.len()];
@@ -633,7 +799,14 @@ impl<'a> Machine<'a> {
                 match readiness(step, of_needs) {
                     Ready::Wait => continue,
                     Ready::Skip(reason) => self.skip(&step.id, reason),
+                    // Paused: nothing new starts (what runs finishes).
+                    Ready::Go if self.s.paused => continue,
                     Ready::Go => self.begin(step),
+                }
+                if !self.failures.is_empty() {
+                    // A rollback or compensation changes what the rest of this pass read.
+                    changed = true;
+                    break;
                 }
                 let now = self
                     .s
@@ -680,18 +853,7 @@ impl<'a> Machine<'a> {
                 );
             } else {
                 self.s.status = RunStatus::Completed;
-                let outputs: Map<String, Value> = self
-                    .def
-                    .leaves
-                    .iter()
-                    .filter_map(|id| {
-                        self.s
-                            .steps
-                            .get(id)
-                            .and_then(|s| s.output.clone())
-                            .map(|o| (id.clone(), o))
-                    })
-                    .collect();
+                let outputs = self.leaf_outputs();
                 self.history(
                     HistoryKind::Completed,
                     None,
@@ -702,6 +864,21 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Outputs of the leaf steps that completed, by step id: the run's output.
+    fn leaf_outputs(&self) -> Map<String, Value> {
+        self.def
+            .leaves
+            .iter()
+            .filter_map(|id| {
+                self.s
+                    .steps
+                    .get(id)
+                    .and_then(|s| s.output.clone())
+                    .map(|o| (id.clone(), o))
+            })
+            .collect()
+    }
+
     fn skip(&mut self, id: &str, reason: String) {
         if let Some(st) = self.s.steps.get_mut(id) {
             st.phase = st.phase.done(StepStatus::Skipped);
@@ -709,6 +886,17 @@ impl<'a> Machine<'a> {
             st.finished_ms = Some(self.now);
         }
         self.step_event(HistoryKind::StepSkipped, id, Some(reason), None);
+        self.mark_finished(id);
+    }
+
+    /// Records where in the history a step finished: checkpoints and compensations are
+    /// ordered by it.
+    fn mark_finished(&mut self, id: &str) {
+        let seq = self.s.history_seq;
+        if let Some(st) = self.s.steps.get_mut(id) {
+            st.finished_seq = Some(seq);
+            st.approval = None;
+        }
     }
 
     fn fail_step(&mut self, id: &str, error: StepError, at: Option<&StepRef>) {
@@ -732,6 +920,10 @@ impl<'a> Machine<'a> {
                 data,
             ),
         }
+        self.mark_finished(id);
+        if self.s.compensation.is_none() && self.failure_policy(id) != OnFailure::Fail {
+            self.failures.push(id.to_string());
+        }
     }
 
     fn complete_step(&mut self, id: &str, output: Value, at: Option<&StepRef>) {
@@ -746,11 +938,16 @@ impl<'a> Machine<'a> {
             Some(at) => self.history(HistoryKind::StepCompleted, Some(at), None, data),
             None => self.step_event(HistoryKind::StepCompleted, id, None, data),
         }
+        self.mark_finished(id);
     }
 
     /// A step's needs are met: check `when`, then launch it (plain, for_each or loop).
     fn begin(&mut self, step: &Step) {
         let id = step.id.clone();
+        let seq = self.s.history_seq;
+        if let Some(st) = self.s.steps.get_mut(&id) {
+            st.started_seq = Some(seq);
+        }
         if let Some(w) = self.def.whens.get(&id) {
             let ctx = self.context(&id, None, None, true);
             match w.eval_bool(&ctx) {
@@ -856,6 +1053,9 @@ impl<'a> Machine<'a> {
 
     /// Publishes the task of one attempt.
     fn launch(&mut self, step: &Step, at: StepRef) {
+        if step.kind == "workflow" {
+            return self.launch_child(step, at);
+        }
         let deadline_ms = step.timeout.map(|t| self.now + t.as_millis());
         let task = self.task(step, &at, deadline_ms);
         let Some(st) = self.s.steps.get_mut(&step.id) else {
@@ -947,7 +1147,7 @@ impl<'a> Machine<'a> {
             return false;
         };
         match r.outcome {
-            Outcome::Waiting { until_ms } => {
+            Outcome::Waiting { until_ms, detail } => {
                 let st = self.s.steps.get_mut(&r.at.step);
                 match (st, r.at.item) {
                     (Some(st), Some(i)) => {
@@ -976,6 +1176,9 @@ impl<'a> Machine<'a> {
                     None,
                     until_ms.map(|u| json!({"until_ms": u})),
                 );
+                if step.kind == "human" && r.at.item.is_none() {
+                    self.request_approval(step, &r.at, detail.unwrap_or(Value::Null));
+                }
             }
             Outcome::Completed { output } => {
                 self.cancel_step_timeout(step, &r.at);
@@ -1014,6 +1217,15 @@ impl<'a> Machine<'a> {
                 attempt,
                 generation: self.s.generation,
             };
+            if let Some(a) = &st.approval
+                && st.status() == StepStatus::Waiting
+                && a.deadline_ms.is_some()
+            {
+                out.push(TimerKind::Approval {
+                    at: at(None, st.attempt()),
+                    round: a.round,
+                });
+            }
             let mut one = |item: Option<u32>, status: StepStatus, attempt: u32| match status {
                 StepStatus::Running | StepStatus::Waiting if step.timeout.is_some() => {
                     out.push(TimerKind::StepTimeout {
@@ -1033,6 +1245,7 @@ impl<'a> Machine<'a> {
                 }
             }
         }
+        out.extend(self.compensation_timers());
         if self.def.wf.timeout.is_some() {
             out.push(TimerKind::RunTimeout);
         }
@@ -1143,6 +1356,10 @@ impl<'a> Machine<'a> {
     }
 
     fn on_failed(&mut self, step: &Step, at: &StepRef, error: StepError) {
+        if step.kind == "workflow" {
+            // A timed-out child is not waited for any more.
+            self.cancel_child(at, &error.message);
+        }
         let max = step.retry.as_ref().map_or(1, |r| r.max_attempts);
         if error.class == ErrorClass::Retryable && at.attempt < max {
             let delay = step
@@ -1203,7 +1420,7 @@ impl<'a> Machine<'a> {
                 TimerKind::StepTimeout { at: o } | TimerKind::Retry { at: o } => {
                     o.step == step.id && o.item.is_some() && o.item != at.item
                 }
-                TimerKind::RunTimeout => false,
+                TimerKind::RunTimeout | TimerKind::Approval { .. } => false,
             })
             .collect();
         self.cancel_timers(abandoned);
@@ -1217,6 +1434,9 @@ impl<'a> Machine<'a> {
 
     fn on_timer(&mut self, timer: TimerKind) -> bool {
         match timer {
+            TimerKind::Retry { at } if recovery::is_compensation(&self.s, &at) => {
+                self.compensation_retry_due(at)
+            }
             TimerKind::Retry { at } => {
                 let Some(st) = self.s.steps.get(&at.step) else {
                     return false;
@@ -1242,6 +1462,20 @@ impl<'a> Machine<'a> {
                     return false;
                 };
                 self.launch(step, at);
+                true
+            }
+            TimerKind::StepTimeout { at } if recovery::is_compensation(&self.s, &at) => {
+                if recovery::standing(&self.s, &at) != Standing::Current {
+                    return false;
+                }
+                self.compensation_failed(&at, StepError::retryable("compensation timed out"));
+                true
+            }
+            TimerKind::Approval { at, round } => {
+                if !self.on_deadline(&at, round) {
+                    return false;
+                }
+                self.advance();
                 true
             }
             TimerKind::StepTimeout { at } => {
@@ -1277,11 +1511,14 @@ impl<'a> Machine<'a> {
     fn end_early(&mut self, status: RunStatus, why: String) {
         let left = self.outstanding_timers();
         self.cancel_timers(left);
+        self.cancel_children(None, &why);
+        self.s.compensation = None;
         let mut running = false;
         for st in self.s.steps.values_mut() {
             match st.status() {
                 StepStatus::Running | StepStatus::Waiting => {
                     running = true;
+                    st.approval = None;
                     st.phase = st.phase.done(StepStatus::Failed);
                     st.error = Some(StepError::terminal(why.clone()));
                     st.finished_ms = Some(self.now);

@@ -18,6 +18,8 @@ struct Sim {
     timers: Vec<(TimerKind, u64)>,
     /// Timers cancelled.
     cancelled: Vec<TimerKind>,
+    /// Messages published to the engine's inputs (child starts, signals, results).
+    published: Vec<(String, Value)>,
     /// References a transition could not resolve.
     unresolved: Vec<String>,
     /// Results found ahead of the state (to be applied again later).
@@ -39,6 +41,7 @@ impl Sim {
             history: Vec::new(),
             timers: Vec::new(),
             cancelled: Vec::new(),
+            published: Vec::new(),
             unresolved: Vec::new(),
             held: 0,
         }
@@ -74,6 +77,9 @@ impl Sim {
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
                         Effect::CancelTimer { timer } => self.cancelled.push(timer),
                         Effect::Launched { .. } => panic!("the machine emits whole tasks"),
+                        Effect::Publish { subject, body, .. } => {
+                            self.published.push((subject, body))
+                        }
                     }
                 }
                 self.state = Some(s);
@@ -91,6 +97,9 @@ impl Sim {
                 version: None,
                 input,
                 run_id: None,
+                by: None,
+                fork: None,
+                parent: None,
             },
         }));
     }
@@ -399,10 +408,22 @@ fn waiting_steps_resume_on_a_later_result() {
     let mut s = Sim::new("name: w\nsteps:\n  - {id: w, type: wait, duration: 1h}\n");
     s.start(json!({}));
     let t = s.take();
-    assert!(s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }));
+    assert!(s.reply(
+        &t[0].at,
+        Outcome::Waiting {
+            until_ms: Some(9),
+            detail: None
+        }
+    ));
     assert_eq!(s.step("w"), StepStatus::Waiting);
     assert!(
-        !s.reply(&t[0].at, Outcome::Waiting { until_ms: Some(9) }),
+        !s.reply(
+            &t[0].at,
+            Outcome::Waiting {
+                until_ms: Some(9),
+                detail: None
+            }
+        ),
         "duplicate waiting is a no-op"
     );
     s.ok(&t[0], json!({"waited_ms": 1}));
@@ -418,7 +439,8 @@ fn cancel_stops_scheduling_and_tells_running_steps() {
     let t = s.take();
     assert!(s.send(Event::Signal(Signal::Cancel {
         reason: Some("stop".into()),
-        by: Some("ops".into())
+        by: Some("ops".into()),
+        compensate: false,
     })));
     assert_eq!(s.status(), RunStatus::Cancelled);
     assert_eq!(s.count(HistoryKind::Abort), 1);
@@ -479,6 +501,9 @@ fn a_second_start_for_the_same_run_changes_nothing() {
             version: None,
             input: json!({}),
             run_id: None,
+            by: None,
+            fork: None,
+            parent: None,
         },
     };
     assert!(!s.send(again));
@@ -623,7 +648,8 @@ fn cancel_during_backoff_cancels_the_retry_timer() {
         .unwrap();
     assert!(s.send(Event::Signal(Signal::Cancel {
         reason: None,
-        by: None
+        by: None,
+        compensate: false,
     })));
     assert!(s.cancelled.contains(&retry), "{:?}", s.cancelled);
     // A retry timer that fires anyway launches nothing.
@@ -677,7 +703,10 @@ fn event_ids_tell_apart_what_a_redelivery_must_match() {
         .id()
     };
     let done = result(Outcome::Completed { output: json!(1) });
-    let waiting = result(Outcome::Waiting { until_ms: None });
+    let waiting = result(Outcome::Waiting {
+        until_ms: None,
+        detail: None,
+    });
     assert_ne!(done, waiting);
     assert_eq!(done, result(Outcome::Completed { output: json!(2) }));
     let timer = Event::Signal(Signal::Timer {

@@ -45,6 +45,7 @@ impl aob_runtime::Handler for WaitHandler {
                 tracing::debug!(%key, due_ms = timer.due_ms, "wait parked");
                 Ok(Outcome::Waiting {
                     until_ms: Some(timer.due_ms),
+                    detail: None,
                 })
             }
         }

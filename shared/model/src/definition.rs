@@ -259,7 +259,8 @@ pub enum CompensatedEnd {
 impl<'de> Deserialize<'de> for OnFailure {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        const HELP: &str = "write `fail`, `compensate`, `{compensate: {end: failed}}` or `{rollback_to: <step>}`";
+        const HELP: &str =
+            "write `fail`, `compensate`, `{compensate: {end: failed}}` or `{rollback_to: <step>}`";
         match Value::deserialize(d)? {
             Value::String(s) if s == "fail" => Ok(OnFailure::Fail),
             Value::String(s) if s == "compensate" => Ok(OnFailure::Compensate {
@@ -283,10 +284,14 @@ impl<'de> Deserialize<'de> for OnFailure {
                         }
                         Ok(OnFailure::Compensate { end })
                     }
-                    (k, _) => Err(D::Error::custom(format!("`{k}` is not a failure action; {HELP}"))),
+                    (k, _) => Err(D::Error::custom(format!(
+                        "`{k}` is not a failure action; {HELP}"
+                    ))),
                 }
             }
-            other => Err(D::Error::custom(format!("`{other}` is not a failure action; {HELP}"))),
+            other => Err(D::Error::custom(format!(
+                "`{other}` is not a failure action; {HELP}"
+            ))),
         }
     }
 }

@@ -707,13 +707,24 @@ fn check_human(config: &Map<String, Value>) -> Result<(), (String, String)> {
                     return err(&format!("{path}.to"), "`escalate` needs `to`".into());
                 }
                 (DeadlineAction::Escalate, Some(_), None) => {
-                    return err(&format!("{path}.then"), "`escalate` needs `then`, the next deadline".into());
+                    return err(
+                        &format!("{path}.then"),
+                        "`escalate` needs `then`, the next deadline".into(),
+                    );
                 }
-                (DeadlineAction::Escalate, Some(to), _) if to.users.is_empty() && to.roles.is_empty() => {
-                    return err(&format!("{path}.to"), "name at least one user or role".into());
+                (DeadlineAction::Escalate, Some(to), _)
+                    if to.users.is_empty() && to.roles.is_empty() =>
+                {
+                    return err(
+                        &format!("{path}.to"),
+                        "name at least one user or role".into(),
+                    );
                 }
                 (a, Some(_), _) | (a, _, Some(_)) if a != DeadlineAction::Escalate => {
-                    return err(&path, "`to` and `then` go with `action: escalate` only".into());
+                    return err(
+                        &path,
+                        "`to` and `then` go with `action: escalate` only".into(),
+                    );
                 }
                 _ => {}
             }
@@ -726,8 +737,16 @@ fn check_human(config: &Map<String, Value>) -> Result<(), (String, String)> {
 
 fn check_workflow_step(config: &Map<String, Value>) -> Result<(), (String, String)> {
     checked(config, |c: WorkflowStepConfig| {
-        if c.workflow.is_empty() || !c.workflow.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-') {
-            return Err(("workflow".to_string(), format!("`{}` is not a workflow name", c.workflow)));
+        if c.workflow.is_empty()
+            || !c
+                .workflow
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            return Err((
+                "workflow".to_string(),
+                format!("`{}` is not a workflow name", c.workflow),
+            ));
         }
         if c.version == Some(0) {
             return Err(("version".to_string(), "versions start at 1".to_string()));

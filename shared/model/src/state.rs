@@ -528,6 +528,16 @@ pub enum Effect {
         /// Which timer.
         timer: TimerKind,
     },
+    /// Publish a message to the engine's own inputs: a child run's start, a signal to a
+    /// child, a child's result to its parent.
+    Publish {
+        /// Subject.
+        subject: String,
+        /// `Nats-Msg-Id`, so a republished outbox is dropped as a duplicate.
+        msg_id: String,
+        /// Body.
+        body: Value,
+    },
 }
 
 /// A run.
@@ -599,7 +609,11 @@ pub fn child_run_id(parent_run: &str, at: &StepRef) -> String {
         id
     } else {
         let digest = crate::audit::sha256_hex(id.as_bytes());
-        format!("{}-{}", &parent_run[..parent_run.len().min(60)], &digest[..32])
+        format!(
+            "{}-{}",
+            &parent_run[..parent_run.len().min(60)],
+            &digest[..32]
+        )
     }
 }
 

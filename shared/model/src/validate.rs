@@ -111,7 +111,11 @@ pub fn check(wf: &Workflow, file: &str) -> Vec<Problem> {
     if let Some(OnFailure::RollbackTo(to)) = &wf.on_failure
         && (!ids.contains_key(to.as_str()) || compensation.contains(to.as_str()))
     {
-        c.add(None, "on_failure.rollback_to", format!("there is no step `{to}` in the forward path"));
+        c.add(
+            None,
+            "on_failure.rollback_to",
+            format!("there is no step `{to}` in the forward path"),
+        );
     }
 
     // Cycles: report each once, with its path.
@@ -264,12 +268,29 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
         }
         None => {}
     }
-    if matches!(s.kind.as_str(), "human" | "workflow") && (s.for_each.is_some() || s.loop_.is_some()) {
-        c.add(id, if s.for_each.is_some() { "for_each" } else { "loop" }, format!("a `{}` step runs once: put it in a sub-workflow to repeat it", s.kind));
+    if matches!(s.kind.as_str(), "human" | "workflow")
+        && (s.for_each.is_some() || s.loop_.is_some())
+    {
+        c.add(
+            id,
+            if s.for_each.is_some() {
+                "for_each"
+            } else {
+                "loop"
+            },
+            format!(
+                "a `{}` step runs once: put it in a sub-workflow to repeat it",
+                s.kind
+            ),
+        );
     }
     if let Some(OnFailure::RollbackTo(to)) = &s.on_failure {
         if !ids.contains_key(to.as_str()) {
-            c.add(id, "on_failure.rollback_to", format!("there is no step `{to}`"));
+            c.add(
+                id,
+                "on_failure.rollback_to",
+                format!("there is no step `{to}`"),
+            );
         } else if to != &s.id && !upstream(s, ids).contains(to.as_str()) {
             c.add(id, "on_failure.rollback_to", format!("`{to}` is not among this step's needs (directly or through them): the checkpoint before it must come before this step"));
         }

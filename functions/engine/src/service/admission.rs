@@ -129,14 +129,44 @@ impl<S: RunStore> Engine<S> {
             Ok(x) => x,
             Err(e @ aob_runtime::Error::WorkflowNotFound { .. }) => {
                 let reason = e.to_string();
-                self.announce_rejection(tenant, run_id, Some(&cmd.workflow), &reason, None)
+                self.refuse_start(tenant, run_id, &cmd, msg, &reason, None)
                     .await;
-                self.dead_letter_start(msg, &reason).await;
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
         let def = self.compiled(tenant, wf, version)?;
+        let mut cmd = cmd;
+        if let Some(fork) = cmd.fork.as_mut() {
+            // The reused outputs are read here, from the source run's state: a start
+            // carries the result, so the run is made from what admission saw.
+            let key = RunState::key(tenant, &fork.run);
+            let seed = match self.store.get(&key).await? {
+                None => Err(format!(
+                    "cannot fork run {}: there is no such run",
+                    fork.run
+                )),
+                Some((bytes, _)) => {
+                    let source = runs::decode(&key, &bytes)?;
+                    if cmd.input.is_null() {
+                        cmd.input = source.input.clone();
+                    }
+                    machine::fork_seed(&source, &fork.from, &fork.set)
+                }
+            };
+            match seed {
+                Ok(seed) => {
+                    if let Some(fork) = cmd.fork.as_mut() {
+                        fork.set = seed;
+                    }
+                }
+                Err(reason) => {
+                    self.refuse_start(tenant, run_id, &cmd, msg, &reason, None)
+                        .await;
+                    return Ok(false);
+                }
+            }
+        }
         if let Some(schema) = &def.wf.input {
             let input = self.payloads.hydrate(cmd.input.clone()).await?;
             let problems = input_problems(schema, &input);
@@ -146,20 +176,20 @@ impl<S: RunStore> Engine<S> {
                     def.wf.name,
                     problems.join("; ")
                 );
-                self.announce_rejection(
+                self.refuse_start(
                     tenant,
                     run_id,
-                    Some(&cmd.workflow),
+                    &cmd,
+                    msg,
                     &reason,
                     Some(json!({"errors": problems})),
                 )
                 .await;
-                self.dead_letter_start(msg, &reason).await;
                 return Ok(false);
             }
         }
-        let mut cmd = cmd;
         let workflow = cmd.workflow.clone();
+        let parent = cmd.parent.clone();
         cmd.input = self
             .payloads
             .offload(cmd.input, &format!("{tenant}/{run_id}/input"))
@@ -181,9 +211,64 @@ impl<S: RunStore> Engine<S> {
                 self.announce_rejection(tenant, run_id, Some(&workflow), &why, None)
                     .await;
                 self.dead_letter_start(msg, &why).await;
+                self.tell_parent(tenant, run_id, parent.as_ref(), &why)
+                    .await;
                 Ok(false)
             }
             other => other,
+        }
+    }
+
+    /// Refuses a start: its rejection is announced, it is dead-lettered, and a parent
+    /// waiting for it as its child hears that the child never started.
+    async fn refuse_start(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        cmd: &StartCommand,
+        msg: Option<&Message>,
+        reason: &str,
+        details: Option<Value>,
+    ) {
+        self.announce_rejection(tenant, run_id, Some(&cmd.workflow), reason, details)
+            .await;
+        self.dead_letter_start(msg, reason).await;
+        self.tell_parent(tenant, run_id, cmd.parent.as_ref(), reason)
+            .await;
+    }
+
+    /// Fails the parent's `workflow` step whose child `run_id` was refused.
+    async fn tell_parent(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        parent: Option<&aob_model::wire::ParentRef>,
+        reason: &str,
+    ) {
+        let Some(p) = parent else {
+            return;
+        };
+        let result = StepResult {
+            tenant: tenant.to_string(),
+            run_id: p.run.clone(),
+            at: p.at.clone(),
+            outcome: Outcome::Failed {
+                error: aob_model::wire::StepError::terminal(format!(
+                    "child run {run_id} was not started: {reason}"
+                )),
+            },
+            duration_ms: 0,
+        };
+        let body = serde_json::to_vec(&result).unwrap_or_default();
+        if let Err(e) = bus::publish_acked(
+            &self.js,
+            subjects::result(tenant, &p.run),
+            &aob_runtime::nats::result_msg_id(&result),
+            body.into(),
+        )
+        .await
+        {
+            tracing::error!(parent = %p.run, "could not tell a parent run its child was refused: {e}");
         }
     }
 

@@ -114,6 +114,14 @@ impl<S: RunStore> Engine<S> {
         for e in effects {
             match e {
                 Effect::Task { task } if !tasks_sent => acks.push(self.send_task(task).await?),
+                Effect::Publish {
+                    subject,
+                    msg_id,
+                    body,
+                } => {
+                    let body = serde_json::to_vec(body).unwrap_or_default();
+                    acks.push(bus::publish(&self.js, subject.clone(), msg_id, body.into()).await?);
+                }
                 Effect::Task { .. }
                 | Effect::Launched { .. }
                 | Effect::Timer { .. }
