@@ -9,12 +9,16 @@ use aob_model::wire::{
 
 use crate::machine::{Compiled, Event, Transition, transition};
 
+mod people;
+
 struct Sim {
     def: Compiled,
     state: Option<RunState>,
     now: u64,
     tasks: Vec<Task>,
     history: Vec<(HistoryKind, Option<String>, Option<u32>)>,
+    /// The whole events, for replays.
+    events: Vec<aob_model::wire::HistoryEvent>,
     timers: Vec<(TimerKind, u64)>,
     /// Timers cancelled.
     cancelled: Vec<TimerKind>,
@@ -39,6 +43,7 @@ impl Sim {
             now: 1_000,
             tasks: Vec::new(),
             history: Vec::new(),
+            events: Vec::new(),
             timers: Vec::new(),
             cancelled: Vec::new(),
             published: Vec::new(),
@@ -72,7 +77,8 @@ impl Sim {
                         Effect::Task { task } => self.tasks.push(*task),
                         Effect::History { event } => {
                             self.history
-                                .push((event.kind, event.step.clone(), event.item))
+                                .push((event.kind, event.step.clone(), event.item));
+                            self.events.push(*event);
                         }
                         Effect::Timer { timer, due_ms } => self.timers.push((timer, due_ms)),
                         Effect::CancelTimer { timer } => self.cancelled.push(timer),

@@ -65,7 +65,8 @@ pub struct Step {
     /// Unique id within the workflow: a letter or `_`, then letters, digits or `_`
     /// (so that expressions can say `steps.<id>.output`).
     pub id: String,
-    /// Node type: `transform`, `validate`, `http` or `wait`.
+    /// Node type (`transform`, `validate`, `http`, `tool`, `llm`, `agent`, `wait`, `human`,
+    /// `workflow`).
     #[serde(rename = "type")]
     pub kind: String,
     /// Steps that must finish before this one (see `trigger`).
@@ -229,7 +230,7 @@ pub enum Compensate {
 }
 
 /// What a step's final failure does.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// The run fails (the default).
@@ -254,6 +255,22 @@ pub enum CompensatedEnd {
     Compensated,
     /// FAILED.
     Failed,
+}
+
+impl JsonSchema for OnFailure {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "OnFailure".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "What a step's final failure does: `fail` (the default), `compensate`, `{compensate: {end: compensated|failed}}` or `{rollback_to: <step>}`.",
+            "oneOf": [
+                {"type": "string", "enum": ["fail", "compensate"]},
+                {"type": "object", "properties": {"rollback_to": {"type": "string"}}, "required": ["rollback_to"], "additionalProperties": false},
+                {"type": "object", "properties": {"compensate": {"type": "object", "properties": {"end": {"type": "string", "enum": ["compensated", "failed"]}}, "additionalProperties": false}}, "required": ["compensate"], "additionalProperties": false}
+            ]
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for OnFailure {
