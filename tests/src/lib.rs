@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod endpoints;
+pub mod smtp;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

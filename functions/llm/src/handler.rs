@@ -77,6 +77,11 @@ pub fn scope_of(task: &Task) -> String {
     if let Some(i) = task.at.item {
         s.push_str(&format!("[{i}]"));
     }
+    // A rollback runs the step again for a new answer: each generation has its own calls
+    // (retries within one reuse them).
+    if task.at.generation > 0 {
+        s.push_str(&format!("@g{}", task.at.generation));
+    }
     s
 }
 

@@ -161,8 +161,7 @@ impl Machine<'_> {
                 ),
             );
         }
-        let allowed =
-            a.users.iter().any(|u| *u == d.by) || d.roles.iter().any(|r| a.roles.contains(r));
+        let allowed = a.users.contains(&d.by) || d.roles.iter().any(|r| a.roles.contains(r));
         if !allowed {
             return self.refuse(
                 &d,
