@@ -33,6 +33,11 @@ require_approval contains "this step's model calls need a person" if {
 	input.kind == "model"
 	input.step.id == "needs_ok"
 }
+
+require_approval contains "reading the clock needs a person" if {
+	input.kind == "tool"
+	input.tool.name == "time.get_current_time"
+}
 "#;
 
 const SPEND: &str = r#"
@@ -62,6 +67,10 @@ steps:
     type: tool
     tool: time.convert_time
     arguments: {source_timezone: UTC, time: "12:00", target_timezone: Asia/Tokyo}
+  - id: held_tool
+    type: tool
+    tool: time.get_current_time
+    arguments: {timezone: UTC}
 "#;
 
 struct Env {
@@ -307,7 +316,60 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
     let e = env().await;
     e.s.publish("globex", GUARDED).await.unwrap();
     let before = e.double.requests().total;
-    let (state, events, run) = e.run("globex", "guarded", json!({})).await;
+    let run = e.s.start_run("globex", "guarded", json!({})).await.unwrap();
+    // The model call and the tool call a policy holds become approval requests.
+    let held = std::sync::atomic::AtomicUsize::new(0);
+    let events =
+        e.s.history_until(
+            "globex",
+            &run,
+            |ev| {
+                ev.kind == HistoryKind::ApprovalRequested
+                    && held.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1
+            },
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let mut actions: Vec<String> = events
+        .iter()
+        .filter(|ev| ev.kind == HistoryKind::ApprovalRequested)
+        .map(|ev| {
+            ev.data.as_ref().unwrap()["action"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    actions.sort();
+    assert_eq!(
+        actions,
+        vec!["model scripted", "tool time.get_current_time"]
+    );
+    assert_eq!(
+        e.double.requests().total,
+        before,
+        "no model was called before the approval"
+    );
+    for step in ["needs_ok", "held_tool"] {
+        let signal = aob_model::wire::Signal::Decide {
+            step: step.into(),
+            by: "root".into(),
+            roles: vec!["admin".into()],
+            decision: aob_model::wire::Verdict::Approve,
+            comment: None,
+            set: Default::default(),
+            id: None,
+        };
+        e.s.publish_raw(
+            &aob_streams::subjects::signal("globex", &run),
+            Some(&format!("ok-{step}")),
+            serde_json::to_vec(&signal).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let (state, events) = e.s.wait_run("globex", &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
 
     // A step the policies deny never reaches its function.
@@ -329,16 +391,16 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
                 .is_some_and(|m| m.contains("never run"))),
         "{events:#?}"
     );
-    // A model call that needs approval is not made.
-    let err = failure(&state, "needs_ok");
-    assert!(
-        err.message
-            .contains("model scripted requires approval by policy test_rules")
-            && err.message.contains("it was not run"),
-        "{}",
-        err.message
+    // Once approved, the held calls ran, once each, in a second attempt.
+    for step in ["needs_ok", "held_tool"] {
+        assert_eq!(state.steps[step].status(), StepStatus::Completed, "{step}");
+        assert_eq!(state.steps[step].attempt(), 2, "{step}");
+    }
+    assert_eq!(
+        e.double.requests().total,
+        before + 1,
+        "the model was called once"
     );
-    assert_eq!(e.double.requests().total, before, "no model was called");
     // A tool step the policies deny.
     let err = failure(&state, "convert");
     assert!(
@@ -375,7 +437,25 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
             vec![json!("convert"), json!("engine"), json!("allow")],
             vec![json!("convert"), json!("fn.tool"), json!("deny")],
             vec![json!("forbidden"), json!("engine"), json!("deny")],
+            vec![json!("held_tool"), json!("engine"), json!("allow")],
+            vec![json!("held_tool"), json!("engine"), json!("allow")],
+            vec![
+                json!("held_tool"),
+                json!("fn.tool"),
+                json!("require_approval")
+            ],
+            vec![
+                json!("held_tool"),
+                json!("fn.tool"),
+                json!("require_approval")
+            ],
             vec![json!("needs_ok"), json!("engine"), json!("allow")],
+            vec![json!("needs_ok"), json!("engine"), json!("allow")],
+            vec![
+                json!("needs_ok"),
+                json!("fn.llm"),
+                json!("require_approval")
+            ],
             vec![
                 json!("needs_ok"),
                 json!("fn.llm"),
@@ -383,6 +463,24 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
             ],
         ]
     );
+    // The second evaluation of each held call says a person approved it, and the tool
+    // was called once.
+    let got = e
+        .query(&format!(
+            "SELECT step_id, attempt, decision FROM TRAIL WHERE run_id = '{run}' \
+             AND event_kind = 'policy_decision' AND actor LIKE 'fn.%' AND step_id <> 'convert' ORDER BY step_id, attempt"
+        ))
+        .await;
+    for row in &got {
+        let approved = row[2].as_str().unwrap().ends_with("approved by a person");
+        assert_eq!(approved, row[1] == json!(2), "{got:?}");
+    }
+    let calls = e
+        .query(&format!(
+            "SELECT count(*) FROM TRAIL WHERE run_id = '{run}' AND step_id = 'held_tool' AND event_kind = 'tool_call' AND status = 'COMPLETED'"
+        ))
+        .await;
+    assert_eq!(calls, vec![vec![json!(1)]]);
     e.stop().await;
 }
 

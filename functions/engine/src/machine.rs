@@ -1095,7 +1095,12 @@ impl<'a> Machine<'a> {
     /// The task of attempt `at`: the step's raw config and the context it reads.
     fn task(&self, step: &Step, at: &StepRef, deadline_ms: Option<u64>) -> Task {
         let item = at.item.and_then(|i| self.item(&step.id, i as usize));
-        let context = self.context(&step.id, item.as_ref(), at.iteration, false);
+        let mut context = self.context(&step.id, item.as_ref(), at.iteration, false);
+        if let Some(st) = self.s.steps.get(&step.id)
+            && !st.grants.is_empty()
+        {
+            context["approved"] = json!(st.grants);
+        }
         Task {
             tenant: self.s.tenant.clone(),
             run_id: self.s.run_id.clone(),
@@ -1186,7 +1191,18 @@ impl<'a> Machine<'a> {
             }
             Outcome::Failed { error } => {
                 self.cancel_step_timeout(step, &r.at);
-                self.on_failed(step, &r.at, error)
+                let granted = |a: &String| {
+                    self.s
+                        .steps
+                        .get(&step.id)
+                        .is_some_and(|st| st.grants.contains(a))
+                };
+                match people::policy_hold(&error) {
+                    Some(action) if r.at.item.is_none() && !granted(&action) => {
+                        self.hold_for_approval(step, &r.at, action, error)
+                    }
+                    _ => self.on_failed(step, &r.at, error),
+                }
             }
         }
         self.advance();

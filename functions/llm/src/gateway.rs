@@ -64,6 +64,9 @@ pub struct Caller {
     pub scope: String,
     /// Only recorded answers may be used: a replay never calls a live model.
     pub replay: bool,
+    /// Actions a person approved for this step (`tool payments.refund`, `model gpt-4o`):
+    /// a policy's `require_approval` on them is satisfied.
+    pub approved: Vec<String>,
 }
 
 impl Caller {
@@ -79,6 +82,7 @@ impl Caller {
             node_type: task.node_type.clone(),
             scope,
             replay: false,
+            approved: aob_model::wire::approved_actions(&task.context),
         }
     }
 }

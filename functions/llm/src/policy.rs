@@ -144,13 +144,20 @@ impl Guard {
         input.arguments = arguments;
         input.spend = Some(spend);
         let decision = self.policies.evaluate(&input);
+        let approved = decision.approved_by(&what, &task.approved);
         cx.record(AuditKind::PolicyDecision, suffix, |r| {
             decision.fill(&what, r);
+            if approved {
+                r.decision = Some(format!("{what}: require_approval, approved by a person"));
+            }
             if let Call::Model { name, provider } = call {
                 r.model = Some(name.to_string());
                 r.provider = Some(provider.to_string());
             }
         });
+        if approved {
+            return Ok(Some(decision));
+        }
         match decision.refusal(&what) {
             Some(e) => Err(e),
             None => Ok(Some(decision)),

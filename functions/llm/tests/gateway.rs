@@ -62,6 +62,7 @@ default: {{ model: a }}
 
 fn caller(run: &str, scope: &str) -> Caller {
     Caller {
+        approved: Vec::new(),
         tenant: "acme".into(),
         run_id: run.into(),
         workflow: "wf".into(),

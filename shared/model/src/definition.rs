@@ -36,6 +36,10 @@ pub struct Workflow {
     /// Most rollbacks of one run, automatic and by hand (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rollbacks: Option<u32>,
+    /// Who approves a model or tool call that a policy holds for approval (default: the
+    /// role `admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<crate::nodes::Approvers>,
     /// The steps, in any order; edges come from `needs`.
     pub steps: Vec<Step>,
 }

@@ -335,9 +335,14 @@ pub struct StepState {
     /// The run's history position when the step finished (orders compensations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_seq: Option<u64>,
-    /// The open approval request of a waiting `human` step.
+    /// The open approval request of a waiting `human` step, or of a step whose action a
+    /// policy holds for approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Box<Approval>>,
+    /// Actions of this step a person approved after a policy asked (`tool payments.refund`):
+    /// its tasks carry them, so the gateways let them run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<String>,
 }
 
 /// An approval request: who may decide, how many must agree, the votes so far.
@@ -369,6 +374,10 @@ pub struct Approval {
     /// Decisions taken.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub votes: Vec<Vote>,
+    /// For a request made by a policy: the action held (`tool payments.refund`); approving
+    /// it runs the step again with the action allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
 }
 
 /// One person's decision.
@@ -487,6 +496,7 @@ impl StepState {
             started_seq: None,
             finished_seq: None,
             approval: None,
+            grants: Vec::new(),
         }
     }
 }

@@ -211,6 +211,21 @@ impl StepRef {
     }
 }
 
+/// The actions a person approved for a task's step after a policy asked for approval
+/// (`tool payments.refund`): the engine puts them in the task's context as `approved`.
+pub fn approved_actions(context: &Value) -> Vec<String> {
+    context
+        .get("approved")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Body of `aob.<tenant>.task.<node_type>`: one attempt for a function to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {

@@ -187,6 +187,12 @@ impl Decision {
         }
     }
 
+    /// A `require_approval` decision on `what` that a person has approved (`approved` lists
+    /// the approved actions): the action may go on.
+    pub fn approved_by(&self, what: &str, approved: &[String]) -> bool {
+        self.outcome == Outcome::RequireApproval && approved.iter().any(|a| a == what)
+    }
+
     /// True unless denied or waiting for approval.
     pub fn is_allowed(&self) -> bool {
         self.outcome == Outcome::Allow
@@ -194,8 +200,9 @@ impl Decision {
 
     /// The step error that stops `what` (`tool payments.refund`, `model gpt-4o`, `step
     /// draft`), or `None` when it may go on. A denial is terminal with the policy's reason.
-    /// An action that needs approval does not run either: it is refused, terminally, until
-    /// approvals exist to ask a person.
+    /// An action that needs approval does not run either: the engine turns this refusal
+    /// into an approval request on the step, and runs the step again once a person approved
+    /// (the action is then in the task's `approved` list, see [`Decision::approved_by`]).
     pub fn refusal(&self, what: &str) -> Option<aob_model::wire::StepError> {
         let by = match &self.policy_id {
             Some(id) => format!("policy {id} (version {})", self.version),
@@ -216,6 +223,7 @@ impl Decision {
                     "policy_id": self.policy_id,
                     "version": self.version,
                     "reason": self.reason,
+                    "action": what,
                 }
             })),
         )

@@ -18,6 +18,14 @@ pub(super) struct Decision {
     pub id: Option<String>,
 }
 
+/// The action a failure says a policy holds for approval (`tool payments.refund`).
+pub(super) fn policy_hold(error: &StepError) -> Option<String> {
+    let p = error.details.as_ref()?.get("policy")?;
+    (p.get("outcome")?.as_str()? == "require_approval")
+        .then(|| p.get("action")?.as_str().map(str::to_string))
+        .flatten()
+}
+
 /// The deadline in force after `round` escalations.
 fn deadline_at(cfg: &HumanConfig, round: u32) -> Option<&Deadline> {
     let mut d = cfg.deadline.as_ref();
@@ -101,8 +109,75 @@ impl Machine<'_> {
                 round: 0,
                 deadline_ms,
                 votes: Vec::new(),
+                action: None,
             }));
         }
+    }
+
+    /// A policy held an action of attempt `at` for approval (the gateway refused it with
+    /// `require_approval`): the step waits for a person instead of failing.
+    pub(super) fn hold_for_approval(
+        &mut self,
+        step: &Step,
+        at: &StepRef,
+        action: String,
+        error: StepError,
+    ) {
+        let who = self
+            .def
+            .wf
+            .approvers
+            .clone()
+            .unwrap_or(aob_model::nodes::Approvers {
+                users: Vec::new(),
+                roles: vec!["admin".to_string()],
+            });
+        let reason = error
+            .details
+            .as_ref()
+            .and_then(|d| d.pointer("/policy/reason"))
+            .and_then(Value::as_str)
+            .unwrap_or("a policy asks for it")
+            .to_string();
+        let summary = format!("{action} needs approval: {reason}");
+        if let Some(st) = self.s.steps.get_mut(&step.id) {
+            st.phase = Phase::Waiting {
+                attempt: at.attempt,
+            };
+            st.approval = Some(Box::new(Approval {
+                summary: Some(summary.clone()),
+                values: Value::Null,
+                users: who.users.clone(),
+                roles: who.roles.clone(),
+                required: 1,
+                allow_self: false,
+                round: 0,
+                deadline_ms: None,
+                votes: Vec::new(),
+                action: Some(action.clone()),
+            }));
+        }
+        self.history(
+            HistoryKind::StepWaiting,
+            Some(at),
+            Some(summary.clone()),
+            Some(json!({"policy_hold": error})),
+        );
+        self.history(
+            HistoryKind::ApprovalRequested,
+            Some(at),
+            Some(format!("approval needed: {summary}")),
+            Some(json!({
+                "summary": summary,
+                "action": action,
+                "policy": error.details.as_ref().and_then(|d| d.get("policy")),
+                "users": who.users,
+                "roles": who.roles,
+                "required": 1,
+                "approve": format!("aob approve {} {}", self.s.run_id, step.id),
+                "reject": format!("aob reject {} {} --reason TEXT", self.s.run_id, step.id),
+            })),
+        );
     }
 
     /// A decision that is not taken: recorded with its reason, nothing else changes.
@@ -285,6 +360,7 @@ impl Machine<'_> {
             })),
         );
         let round = a.round;
+        let action = a.action.clone();
         let has_deadline = a.deadline_ms.is_some();
         let done = d.verdict == Verdict::Reject || approvals >= a.required;
         let output = done.then(|| approval_output(&a, false));
@@ -301,6 +377,20 @@ impl Machine<'_> {
                     round,
                 },
             });
+        }
+        if let (Verdict::Approve, Some(action)) = (d.verdict, action) {
+            // A held action: the step runs again, with the action allowed.
+            if let Some(st) = self.s.steps.get_mut(&d.step) {
+                st.grants.push(action);
+                st.approval = None;
+            }
+            return self.launch(
+                step,
+                StepRef {
+                    attempt: at.attempt + 1,
+                    ..at
+                },
+            );
         }
         match d.verdict {
             Verdict::Reject => self.on_failed(

@@ -215,6 +215,10 @@ fn input_of(s: &RunState, history: &[HistoryEvent], i: usize) -> Option<Event> {
                 },
             )
         }
+        HistoryKind::StepWaiting if data(ev, "policy_hold").is_some() => {
+            let error = serde_json::from_value(data(ev, "policy_hold")?.clone()).ok()?;
+            result(s, ev, Outcome::Failed { error })
+        }
         HistoryKind::StepWaiting => {
             // A `human` step's request follows its wait, with what the function rendered.
             let detail = history

@@ -57,13 +57,20 @@ impl<S: RunStore> Engine<S> {
             record.item = task.at.item;
             record.iteration = task.at.iteration;
             decision.fill(&what, &mut record);
+            let approved = aob_model::wire::approved_actions(&task.context);
+            if decision.approved_by(&what, &approved) {
+                record.decision = Some(format!("{what}: require_approval, approved by a person"));
+            }
             bus::publish_record(&self.js, &record)
                 .await?
                 .await
                 .map_err(|e| {
                     aob_runtime::Error::Nats(format!("policy record not acknowledged: {e}"))
                 })?;
-            if let Some(error) = decision.refusal(&what) {
+            if let Some(error) = decision
+                .refusal(&what)
+                .filter(|_| !decision.approved_by(&what, &approved))
+            {
                 let result = StepResult {
                     tenant: task.tenant.clone(),
                     run_id: task.run_id.clone(),
