@@ -43,7 +43,7 @@ pub enum Command {
     #[command(
         long_about = "Runs everything in one process: a local nats-server with JetStream (unless \
             --nats-url or NATS_URL points to one), the topology, the engine with its timer service, \
-            and the transform, validate, http, wait, tool, llm and agent functions (tools from AOB_TOOLS; models from \
+            and the transform, validate, http, wait, human, tool, llm and agent functions (tools from AOB_TOOLS; models from \
             AOB_MODELS, or, without it, the scripted provider: a test double that needs no key and no network). \
             Payloads larger than the offload \
             threshold go to <data>/payloads unless AOB_PAYLOAD_URL is set. The server's URL is \

@@ -196,6 +196,8 @@ pub async fn cmd_fork(ctx: &Ctx, args: ForkArgs) -> Result<ExitCode> {
         let (id, v) = parse_output_set(s)?;
         set.insert(id, v);
     }
+    // Checked here too, so a mistake is said at once rather than as a rejected start.
+    aob_engine::machine::fork_seed(&source, &args.from, &set).map_err(|e| anyhow!(e))?;
     let input = match args.input.as_deref() {
         Some(i) => crate::input::parse_input(Some(i))?,
         None => Value::Null,
@@ -290,7 +292,7 @@ pub async fn cmd_replay(
     match report.divergence {
         None => {
             say!(
-                "same decisions: {} decisions matched, {} recorded inputs applied, no function, model or tool called",
+                "same decisions: all {} recorded events reproduced ({} of them taken as inputs: results, decisions, signals, timers); no function, model or tool was called",
                 report.matched,
                 report.inputs
             );
@@ -300,7 +302,10 @@ pub async fn cmd_replay(
             say!("DIVERGES at event {}:", d.seq);
             say!("  recorded: {}", d.recorded);
             say!("  replayed: {}", d.replayed);
-            say!("({} decisions matched before it)", report.matched);
+            say!(
+                "({} recorded events were reproduced before it)",
+                report.matched
+            );
             Ok(ExitCode::from(1))
         }
     }

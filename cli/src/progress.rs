@@ -123,7 +123,15 @@ pub fn format_event(ev: &HistoryEvent, took_ms: Option<u64>) -> String {
                 .unwrap_or_default();
             format!("  ⏸ {label} waiting{until}")
         }
-        HistoryKind::StepCompleted => format!("  ✓ {label} completed{took}"),
+        HistoryKind::StepCompleted => match ev
+            .data
+            .as_ref()
+            .and_then(|d| d.get("reused_from"))
+            .and_then(Value::as_str)
+        {
+            Some(run) => format!("  ✓ {label} reused from run {run}"),
+            None => format!("  ✓ {label} completed{took}"),
+        },
         HistoryKind::StepRetrying => {
             let next = data_u64(ev, "next_attempt").or(ev.attempt.map(|a| u64::from(a) + 1));
             let delay = data_u64(ev, "delay_ms")

@@ -16,30 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 const T: &str = "people";
 
-/// The seeds' flow: a model drafts, a person approves, a validation checks, and a failed
-/// check rolls the run back to the draft.
-const SEEDS: &str = r#"
-name: seeds
-max_rollbacks: 2
-steps:
-  - id: draft
-    type: llm
-    prompt: "Write the reply to: {{ input.ask }}"
-  - id: review
-    type: human
-    needs: [draft]
-    approvers: {users: [alice, dave], roles: [editor]}
-    summary: "Send this reply? {{ steps.draft.output.text }}"
-  - id: check
-    type: validate
-    needs: [draft, review]
-    value: "{{ steps.draft.output.text }}"
-    assert:
-      - expr: "value.contains('thanks')"
-        message: "the reply must thank the customer"
-    on_fail: {rollback_to: draft}
-"#;
-
 const SCRIPT: &str = r#"
 rules:
   - when: { contains: "Write the reply" }
@@ -50,9 +26,9 @@ rules:
 "#;
 
 #[allow(clippy::unwrap_used)]
-async fn with_models() -> (Stack, ScriptedProvider) {
+async fn with_models(script: &str) -> (Stack, ScriptedProvider) {
     let mut s = Stack::bare().await.unwrap();
-    let double = ScriptedProvider::start(Script::parse(SCRIPT, "script.yaml").unwrap())
+    let double = ScriptedProvider::start(Script::parse(script, "script.yaml").unwrap())
         .await
         .unwrap();
     let models = aob_llm::config::Config::parse(&format!(
@@ -124,8 +100,12 @@ fn count(events: &[HistoryEvent], kind: HistoryKind) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seeds_flow_approves_by_cli_rolls_back_once_and_completes_with_an_audit_trail() {
-    let (mut s, double) = with_models().await;
+async fn the_approval_example_approves_by_cli_rolls_back_once_and_completes_with_an_audit_trail() {
+    // The example's replies: the first draft forgets the customer's name.
+    let script =
+        std::fs::read_to_string(aob_tests::examples_dir().join("agentic/scripted-provider.yaml"))
+            .unwrap();
+    let (mut s, double) = with_models(&script).await;
     let audit = tempfile::tempdir().unwrap();
     let url = format!("file://{}", audit.path().display());
     let stop_sink = CancellationToken::new();
@@ -137,84 +117,93 @@ async fn the_seeds_flow_approves_by_cli_rolls_back_once_and_completes_with_an_au
                 .map_err(|e| e.to_string())
         })
     };
-    s.publish(T, SEEDS).await.unwrap();
-    let run = s
-        .start_run_as(
-            T,
-            "seeds",
-            json!({"ask": "where is my order?"}),
-            Some("dave"),
-        )
-        .await
-        .unwrap();
+    let wf = s.publish_example(T, "approval").await.unwrap();
+    let input = json!({"customer": "Ada", "question": "Where is my order 1234?"});
+    let run = s.start_run_as(T, &wf, input, Some("alice")).await.unwrap();
 
     let events = until_nth(&s, &run, HistoryKind::ApprovalRequested, 1).await;
     let req = events.last().unwrap();
+    let summary = req.message.clone().unwrap();
     assert!(
-        req.message
-            .as_deref()
-            .unwrap()
-            .contains("Dear customer, no."),
-        "the summary is rendered from the run context: {req:?}"
+        summary.contains("Send this reply to Ada? Your order is on its way."),
+        "the summary is rendered from the run context: {summary}"
     );
-    // `aob approvals list` shows it; as the starter, dave has nothing to decide.
+    // `aob approvals list` shows it; alice started the run and has nothing to decide.
     let out = aob(&s, &["approvals", "list"]);
-    let listed = String::from_utf8_lossy(&out.stdout);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         listed.contains(&run) && listed.contains("review"),
         "{listed}"
     );
-    let out = aob(&s, &["--as", "dave", "approvals", "list", "--mine"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("no open approval requests"));
+    let out = aob(&s, &["--as", "alice", "approvals", "list", "--mine"]);
+    let mine = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(mine.contains("no open approval requests"), "{mine}");
+    let out = aob(&s, &["--as", "bob", "approvals", "list", "--mine"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&run));
 
     // Refused with reasons: the starter, someone not asked; then a role holder approves.
-    let out = aob(&s, &["--as", "dave", "approve", &run, "review"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("started this run"),
-        "{out:?}"
+    let refused = |out: &std::process::Output, why: &str| {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{out:?}"
+        );
+    };
+    refused(
+        &aob(&s, &["--as", "alice", "approve", &run, "review"]),
+        "started this run",
     );
-    let out = aob(&s, &["--as", "mallory", "approve", &run, "review"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("may not decide"),
-        "{out:?}"
+    refused(
+        &aob(&s, &["--as", "mallory", "approve", &run, "review"]),
+        "may not decide",
     );
-    let out = aob(
-        &s,
-        &[
-            "--as",
-            "erin",
-            "approve",
-            &run,
-            "review",
-            "--role",
-            "editor",
-            "--comment",
-            "fine",
-        ],
-    );
+    let erin = [
+        "--as",
+        "erin",
+        "approve",
+        &run,
+        "review",
+        "--role",
+        "support-lead",
+    ];
+    let out = aob(&s, &erin);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("approved by erin (1 of 1)"),
-        "{out:?}"
-    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("approved by erin (1 of 1)"), "{said}");
 
     // The check fails, the run rolls back to the draft, which the model writes again.
     let events = until_nth(&s, &run, HistoryKind::ApprovalRequested, 2).await;
     assert_eq!(count(&events, HistoryKind::RolledBack), 1);
-    assert!(
-        events
-            .last()
-            .unwrap()
-            .message
-            .as_deref()
-            .unwrap()
-            .contains("thanks")
+    let summary = events.last().unwrap().message.clone().unwrap();
+    assert!(summary.contains("Hello Ada"), "{summary}");
+    // An edit that breaks the request's schema is refused; a valid one becomes the output.
+    refused(
+        &aob(
+            &s,
+            &[
+                "--as",
+                "bob",
+                "approve",
+                &run,
+                "review",
+                "--set",
+                "reply=\"\"",
+            ],
+        ),
+        "/reply",
     );
-    decide(&s, &run, "review", "alice", Verdict::Approve).await;
+    let edit = "reply=Hello Ada, it arrives tomorrow.";
+    let out = aob(
+        &s,
+        &["--as", "bob", "approve", &run, "review", "--set", edit],
+    );
+    assert!(out.status.success(), "{out:?}");
     let (state, events) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    assert_eq!(
+        state.steps["send"].output.as_ref().unwrap()["reply"],
+        json!("Hello Ada, it arrives tomorrow.")
+    );
     assert_eq!(state.generation, 1);
     assert_eq!(state.rollbacks, 1);
     assert_eq!(double.requests().total, 2, "one model call per pass");
@@ -230,7 +219,8 @@ async fn the_seeds_flow_approves_by_cli_rolls_back_once_and_completes_with_an_au
         .await
         .unwrap();
     let rows = aob_tests::audit::duckdb(&format!(
-        "SELECT event_kind, actor, decision FROM {} WHERE run_id = '{run}' AND event_kind IN ('approval_decided', 'decision_refused', 'rollback') ORDER BY finished_at",
+        "SELECT event_kind, actor, decision FROM {} WHERE run_id = '{run}' \
+         AND event_kind IN ('approval_decided', 'decision_refused', 'rollback') ORDER BY finished_at",
         aob_tests::audit::trail(audit.path())
     ))
     .unwrap();
@@ -245,11 +235,12 @@ async fn the_seeds_flow_approves_by_cli_rolls_back_once_and_completes_with_an_au
     assert_eq!(
         rows,
         vec![
-            vec!["decision_refused", "dave", "refuse"],
+            vec!["decision_refused", "alice", "refuse"],
             vec!["decision_refused", "mallory", "refuse"],
             vec!["approval_decided", "erin", "approve"],
             vec!["rollback", "engine", "rollback"],
-            vec!["approval_decided", "alice", "approve"],
+            vec!["decision_refused", "bob", "refuse"],
+            vec!["approval_decided", "bob", "approve"],
         ]
     );
     stop_sink.cancel();
@@ -437,7 +428,7 @@ steps:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_reuses_the_recorded_draft_and_a_replay_calls_nothing() {
-    let (s, double) = with_models().await;
+    let (s, double) = with_models(SCRIPT).await;
     s.publish(T, DRAFTED).await.unwrap();
     let run = s
         .start_run(T, "drafted", json!({"ask": "hi", "n": 1}))
