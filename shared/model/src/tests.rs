@@ -332,3 +332,75 @@ fn a_steps_phase_and_shape_come_from_its_state() {
 fn read_shape(v: serde_json::Value) -> crate::state::StepState {
     serde_json::from_value(v).unwrap()
 }
+
+#[test]
+fn people_in_the_loop_mistakes_name_the_step_and_field() {
+    let ps = problems(
+        r#"
+name: w
+steps:
+  - {id: a, type: transform, output: 1}
+  - {id: review, type: human, needs: [a], approvers: {users: [alice]}, required: 2}
+  - {id: nobody, type: human, approvers: {}}
+  - {id: late, type: human, approvers: {users: [x]}, deadline: {after: 1h, action: escalate}}
+  - {id: loopy, type: human, approvers: {users: [x]}, for_each: {items: "[1]"}}
+  - {id: back, type: transform, needs: [a], output: 1, on_failure: {rollback_to: other}}
+  - {id: other, type: transform, output: 1}
+  - {id: sub, type: workflow, workflow: "not a name"}
+"#,
+    );
+    assert!(has(&ps, "review", "required", "only 1 users"), "{ps:?}");
+    assert!(has(&ps, "nobody", "approvers", "at least one"), "{ps:?}");
+    assert!(
+        has(&ps, "late", "deadline.to", "`escalate` needs `to`"),
+        "{ps:?}"
+    );
+    assert!(has(&ps, "loopy", "for_each", "runs once"), "{ps:?}");
+    assert!(
+        has(
+            &ps,
+            "back",
+            "on_failure.rollback_to",
+            "not among this step's needs"
+        ),
+        "{ps:?}"
+    );
+    assert!(has(&ps, "sub", "workflow", "not a workflow name"), "{ps:?}");
+}
+
+#[test]
+fn on_failure_reads_every_form_and_explains_a_wrong_one() {
+    let wf = |f: &str| {
+        load_str(
+            &format!(
+                "name: w\non_failure: {f}\nsteps:\n  - {{id: a, type: transform, output: 1}}\n"
+            ),
+            "wf.yaml",
+        )
+    };
+    use crate::definition::{CompensatedEnd, OnFailure};
+    assert_eq!(wf("fail").unwrap().on_failure, Some(OnFailure::Fail));
+    assert_eq!(
+        wf("compensate").unwrap().on_failure,
+        Some(OnFailure::Compensate {
+            end: CompensatedEnd::Compensated
+        })
+    );
+    assert_eq!(
+        wf("{compensate: {end: failed}}").unwrap().on_failure,
+        Some(OnFailure::Compensate {
+            end: CompensatedEnd::Failed
+        })
+    );
+    assert_eq!(
+        wf("{rollback_to: a}").unwrap().on_failure,
+        Some(OnFailure::RollbackTo("a".into()))
+    );
+    let err = wf("retry").unwrap_err().to_string();
+    assert!(
+        err.contains("not a failure action") && err.contains("rollback_to"),
+        "{err}"
+    );
+    let err = wf("{rollback_to: nope}").unwrap_err().to_string();
+    assert!(err.contains("no step `nope`"), "{err}");
+}
