@@ -120,12 +120,14 @@ pub async fn cmd_rollback(
     } else {
         None
     };
+    let sid = ulid::Ulid::new().to_string();
     let signal = Signal::Rollback {
         to: to.to_string(),
         by: Some(identity(ctx)),
         reason,
+        id: Some(sid.clone()),
     };
-    let msg_id = format!("rollback.{id}.{}", ulid::Ulid::new());
+    let msg_id = format!("rollback.{id}.{sid}");
     send_signal(&js, &ctx.tenant, id, &signal, &msg_id).await?;
     say!("rollback of {id} to `{to}` requested");
     let Some(feed) = feed.as_mut() else {
@@ -456,6 +458,16 @@ async fn decide(
         );
     }
     let id = ulid::Ulid::new().to_string();
+    // The request as seen now: if the run rolls back before the decision lands, the engine
+    // refuses it rather than apply it to a new request.
+    let request = aob_model::wire::StepRef {
+        step: step.to_string(),
+        item: None,
+        iteration: st.iteration(),
+        attempt: st.attempt(),
+        generation: state.generation,
+    }
+    .token();
     let mut feed = HistoryFeed::open(&js, &ctx.tenant, run).await?;
     let signal = Signal::Decide {
         step: step.to_string(),
@@ -465,6 +477,7 @@ async fn decide(
         comment,
         set,
         id: Some(id.clone()),
+        request: Some(request),
     };
     send_signal(
         &js,

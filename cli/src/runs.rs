@@ -797,6 +797,7 @@ mod tests {
             compensation: None,
             forked_from: None,
             parent: None,
+            seen: Vec::new(),
         }
     }
 

@@ -360,6 +360,7 @@ async fn policies_deny_steps_tools_and_models_and_hold_approvals() {
             comment: None,
             set: Default::default(),
             id: None,
+            request: None,
         };
         e.s.publish_raw(
             &aob_streams::subjects::signal("globex", &run),

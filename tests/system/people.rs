@@ -73,6 +73,7 @@ async fn decide(s: &Stack, run: &str, step: &str, by: &str, verdict: Verdict) {
         comment: None,
         set: Default::default(),
         id: Some(ulid::Ulid::new().to_string()),
+        request: None,
     };
     s.publish_raw(
         &subjects::signal(T, run),
@@ -411,6 +412,22 @@ async fn a_child_run_completes_its_parent_step_and_is_cancelled_with_its_parent(
     assert!(child_state.error.as_deref().unwrap().contains(&run));
     let (state, _) = s.wait_run(T, &run).await.unwrap();
     assert_eq!(state.status, RunStatus::Cancelled);
+
+    // A child that cannot start fails its parent's step with the reason.
+    s.publish(
+        T,
+        "name: orphan\nsteps:\n  - {id: sub, type: workflow, workflow: missing}\n",
+    )
+    .await
+    .unwrap();
+    let run = s.start_run(T, "orphan", json!({})).await.unwrap();
+    let (state, _) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Failed);
+    let why = state.steps["sub"].error.clone().unwrap().message;
+    assert!(
+        why.contains("was not started") && why.contains("missing"),
+        "{why}"
+    );
 }
 
 const DRAFTED: &str = r#"

@@ -181,7 +181,9 @@ impl Event {
             }
             Event::Signal(Signal::Pause { .. }) => "pause".to_string(),
             Event::Signal(Signal::Resume { .. }) => "resume".to_string(),
-            Event::Signal(Signal::Rollback { to, .. }) => format!("rollback.{to}"),
+            Event::Signal(Signal::Rollback { to, id, .. }) => {
+                format!("rollback.{to}.{}", id.as_deref().unwrap_or(""))
+            }
             Event::Signal(Signal::Timer { timer }) => format!("timer.{}", timer_name(timer)),
             Event::Signal(Signal::Progress { at, seq, .. }) => {
                 format!("progress.{}.{seq}", at.token())
@@ -258,6 +260,7 @@ pub fn transition(
                 run_id,
                 tenant,
                 started_by: cmd.by.clone(),
+                seen: Vec::new(),
                 paused: false,
                 rollbacks: 0,
                 compensation: None,
@@ -312,11 +315,15 @@ pub fn transition(
         (None, Event::Result(_)) => Transition::Ahead(None),
         (state @ Some(_), Event::Start { .. }) | (state @ None, _) => Unchanged(state),
         // A person may roll a failed or cancelled run back: it runs again.
-        (Some(state), Event::Signal(Signal::Rollback { to, by, reason }))
+        (Some(state), Event::Signal(Signal::Rollback { to, by, reason, id }))
             if matches!(state.status, RunStatus::Failed | RunStatus::Cancelled)
                 || !state.status.is_terminal() =>
         {
+            if id.as_ref().is_some_and(|i| state.seen.contains(i)) {
+                return Unchanged(Some(state));
+            }
             let mut m = Machine::new(def, state, now, resolve);
+            m.remember(id);
             let why = reason.unwrap_or_else(|| format!("rolled back to `{to}` by hand"));
             match m.rollback(&to, by, why) {
                 Ok(()) => {
@@ -389,9 +396,14 @@ pub fn transition(
                 comment,
                 set,
                 id,
+                request,
             }),
         ) => {
+            if id.as_ref().is_some_and(|i| state.seen.contains(i)) {
+                return Unchanged(Some(state));
+            }
             let mut m = Machine::new(def, state, now, resolve);
+            m.remember(id.clone());
             m.on_decide(people::Decision {
                 step,
                 by,
@@ -400,6 +412,7 @@ pub fn transition(
                 comment,
                 set,
                 id,
+                request,
             });
             m.advance();
             m.finish()
@@ -861,6 +874,19 @@ impl<'a> Machine<'a> {
                     Some(json!({"outputs": outputs})),
                 );
             }
+        }
+    }
+
+    /// Remembers a handled signal's id, so that its redelivery changes nothing.
+    fn remember(&mut self, id: Option<String>) {
+        if let Some(id) = id {
+            self.s.seen.push(id);
+            let over = self
+                .s
+                .seen
+                .len()
+                .saturating_sub(aob_model::state::SEEN_SIGNALS);
+            self.s.seen.drain(..over);
         }
     }
 

@@ -609,7 +609,14 @@ pub struct RunState {
     /// The `workflow` step this run is the child of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<crate::wire::ParentRef>,
+    /// Ids of the last decisions and rollbacks handled (at most [`SEEN_SIGNALS`]): a
+    /// redelivered one changes nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen: Vec<String>,
 }
+
+/// How many signal ids a run remembers (see [`RunState::seen`]).
+pub const SEEN_SIGNALS: usize = 64;
 
 /// The run id of the child a `workflow` step's attempt starts: derived from the parent's
 /// run and the attempt, so a repeated start is the same run.

@@ -87,9 +87,14 @@ pub enum Signal {
         /// New values for the request's editable fields.
         #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
         set: serde_json::Map<String, Value>,
-        /// Chosen by the sender to find the engine's answer in the history.
+        /// Chosen by the sender to find the engine's answer in the history; a decision
+        /// with an id the run has handled is not handled again.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// The request decided on, as the decider saw it (the waiting attempt's token): a
+        /// decision on a request that was since replaced (by a rollback) is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
     },
     /// Start no new step until resumed (steps already running finish).
     Pause {
@@ -113,6 +118,10 @@ pub enum Signal {
         /// Why.
         #[serde(default)]
         reason: Option<String>,
+        /// Chosen by the sender; a rollback with an id the run has handled is not taken
+        /// again (a redelivery).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
     },
     /// A durable timer of the engine fired.
     Timer {

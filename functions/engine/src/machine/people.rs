@@ -16,6 +16,7 @@ pub(super) struct Decision {
     pub comment: Option<String>,
     pub set: Map<String, Value>,
     pub id: Option<String>,
+    pub request: Option<String>,
 }
 
 /// The action a failure says a policy holds for approval (`tool payments.refund`).
@@ -224,6 +225,15 @@ impl Machine<'_> {
             );
             return self.refuse(&d, Some(&at), why);
         };
+        if let Some(seen) = &d.request
+            && *seen != at.token()
+        {
+            return self.refuse(
+                &d,
+                Some(&at),
+                "the request you decided on was replaced (the run rolled back and asks again): look at the new one".into(),
+            );
+        }
         if let Some(due) = a.deadline_ms
             && self.now >= due
         {

@@ -206,6 +206,19 @@ fn input_of(s: &RunState, history: &[HistoryEvent], i: usize) -> Option<Event> {
                 output: data(ev, "output").cloned().unwrap_or(Value::Null),
             },
         ),
+        // A cancel with compensation starts by abandoning and skipping steps.
+        HistoryKind::StepFailed | HistoryKind::StepSkipped
+            if ev
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("the run compensates (cancelled")) =>
+        {
+            Some(Event::Signal(Signal::Cancel {
+                reason: None,
+                by: None,
+                compensate: true,
+            }))
+        }
         HistoryKind::StepFailed | HistoryKind::StepRetrying | HistoryKind::CompensationFailed => {
             result(
                 s,
@@ -263,6 +276,7 @@ fn input_of(s: &RunState, history: &[HistoryEvent], i: usize) -> Option<Event> {
                     .cloned()
                     .unwrap_or_default(),
                 id: text(ev, "id"),
+                request: None,
             }))
         }
         HistoryKind::ApprovalExpired => Some(Event::Signal(Signal::Timer {
@@ -281,7 +295,9 @@ fn input_of(s: &RunState, history: &[HistoryEvent], i: usize) -> Option<Event> {
             to: text(ev, "to")?,
             by: text(ev, "by"),
             reason: None,
+            id: None,
         })),
+
         // A run-wide stop: what ended it says which input it was.
         HistoryKind::Abort
         | HistoryKind::Cancelled

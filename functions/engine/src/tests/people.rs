@@ -30,6 +30,7 @@ impl Sim {
             comment: Some(format!("{by} says so")),
             set: set.as_object().cloned().unwrap_or_default(),
             id: None,
+            request: None,
         }))
     }
 
@@ -212,6 +213,7 @@ fn a_role_holder_decides_and_one_rejection_fails_the_step() {
         comment: Some("the total is wrong".into()),
         set: Default::default(),
         id: Some("d1".into()),
+        request: None,
     })));
     assert_eq!(s.step("review"), StepStatus::Failed);
     assert_eq!(s.status(), RunStatus::Failed);
@@ -386,12 +388,14 @@ fn a_person_rolls_a_failed_run_back_and_it_completes() {
     assert!(!s.send(Event::Signal(Signal::Rollback {
         to: "nope".into(),
         by: None,
-        reason: None
+        reason: None,
+        id: None,
     })));
     assert!(s.send(Event::Signal(Signal::Rollback {
         to: "b".into(),
         by: Some("ops".into()),
-        reason: None
+        reason: None,
+        id: None,
     })));
     assert_eq!(s.status(), RunStatus::Running);
     assert_eq!(s.step("a"), StepStatus::Completed);
@@ -722,4 +726,68 @@ steps:
     let d = report.divergence.expect("a divergence");
     assert!(d.recorded.starts_with("step_scheduled b"), "{d:?}");
     assert!(d.replayed.starts_with("step_skipped b"), "{d:?}");
+}
+
+#[test]
+fn a_redelivered_decision_or_rollback_changes_nothing_and_a_stale_request_is_refused() {
+    let mut s = Sim::new(SEEDS);
+    s.start_by("dave");
+    let t = s.take();
+    assert!(s.ok(&t[0], json!("v1")));
+    let task = s.park(Value::Null);
+    let decide = |id: &str, request: Option<String>| {
+        Event::Signal(Signal::Decide {
+            step: "review".into(),
+            by: "alice".into(),
+            roles: Vec::new(),
+            decision: Verdict::Approve,
+            comment: None,
+            set: Default::default(),
+            id: Some(id.into()),
+            request,
+        })
+    };
+    assert!(s.send(decide("d1", Some(task.at.token()))));
+    assert!(
+        !s.send(decide("d1", Some(task.at.token()))),
+        "a redelivery is a no-op"
+    );
+    assert_eq!(s.count(HistoryKind::DecisionRefused), 0);
+
+    let check = s.take().remove(0);
+    assert!(s.reply(
+        &check.at,
+        Outcome::Failed {
+            error: StepError::terminal("bad")
+        }
+    ));
+    // A rollback by hand, delivered twice: taken once.
+    let rollback = Event::Signal(Signal::Rollback {
+        to: "draft".into(),
+        by: Some("ops".into()),
+        reason: None,
+        id: Some("r1".into()),
+    });
+    let generation = s.state.as_ref().unwrap().generation;
+    let t = s.take();
+    assert!(s.ok(&t[0], json!("v2")));
+    s.park(Value::Null);
+    assert!(s.send(rollback.clone()));
+    assert_eq!(s.state.as_ref().unwrap().generation, generation + 1);
+    assert!(
+        !s.send(rollback),
+        "a redelivered rollback is not taken again"
+    );
+    assert_eq!(s.state.as_ref().unwrap().generation, generation + 1);
+
+    // A decision on the request from before the rollback is refused, not applied.
+    let t = s.take();
+    assert!(s.ok(&t[0], json!("v3")));
+    s.park(Value::Null);
+    assert!(s.send(decide("d2", Some(task.at.token()))));
+    assert!(
+        s.last_message(HistoryKind::DecisionRefused)
+            .contains("was replaced")
+    );
+    assert_eq!(s.step("review"), StepStatus::Waiting);
 }
