@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
@@ -33,6 +33,8 @@ pub struct Counters {
     pub release: Semaphore,
     /// Signalled when a `/hold` request arrives.
     pub arrived: Notify,
+    /// Bodies posted to `/webhook`, in arrival order.
+    pub posted: Mutex<Vec<serde_json::Value>>,
 }
 
 impl Default for Counters {
@@ -46,6 +48,7 @@ impl Default for Counters {
             token: Mutex::default(),
             release: Semaphore::new(0),
             arrived: Notify::new(),
+            posted: Mutex::default(),
         }
     }
 }
@@ -89,6 +92,7 @@ fn hit(c: &Counters, path: &str) -> usize {
 /// - `/big/<bytes>`: 200 with a JSON body `{"data": "xxxx…"}` of about that size;
 /// - `/hold`: waits for [`Counters::release`], then applies the effect named by the
 ///   `aob-idempotency-key` header once; a request without that header gets 400 at once;
+/// - `/webhook`: `POST` of JSON, kept in [`Counters::posted`], answered 204;
 /// - `/auth/<pad>`: 401 unless `authorization` is `Bearer <the token set by
 ///   Counters::expect_token>`; else 200 echoing the header it got in its body (with `pad`
 ///   bytes of padding, to make the output large) and in `set-cookie` and `x-echo`, as careless
@@ -112,6 +116,20 @@ pub async fn serve() -> (SocketAddr, Arc<Counters>) {
         .route("/big/{bytes}", get(big))
         .route("/hold", get(hold))
         .route("/auth/{pad}", get(auth))
+        .route(
+            "/webhook",
+            post(
+                |State(c): State<Arc<Counters>>,
+                 axum::Json(body): axum::Json<serde_json::Value>| async move {
+                    hit(&c, "/webhook");
+                    c.posted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(body);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
         .with_state(counters.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -37,6 +37,7 @@ require_approval contains "this step's model calls need a person" if {
 require_approval contains "reading the clock needs a person" if {
 	input.kind == "tool"
 	input.tool.name == "time.get_current_time"
+	input.step.id == "held_tool"
 }
 "#;
 

@@ -301,8 +301,9 @@ async fn an_approval_and_a_pause_outlive_engine_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_approval_request_is_mailed_through_a_real_smtp_server() {
+async fn an_approval_request_is_mailed_through_a_real_smtp_server_and_posted_to_a_webhook() {
     let smtp = aob_tests::smtp::SmtpServer::start().await.unwrap();
+    let (addr, hooks) = aob_tests::endpoints::serve().await;
     let mut s = Stack::bare().await.unwrap();
     let engine = s.engine().await.unwrap();
     s.spawn_engine(engine);
@@ -315,15 +316,16 @@ async fn an_approval_request_is_mailed_through_a_real_smtp_server() {
     .unwrap();
     s.publish(
         T,
-        r#"
+        &r#"
 name: mailed
 steps:
   - id: review
     type: human
     approvers: {users: [alice]}
     summary: "Refund {{ input.amount }} EUR to {{ input.customer }}?"
-    notify: {email: ["alice@example.com"]}
-"#,
+    notify: {email: ["alice@example.com"], webhook: "http://ADDR/webhook"}
+"#
+        .replace("ADDR", &addr.to_string()),
     )
     .await
     .unwrap();
@@ -333,7 +335,21 @@ steps:
         .unwrap();
     let events = until_nth(&s, &run, HistoryKind::ApprovalRequested, 1).await;
     let notified = events.last().unwrap().data.as_ref().unwrap()["notified"].clone();
-    assert_eq!(notified, json!(["mail:alice@example.com"]));
+    assert_eq!(
+        notified,
+        json!([
+            "mail:alice@example.com",
+            format!("webhook:http://{addr}/webhook")
+        ])
+    );
+    let posted = hooks.posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0]["run_id"], json!(run));
+    assert_eq!(posted[0]["summary"], json!("Refund 120 EUR to ACME?"));
+    assert_eq!(
+        posted[0]["approve"],
+        json!(format!("aob approve {run} review"))
+    );
     let mail = smtp
         .wait_for(
             &format!("aob approve {run} review"),
@@ -560,4 +576,81 @@ steps:
         1,
         "the kept step did not run again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_fires_through_the_timer_service_as_an_expiry() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    s.publish(
+        T,
+        r#"
+name: expiring
+steps:
+  - id: review
+    type: human
+    approvers: {users: [alice]}
+    deadline: {after: 1s, action: escalate, to: {users: [boss]}, then: {after: 1s, action: reject}}
+"#,
+    )
+    .await
+    .unwrap();
+    let run = s.start_run(T, "expiring", json!({})).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Failed, "{events:#?}");
+    assert_eq!(count(&events, HistoryKind::ApprovalExpired), 2);
+    assert_eq!(count(&events, HistoryKind::ApprovalEscalated), 1);
+    assert_eq!(count(&events, HistoryKind::ApprovalDecided), 0);
+    let why = state.steps["review"].error.clone().unwrap().message;
+    assert!(
+        why.contains("expired") && why.contains("the deadline rejects it"),
+        "{why}"
+    );
+}
+
+const SAGA: &str = r#"
+name: saga
+on_failure: compensate
+steps:
+  - {id: book_hotel, type: transform, output: hotel, compensate: {type: transform, output: "cancel {{ compensating.output }}"}}
+  - {id: book_car, type: transform, output: car, compensate: {type: transform, output: "cancel {{ compensating.output }}"}}
+  - {id: book_flight, type: transform, needs: [book_hotel], output: flight, compensate: {type: transform, output: "cancel {{ compensating.output }}"}}
+  - id: charge
+    type: validate
+    needs: [book_flight, book_car]
+    value: "{{ input.card }}"
+    assert: ["value == 'ok'"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_saga_compensates_its_branches_latest_first() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    s.publish(T, SAGA).await.unwrap();
+    let run = s
+        .start_run(T, "saga", json!({"card": "declined"}))
+        .await
+        .unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Compensated, "{events:#?}");
+    let completed: Vec<String> = events
+        .iter()
+        .filter(|e| e.kind == HistoryKind::StepCompleted)
+        .map(|e| e.step.clone().unwrap())
+        .collect();
+    let compensated: Vec<String> = events
+        .iter()
+        .filter(|e| e.kind == HistoryKind::StepCompensated)
+        .map(|e| e.step.clone().unwrap())
+        .collect();
+    let mut reversed = completed.clone();
+    reversed.reverse();
+    assert_eq!(compensated, reversed, "latest completion first");
+    assert_eq!(compensated.len(), 3);
+    let undo = events
+        .iter()
+        .find(|e| e.kind == HistoryKind::StepCompensated && e.step.as_deref() == Some("book_car"))
+        .unwrap();
+    assert_eq!(undo.data.as_ref().unwrap()["output"], json!("cancel car"));
+    for id in ["book_hotel", "book_car", "book_flight"] {
+        assert_eq!(state.steps[id].status(), StepStatus::Compensated);
+    }
 }
