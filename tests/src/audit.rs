@@ -23,7 +23,22 @@ pub fn venv_bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn free_port() -> Result<u16> {
+/// Waits until something listens on local `port` (a server a test started), at most 10 s.
+pub async fn listening(port: u16, what: &str) -> Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} did not listen on port {port} within 10 s")
+}
+
+/// A free local port.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -80,16 +95,8 @@ impl S3Server {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
         };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(s);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("moto_server did not listen on port {port} within 10 s")
+        listening(port, "moto_server").await?;
+        Ok(s)
     }
 
     /// Environment for a process that talks to this server.
@@ -239,4 +246,49 @@ pub async fn flush(client: &async_nats::Client) -> Result<(usize, Vec<String>, u
         pending,
     } = serde_json::from_value(v)?;
     Ok((rows, files, pending))
+}
+
+/// An audit sink writing to a temporary folder, running until [`LocalSink::stop`].
+pub struct LocalSink {
+    /// The records, as `read_parquet(...)` for DuckDB.
+    pub trail: String,
+    _dir: tempfile::TempDir,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::result::Result<(), String>>,
+}
+
+impl LocalSink {
+    /// Starts the sink on `client`.
+    pub fn start(client: &async_nats::Client) -> Result<LocalSink> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("file://{}", dir.path().display());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                aob_fn_audit::run(client, &url, aob_audit::sink::SinkConfig::default(), stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        };
+        Ok(LocalSink {
+            trail: trail(dir.path()),
+            _dir: dir,
+            stop,
+            task,
+        })
+    }
+
+    /// Runs `sql` once every record published so far is written; `TRAIL` in it stands for
+    /// the records.
+    pub async fn query(&self, client: &async_nats::Client, sql: &str) -> Result<Vec<Vec<Value>>> {
+        drain(client, Duration::from_secs(60)).await?;
+        duckdb(&sql.replace("TRAIL", &self.trail))
+    }
+
+    /// Stops the sink; an error if it failed.
+    pub async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.task.await?.map_err(|e| anyhow::anyhow!(e))
+    }
 }

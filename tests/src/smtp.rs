@@ -22,9 +22,7 @@ impl SmtpServer {
     /// Starts the server and waits until it answers.
     pub async fn start() -> Result<SmtpServer> {
         let python = venv_bin("python")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::audit::free_port()?;
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("received.txt");
         let out = std::fs::File::create(&log)?;
@@ -47,16 +45,8 @@ impl SmtpServer {
             _dir: dir,
             url: format!("smtp://127.0.0.1:{port}"),
         };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(s);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("aiosmtpd did not listen on port {port} within 10 s")
+        crate::audit::listening(port, "aiosmtpd").await?;
+        Ok(s)
     }
 
     /// Everything received so far, as the server printed it.

@@ -12,7 +12,6 @@ use aob_runtime::nats::ServeConfig;
 use aob_scripted_provider::{Script, ScriptedProvider};
 use aob_tests::{Fns, Stack};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 /// Rules for these tests, beside the example policies.
 const TEST_RULES: &str = r#"
@@ -78,10 +77,7 @@ struct Env {
     s: Stack,
     double: ScriptedProvider,
     tools: Arc<aob_tool::Gateway>,
-    trail: String,
-    _audit: tempfile::TempDir,
-    stop_sink: CancellationToken,
-    sink: tokio::task::JoinHandle<Result<(), String>>,
+    sink: aob_tests::audit::LocalSink,
 }
 
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -134,25 +130,11 @@ async fn env() -> Env {
         .await
         .unwrap();
 
-    let audit = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", audit.path().display());
-    let stop_sink = CancellationToken::new();
-    let sink = {
-        let (client, stop) = (s.client.clone(), stop_sink.clone());
-        tokio::spawn(async move {
-            aob_fn_audit::run(client, &url, aob_audit::sink::SinkConfig::default(), stop)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    };
-    let trail = aob_tests::audit::trail(audit.path());
+    let sink = aob_tests::audit::LocalSink::start(&s.client).unwrap();
     Env {
         s,
         double,
         tools,
-        trail,
-        _audit: audit,
-        stop_sink,
         sink,
     }
 }
@@ -175,16 +157,12 @@ impl Env {
     }
 
     async fn query(&self, sql: &str) -> Vec<Vec<Value>> {
-        aob_tests::audit::drain(&self.s.client, std::time::Duration::from_secs(60))
-            .await
-            .unwrap();
-        aob_tests::audit::duckdb(&sql.replace("TRAIL", &self.trail)).unwrap()
+        self.sink.query(&self.s.client, sql).await.unwrap()
     }
 
     async fn stop(self) {
         self.tools.shutdown().await;
-        self.stop_sink.cancel();
-        self.sink.await.unwrap().unwrap();
+        self.sink.stop().await.unwrap();
     }
 }
 

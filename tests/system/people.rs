@@ -12,7 +12,6 @@ use aob_scripted_provider::{Script, ScriptedProvider};
 use aob_streams::subjects;
 use aob_tests::{Fns, Stack};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const T: &str = "people";
 
@@ -107,17 +106,7 @@ async fn the_approval_example_approves_by_cli_rolls_back_once_and_completes_with
         std::fs::read_to_string(aob_tests::examples_dir().join("agentic/scripted-provider.yaml"))
             .unwrap();
     let (mut s, double) = with_models(&script).await;
-    let audit = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", audit.path().display());
-    let stop_sink = CancellationToken::new();
-    let sink = {
-        let (client, stop) = (s.client.clone(), stop_sink.clone());
-        tokio::spawn(async move {
-            aob_fn_audit::run(client, &url, aob_audit::sink::SinkConfig::default(), stop)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    };
+    let sink = aob_tests::audit::LocalSink::start(&s.client).unwrap();
     let wf = s.publish_example(T, "approval").await.unwrap();
     let input = json!({"customer": "Ada", "question": "Where is my order 1234?"});
     let run = s.start_run_as(T, &wf, input, Some("alice")).await.unwrap();
@@ -216,15 +205,16 @@ async fn the_approval_example_approves_by_cli_rolls_back_once_and_completes_with
     assert_eq!(failed, vec!["check"]);
 
     // The audit says who decided what.
-    aob_tests::audit::drain(&s.client, Duration::from_secs(60))
+    let rows = sink
+        .query(
+            &s.client,
+            &format!(
+                "SELECT event_kind, actor, decision FROM TRAIL WHERE run_id = '{run}' \
+                 AND event_kind IN ('approval_decided', 'decision_refused', 'rollback') ORDER BY finished_at"
+            ),
+        )
         .await
         .unwrap();
-    let rows = aob_tests::audit::duckdb(&format!(
-        "SELECT event_kind, actor, decision FROM {} WHERE run_id = '{run}' \
-         AND event_kind IN ('approval_decided', 'decision_refused', 'rollback') ORDER BY finished_at",
-        aob_tests::audit::trail(audit.path())
-    ))
-    .unwrap();
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -244,8 +234,7 @@ async fn the_approval_example_approves_by_cli_rolls_back_once_and_completes_with
             vec!["approval_decided", "bob", "approve"],
         ]
     );
-    stop_sink.cancel();
-    sink.await.unwrap().unwrap();
+    sink.stop().await.unwrap();
     s.stop().await;
 }
 

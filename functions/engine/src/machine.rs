@@ -203,6 +203,25 @@ pub fn timer_name(timer: &TimerKind) -> String {
     }
 }
 
+/// Why `value` does not match `schema`, one line per problem (`/path: message`); `what`
+/// names the schema if it is itself invalid.
+pub fn schema_problems(schema: &Value, value: &Value, what: &str) -> Vec<String> {
+    match jsonschema::validator_for(schema) {
+        Ok(v) => v
+            .iter_errors(value)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{path}: {e}")
+                }
+            })
+            .collect(),
+        Err(e) => vec![format!("{what} is not valid: {e}")],
+    }
+}
+
 /// Looks up an offloaded value by its reference path (`None` when not loaded).
 pub type Resolve<'a> = &'a dyn Fn(&str) -> Option<Value>;
 
@@ -1101,21 +1120,41 @@ impl<'a> Machine<'a> {
                 };
             }
         }
-        self.effects.push(Effect::Task {
-            task: Box::new(task),
-        });
-        if let Some(d) = deadline_ms {
-            self.effects.push(Effect::Timer {
-                timer: TimerKind::StepTimeout { at: at.clone() },
-                due_ms: d,
-            });
-        }
+        self.send(task);
         self.history(
             HistoryKind::StepScheduled,
             Some(&at),
             None,
             Some(json!({"type": step.kind})),
         );
+    }
+
+    /// Sends a task, with the timer of its deadline if it has one.
+    fn send(&mut self, task: Task) {
+        let timeout = task.deadline_ms.map(|due_ms| Effect::Timer {
+            timer: TimerKind::StepTimeout {
+                at: task.at.clone(),
+            },
+            due_ms,
+        });
+        self.effects.push(Effect::Task {
+            task: Box::new(task),
+        });
+        self.effects.extend(timeout);
+    }
+
+    /// Timers of work under way in `steps` (timeouts, retries, approval deadlines): what a
+    /// rollback or a compensation abandons.
+    fn timers_of(&self, steps: &[String]) -> Vec<TimerKind> {
+        self.outstanding_timers()
+            .into_iter()
+            .filter(|t| match t {
+                TimerKind::StepTimeout { at }
+                | TimerKind::Retry { at }
+                | TimerKind::Approval { at, .. } => steps.contains(&at.step),
+                TimerKind::RunTimeout => false,
+            })
+            .collect()
     }
 
     /// The task of attempt `at`: the step's raw config and the context it reads.

@@ -305,20 +305,7 @@ impl Machine<'_> {
             let mut merged = values.as_object().cloned().unwrap_or_default();
             merged.extend(d.set.clone());
             values = Value::Object(merged);
-            let problems: Vec<String> = match jsonschema::validator_for(&schema) {
-                Ok(v) => v
-                    .iter_errors(&values)
-                    .map(|e| {
-                        let path = e.instance_path().to_string();
-                        if path.is_empty() {
-                            e.to_string()
-                        } else {
-                            format!("{path}: {e}")
-                        }
-                    })
-                    .collect(),
-                Err(e) => vec![format!("the step's `fields` schema is not valid: {e}")],
-            };
+            let problems = schema_problems(&schema, &values, "the step's `fields` schema");
             if !problems.is_empty() {
                 return self.refuse(
                     &d,

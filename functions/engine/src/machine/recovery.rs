@@ -142,16 +142,7 @@ impl Machine<'_> {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        let timers: Vec<TimerKind> = self
-            .outstanding_timers()
-            .into_iter()
-            .filter(|t| match t {
-                TimerKind::StepTimeout { at }
-                | TimerKind::Retry { at }
-                | TimerKind::Approval { at, .. } => reset.contains(&at.step),
-                TimerKind::RunTimeout => false,
-            })
-            .collect();
+        let timers = self.timers_of(&reset);
         self.cancel_timers(timers);
         self.cancel_children(Some(&reset), &reason);
         let reopened = self.s.status.is_terminal();
@@ -222,16 +213,7 @@ impl Machine<'_> {
                 _ => {}
             }
         }
-        let timers: Vec<TimerKind> = self
-            .outstanding_timers()
-            .into_iter()
-            .filter(|t| match t {
-                TimerKind::StepTimeout { at }
-                | TimerKind::Retry { at }
-                | TimerKind::Approval { at, .. } => abandoned.contains(&at.step),
-                TimerKind::RunTimeout => false,
-            })
-            .collect();
+        let timers = self.timers_of(&abandoned);
         self.cancel_timers(timers);
         self.cancel_children(Some(&abandoned), &reason);
         if aborted {
@@ -327,15 +309,7 @@ impl Machine<'_> {
                 phase: Phase::Out { attempt },
             });
         }
-        self.effects.push(Effect::Task {
-            task: Box::new(task),
-        });
-        if let Some(d) = deadline_ms {
-            self.effects.push(Effect::Timer {
-                timer: TimerKind::StepTimeout { at: at.clone() },
-                due_ms: d,
-            });
-        }
+        self.send(task);
         self.history(
             HistoryKind::CompensationStarted,
             Some(&at),

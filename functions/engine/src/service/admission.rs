@@ -290,18 +290,5 @@ impl<S: RunStore> Engine<S> {
 }
 
 pub(super) fn input_problems(schema: &Value, input: &Value) -> Vec<String> {
-    match jsonschema::validator_for(schema) {
-        Ok(v) => v
-            .iter_errors(input)
-            .map(|e| {
-                let path = e.instance_path().to_string();
-                if path.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{path}: {e}")
-                }
-            })
-            .collect(),
-        Err(e) => vec![format!("the workflow's input schema is not valid: {e}")],
-    }
+    machine::schema_problems(schema, input, "the workflow's input schema")
 }
