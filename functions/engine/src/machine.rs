@@ -1274,6 +1274,26 @@ impl<'a> Machine<'a> {
         true
     }
 
+    /// Sets the timer of the attempt after `at`, which failed with `error`, due in `delay`
+    /// ms, and records the retry.
+    fn schedule_retry(&mut self, at: &StepRef, error: StepError, delay: u64) {
+        self.effects.push(Effect::Timer {
+            timer: TimerKind::Retry {
+                at: StepRef {
+                    attempt: at.attempt + 1,
+                    ..at.clone()
+                },
+            },
+            due_ms: self.now + delay,
+        });
+        self.history(
+            HistoryKind::StepRetrying,
+            Some(at),
+            Some(error.message.clone()),
+            Some(json!({"error": error, "next_attempt": at.attempt + 1, "delay_ms": delay})),
+        );
+    }
+
     /// The attempt `at` ended before its deadline: its timeout timer must not fire.
     fn cancel_step_timeout(&mut self, step: &Step, at: &StepRef) {
         if step.timeout.is_some() {
@@ -1442,12 +1462,7 @@ impl<'a> Machine<'a> {
             self.cancel_child(at, &error.message);
         }
         let max = step.retry.as_ref().map_or(1, |r| r.max_attempts);
-        if error.class == ErrorClass::Retryable && at.attempt < max {
-            let delay = step
-                .retry
-                .as_ref()
-                .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64)
-                .max(error.retry_after_ms.unwrap_or(0));
+        if let Some(delay) = retry_delay(step.retry.as_ref(), at, &error) {
             if let Some(st) = self.s.steps.get_mut(&step.id) {
                 match at.item {
                     Some(i) => {
@@ -1466,20 +1481,7 @@ impl<'a> Machine<'a> {
                     }
                 }
             }
-            let next = StepRef {
-                attempt: at.attempt + 1,
-                ..at.clone()
-            };
-            self.effects.push(Effect::Timer {
-                timer: TimerKind::Retry { at: next },
-                due_ms: self.now + delay,
-            });
-            self.history(
-                HistoryKind::StepRetrying,
-                Some(at),
-                Some(error.message.clone()),
-                Some(json!({"error": error, "next_attempt": at.attempt + 1, "delay_ms": delay})),
-            );
+            self.schedule_retry(at, error, delay);
             return;
         }
         let error = match (at.item, error.class) {
@@ -1625,6 +1627,22 @@ impl<'a> Machine<'a> {
         };
         self.history(kind, None, Some(why), None);
     }
+}
+
+/// How long to wait before the attempt after `at`, which failed with `error`; `None` when
+/// there is none (a terminal error, or the policy's attempts are used up). The longer of the
+/// backoff and the error's `retry_after_ms`.
+fn retry_delay(
+    retry: Option<&aob_model::definition::RetryPolicy>,
+    at: &StepRef,
+    error: &StepError,
+) -> Option<u64> {
+    let max = retry.map_or(1, |r| r.max_attempts);
+    (error.class == ErrorClass::Retryable && at.attempt < max).then(|| {
+        retry
+            .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64)
+            .max(error.retry_after_ms.unwrap_or(0))
+    })
 }
 
 /// Whether `step` can start, given the status of each of its needs (a need that is not a

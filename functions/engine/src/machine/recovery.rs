@@ -400,12 +400,7 @@ impl Machine<'_> {
     /// Compensation attempt `at` failed: retried per the step's policy, or given up.
     pub(super) fn compensation_failed(&mut self, at: &StepRef, error: StepError) {
         let retry = compensation_step(self.def, &at.step).and_then(|s| s.retry);
-        let max = retry.as_ref().map_or(1, |r| r.max_attempts);
-        if error.class == ErrorClass::Retryable && at.attempt < max {
-            let delay = retry
-                .as_ref()
-                .map_or(0, |r| r.backoff.delay(at.attempt).as_millis() as u64)
-                .max(error.retry_after_ms.unwrap_or(0));
+        if let Some(delay) = retry_delay(retry.as_ref(), at, &error) {
             if let Some(cur) = self
                 .s
                 .compensation
@@ -416,21 +411,7 @@ impl Machine<'_> {
                     next_attempt: at.attempt + 1,
                 };
             }
-            self.effects.push(Effect::Timer {
-                timer: TimerKind::Retry {
-                    at: StepRef {
-                        attempt: at.attempt + 1,
-                        ..at.clone()
-                    },
-                },
-                due_ms: self.now + delay,
-            });
-            self.history(
-                HistoryKind::StepRetrying,
-                Some(at),
-                Some(error.message.clone()),
-                Some(json!({"error": error, "next_attempt": at.attempt + 1, "delay_ms": delay})),
-            );
+            self.schedule_retry(at, error, delay);
             return;
         }
         self.compensation_gave_up(at, error.message);
