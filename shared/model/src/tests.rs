@@ -347,7 +347,12 @@ steps:
   - {id: back, type: transform, needs: [a], output: 1, on_failure: {rollback_to: other}}
   - {id: other, type: transform, output: 1}
   - {id: sub, type: workflow, workflow: "not a name"}
+  - {id: undo, type: transform, output: 1, compensate: {type: human, approvers: {users: [x]}}}
 "#,
+    );
+    assert!(
+        has(&ps, "undo", "compensate.type", "runs a function"),
+        "{ps:?}"
     );
     assert!(has(&ps, "review", "required", "only 1 users"), "{ps:?}");
     assert!(has(&ps, "nobody", "approvers", "at least one"), "{ps:?}");

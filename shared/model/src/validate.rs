@@ -254,7 +254,14 @@ fn check_step(c: &mut Checker<'_>, s: &Step, ids: &BTreeMap<&str, &Step>) {
                 c.add(id, "compensate.step", format!("there is no step `{step}`"));
             } else if step == &s.id {
                 c.add(id, "compensate.step", "a step cannot compensate itself");
+            } else if let Some(other) = ids.get(step.as_str())
+                && matches!(other.kind.as_str(), "human" | "workflow")
+            {
+                c.add(id, "compensate.step", format!("`{step}` is a `{}` step; a compensation runs a function (transform, http, tool, ...)", other.kind));
             }
+        }
+        Some(Compensate::Action { kind, .. }) if matches!(kind.as_str(), "human" | "workflow") => {
+            c.add(id, "compensate.type", format!("a compensation runs a function (transform, http, tool, ...), not a `{kind}` step"));
         }
         Some(Compensate::Action { kind, config }) => {
             if let Err((field, msg)) = nodes::check_config(kind, config) {
