@@ -110,6 +110,16 @@ pub enum Command {
     #[command(after_help = "EXAMPLES:\n  \
         aob --as alice reject 01JAB3XYZ review --reason 'the total is wrong'")]
     Reject(RejectArgs),
+    /// Knowledge bases: create, ingest documents, list, remove, search.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob kb create handbook\n  \
+            aob kb ingest handbook docs/*.md --meta lang=en\n  \
+            aob kb ls handbook\n  \
+            aob kb search handbook 'When does the Tokyo office open?'"
+    )]
+    Kb(KbCommand),
     /// Follow decision records, flush the audit sink, list the audit's Parquet files.
     #[command(
         subcommand,
@@ -535,6 +545,76 @@ pub struct ForkArgs {
     /// Follow the new run until it ends.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// `aob kb ...`.
+#[derive(Debug, Subcommand)]
+pub enum KbCommand {
+    /// Create a knowledge base.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob kb create handbook\n  \
+        aob kb create handbook --model text-embedding-3-small --chunk-size 1200 --overlap 150")]
+    Create {
+        /// Its name.
+        name: String,
+        /// Embedding model: all-MiniLM-L6-v2 (in process, no key) or a model of the models file (AOB_MODELS).
+        #[arg(long, default_value = "all-MiniLM-L6-v2")]
+        model: String,
+        /// Most characters in a chunk.
+        #[arg(long, default_value_t = 800)]
+        chunk_size: usize,
+        /// Characters repeated from the previous chunk.
+        #[arg(long, default_value_t = 100)]
+        overlap: usize,
+    },
+    /// Add or update documents (text, Markdown, HTML); unchanged ones cost nothing.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob kb ingest handbook docs/*.md\n  \
+        aob kb ingest handbook faq.html --meta lang=en --meta team=support")]
+    Ingest {
+        /// The knowledge base.
+        name: String,
+        /// Files; each one's path is its document id.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Metadata for these documents: key=value (repeatable); `retrieve` filters on it.
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+    },
+    /// List knowledge bases, or the documents of one.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob kb ls\n  \
+        aob kb ls handbook")]
+    Ls {
+        /// A knowledge base.
+        name: Option<String>,
+    },
+    /// Remove a document.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob kb rm handbook --doc docs/old.md")]
+    Rm {
+        /// The knowledge base.
+        name: String,
+        /// The document id (as `aob kb ls NAME` shows it).
+        #[arg(long)]
+        doc: String,
+    },
+    /// Show the chunks most like a query.
+    #[command(after_help = "EXAMPLES:\n  \
+        aob kb search handbook 'When does the Tokyo office open?' --top-k 3\n  \
+        aob kb search handbook 'opening hours' --filter lang=en")]
+    Search {
+        /// The knowledge base.
+        name: String,
+        /// The query.
+        query: String,
+        /// How many chunks.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Only documents with this metadata: key=value (repeatable).
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filter: Vec<String>,
+    },
 }
 
 /// `aob approvals ...`.

@@ -56,11 +56,21 @@ pub async fn run_stack(
     client: async_nats::Client,
     payloads: PayloadStore,
     audit_url: Option<String>,
+    kb_url: &str,
     models: aob_llm::config::Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let js = jetstream::new(client.clone());
     let secrets = aob_runtime::secrets::Secrets::from_env();
+    let retrieve = aob_retrieve::RetrieveHandler::new(
+        aob_kb::store::Kbs::open(&js, kb_url)
+            .await
+            .context("opening the knowledge bases")?,
+        aob_retrieve::Embedders::new(
+            models.clone(),
+            Arc::new(aob_runtime::secrets::Secrets::from_env()),
+        ),
+    );
     let gateway = Arc::new(
         aob_llm::gateway::Gateway::open(&client, models, secrets)
             .await
@@ -137,6 +147,7 @@ pub async fn run_stack(
         &payloads,
         &stop,
     );
+    spawn_function(&mut set, retrieve, &client, &payloads, &stop);
 
     let mut failure: Option<anyhow::Error> = None;
     while let Some(joined) = set.join_next().await {
@@ -165,7 +176,13 @@ struct Handoff {
 }
 
 impl Handoff {
-    fn write(data: &Path, url: &str, payload_url: &str, audit_url: &str) -> Result<Self> {
+    fn write(
+        data: &Path,
+        url: &str,
+        payload_url: &str,
+        audit_url: &str,
+        kb_url: &str,
+    ) -> Result<Self> {
         let url_file = data.join("nats.url");
         std::fs::write(&url_file, format!("{url}\n"))
             .with_context(|| format!("writing {}", url_file.display()))?;
@@ -173,7 +190,7 @@ impl Handoff {
         std::fs::write(
             &env_file,
             format!(
-                "export NATS_URL={url}\nexport AOB_PAYLOAD_URL={payload_url}\nexport AOB_AUDIT_URL={audit_url}\n"
+                "export NATS_URL={url}\nexport AOB_PAYLOAD_URL={payload_url}\nexport AOB_AUDIT_URL={audit_url}\nexport AOB_KB_URL={kb_url}\n"
             ),
         )
         .with_context(|| format!("writing {}", env_file.display()))?;
@@ -296,8 +313,15 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
         Some(&ctx::file_url(&data.join("audit"))),
     )
     .map_err(|e| anyhow!("{e}"))?;
+    let kb_url = std::env::var("AOB_KB_URL").unwrap_or_else(|_| ctx::file_url(&data.join("kb")));
     let handoff = match &server {
-        Some(_) => Some(Handoff::write(&data, &url, &payload_url, &audit_url)?),
+        Some(_) => Some(Handoff::write(
+            &data,
+            &url,
+            &payload_url,
+            &audit_url,
+            &kb_url,
+        )?),
         None => None,
     };
 
@@ -318,13 +342,18 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
             (scripted_models(&double.openai_base_url())?, Some(double))
         }
     };
-    let stack = tokio::spawn(run_stack(
-        client.clone(),
-        payloads.clone(),
-        Some(audit_url.clone()),
-        models,
-        shutdown.clone(),
-    ));
+    let stack = {
+        let (client, payloads, audit, kb, shutdown) = (
+            client.clone(),
+            payloads.clone(),
+            audit_url.clone(),
+            kb_url.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            run_stack(client, payloads, Some(audit), &kb, models, shutdown).await
+        })
+    };
     say!(
         "aob dev: ready — NATS {} ({where_}), payloads {payload_url}, audit {audit_url}; Ctrl-C to stop",
         ctx::redact(&url)
@@ -335,7 +364,7 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
             data.display()
         );
         say!(
-            "         (or `source {}/env` to also set AOB_PAYLOAD_URL and AOB_AUDIT_URL)",
+            "         (or `source {}/env` to also set AOB_PAYLOAD_URL, AOB_AUDIT_URL and AOB_KB_URL)",
             data.display()
         );
     }

@@ -12,6 +12,7 @@ pub mod dev;
 pub mod dlq;
 pub mod infra;
 pub mod input;
+pub mod kb;
 pub mod people;
 pub mod policy;
 pub mod progress;
@@ -26,8 +27,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    ApprovalsCommand, AuditCommand, Cli, Command, DlqCommand, InfraCommand, PolicyCommand,
-    RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
+    ApprovalsCommand, AuditCommand, Cli, Command, DlqCommand, InfraCommand, KbCommand,
+    PolicyCommand, RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
 
@@ -81,6 +82,23 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
             people::cmd_approvals(&ctx, mine, &roles).await
         }
         Command::Approve(args) => people::cmd_approve(&ctx, args).await,
+        Command::Kb(KbCommand::Create {
+            name,
+            model,
+            chunk_size,
+            overlap,
+        }) => kb::cmd_create(&ctx, &name, &model, chunk_size, overlap).await,
+        Command::Kb(KbCommand::Ingest { name, files, meta }) => {
+            kb::cmd_ingest(&ctx, &name, &files, &meta).await
+        }
+        Command::Kb(KbCommand::Ls { name }) => kb::cmd_ls(&ctx, name.as_deref()).await,
+        Command::Kb(KbCommand::Rm { name, doc }) => kb::cmd_rm(&ctx, &name, &doc).await,
+        Command::Kb(KbCommand::Search {
+            name,
+            query,
+            top_k,
+            filter,
+        }) => kb::cmd_search(&ctx, &name, &query, top_k, &filter).await,
         Command::Reject(args) => people::cmd_reject(&ctx, args).await,
         Command::Audit(AuditCommand::Tail {
             all,

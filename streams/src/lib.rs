@@ -45,6 +45,9 @@ pub const LEDGER: &str = "AOB_LEDGER";
 pub const LIMITS: &str = "AOB_LIMITS";
 /// KV: Rego policies per tenant (key `<tenant>`), reloaded by the functions on change.
 pub const POLICIES: &str = "AOB_POLICIES";
+/// KV: knowledge bases (key `<tenant>.<kb>`): their model and documents, the chunk files of
+/// each in object storage; written by compare-and-set.
+pub const KB: &str = "AOB_KB";
 
 /// Engine consumer of [`CMD`].
 pub const ENGINE_CMD: &str = "engine-cmd";
@@ -226,6 +229,7 @@ impl Topology {
                 ..b(LIMITS, 1)
             },
             b(POLICIES, 10),
+            b(KB, 5),
         ]
     }
 

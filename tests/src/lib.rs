@@ -50,6 +50,8 @@ pub struct Stack {
     pub payloads: PayloadStore,
     /// Its URL.
     pub payload_url: String,
+    /// Where the knowledge bases' files are (`file://<data>/kb`).
+    pub kb_url: String,
     /// Workflow registry.
     pub registry: Registry,
     /// The topology applied.
@@ -100,6 +102,7 @@ impl Stack {
         topology.apply(&js).await?;
         let data = tempfile::tempdir()?;
         let payload_url = format!("file://{}", data.path().join("payloads").display());
+        let kb_url = format!("file://{}", data.path().join("kb").display());
         let payloads =
             PayloadStore::from_url(&payload_url, aob_runtime::payload::DEFAULT_THRESHOLD)?;
         let registry = Registry::open(&js).await?;
@@ -109,6 +112,7 @@ impl Stack {
             js,
             payloads,
             payload_url,
+            kb_url,
             registry,
             topology,
             shutdown: CancellationToken::new(),
@@ -201,6 +205,15 @@ impl Stack {
             .await?;
         // Approval requests without email (a test that mails spawns its own).
         self.spawn_fn(aob_human::HumanHandler::default(), &cfg)
+            .await?;
+        // Retrieval from the knowledge bases under the stack's data folder, embedded with
+        // the local model.
+        let kbs = aob_kb::store::Kbs::open(&self.js, &self.kb_url).await?;
+        let embedders = aob_retrieve::Embedders::new(
+            aob_llm::config::Config::default(),
+            Arc::new(aob_runtime::secrets::Secrets::none()),
+        );
+        self.spawn_fn(aob_retrieve::RetrieveHandler::new(kbs, embedders), &cfg)
             .await?;
         if fns == Fns::All {
             self.spawn_fn(aob_http::HttpHandler::new()?, &cfg).await?;

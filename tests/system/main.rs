@@ -6,6 +6,7 @@ mod audit;
 mod core;
 mod flow;
 mod infra;
+mod kb;
 mod people;
 mod policy;
 mod robustness;

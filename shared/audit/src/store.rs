@@ -175,7 +175,13 @@ const URL_FORMS: &str = "expected file:///absolute/dir, s3://bucket/prefix, gs:/
 ///   `AZURE_*` variables.
 /// - `memory:///`: in memory, for tests.
 pub fn open(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
-    let bad = |what: String| Error::Config(format!("audit store URL `{url}`: {what}"));
+    open_as(url, "audit store")
+}
+
+/// Like [`open`], for another use of object storage; `what` names it in errors
+/// (`knowledge-base store`).
+pub fn open_as(url: &str, what: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let bad = |problem: String| Error::Config(format!("{what} URL `{url}`: {problem}"));
     let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a URL ({e}); {URL_FORMS}")))?;
     let prefix = || {
         Path::from_url_path(parsed.path())

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod minilm;
 pub mod parquet_io;
 pub mod search;
+pub mod store;
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -22,9 +23,12 @@ pub enum Error {
     /// A chunk file could not be written or read.
     #[error("{0}")]
     Format(String),
-    /// A document could not be read.
+    /// A document could not be read, or a request does not fit the knowledge base.
     #[error("{0}")]
     Document(String),
+    /// The bucket or the object store failed.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A result of this crate.

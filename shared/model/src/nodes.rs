@@ -133,6 +133,17 @@ pub const REGISTRY: &[NodeType] = &[
         audit_kind: crate::audit::AuditKind::TaskExecuted,
     },
     NodeType {
+        name: "retrieve",
+        fields: &[
+            ("top_k", Field::Data),
+            ("min_score", Field::Data),
+            ("kb", Field::Data),
+        ],
+        schema: || schemars::schema_for!(RetrieveConfig),
+        check: check_retrieve,
+        audit_kind: crate::audit::AuditKind::TaskExecuted,
+    },
+    NodeType {
         name: "workflow",
         fields: &[("workflow", Field::Data), ("version", Field::Data)],
         schema: || schemars::schema_for!(WorkflowStepConfig),
@@ -374,6 +385,26 @@ pub struct Notify {
     /// A URL that gets the request as JSON (POST).
     #[serde(default)]
     pub webhook: Option<String>,
+}
+
+/// `retrieve`: the chunks of a knowledge base most like a query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrieveConfig {
+    /// The knowledge base.
+    pub kb: String,
+    /// What to look for: a template over the run context.
+    pub query: String,
+    /// How many chunks (default 5, at most 100).
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// Only chunks whose document metadata has these values (a list means any of them);
+    /// values are templates.
+    #[serde(default)]
+    pub filter: Option<Map<String, Value>>,
+    /// Only chunks at least this similar (cosine, -1 to 1).
+    #[serde(default)]
+    pub min_score: Option<f32>,
 }
 
 /// `workflow`: runs another workflow as a child run and completes with its outputs.
@@ -730,6 +761,31 @@ fn check_human(config: &Map<String, Value>) -> Result<(), (String, String)> {
             }
             d = dl.then.as_deref();
             path.push_str(".then");
+        }
+        Ok(())
+    })
+}
+
+fn check_retrieve(config: &Map<String, Value>) -> Result<(), (String, String)> {
+    checked(config, |c: RetrieveConfig| {
+        let err = |f: &str, m: String| Err((f.to_string(), m));
+        if c.kb.is_empty()
+            || c.kb.len() > 64
+            || !c
+                .kb
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            return err("kb", format!("`{}` is not a knowledge-base name", c.kb));
+        }
+        if c.top_k.is_some_and(|k| k == 0 || k > 100) {
+            return err("top_k", "must be between 1 and 100".into());
+        }
+        if c.min_score.is_some_and(|s| !(-1.0..=1.0).contains(&s)) {
+            return err(
+                "min_score",
+                "is a cosine similarity, between -1 and 1".into(),
+            );
         }
         Ok(())
     })

@@ -1,0 +1,208 @@
+//! `aob-retrieve`: the `retrieve` step. Embeds the rendered query with the knowledge
+//! base's model, searches its chunks by exact cosine and answers with the best ones. Each
+//! knowledge base is loaded once per version (its manifest's revision) and kept warm.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aob_kb::embed::Embedder;
+use aob_kb::search::Index;
+use aob_kb::store::Kbs;
+use aob_model::audit::{AuditKind, sha256_hex};
+use aob_model::nodes::RetrieveConfig;
+use aob_model::wire::{Outcome, StepError, Task};
+use aob_runtime::secrets::Secrets;
+use serde_json::json;
+
+/// Environment variables the function reads.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    (
+        "AOB_KB_URL",
+        "object store of the knowledge bases' chunk files (file://, s3://, gs://, az://)",
+    ),
+    (
+        "AOB_MODELS",
+        "models file: embedding models other than all-MiniLM-L6-v2 are OpenAI-compatible models of it",
+    ),
+    (
+        "AOB_EMBED_MODEL_DIR",
+        "folder of all-MiniLM-L6-v2 (model.safetensors, tokenizer.json); default: the scripts/setup virtualenv",
+    ),
+];
+
+/// The embedding models a deployment knows: all-MiniLM-L6-v2 in process, and the
+/// OpenAI-compatible models of the models file.
+#[derive(Debug, Clone)]
+pub struct Embedders {
+    models: aob_llm::config::Config,
+    secrets: Arc<Secrets>,
+    local: Arc<Mutex<Option<Embedder>>>,
+    http: reqwest::Client,
+}
+
+impl Embedders {
+    /// With these models and secrets.
+    pub fn new(models: aob_llm::config::Config, secrets: Arc<Secrets>) -> Self {
+        Embedders {
+            models,
+            secrets,
+            local: Arc::default(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The embedder of model `name`; the local model is loaded on first use.
+    pub fn get(&self, name: &str) -> Result<Embedder, String> {
+        if name == aob_kb::minilm::NAME {
+            let mut local = self.local.lock().map_err(|e| e.to_string())?;
+            if let Some(e) = local.as_ref() {
+                return Ok(e.clone());
+            }
+            let e = Embedder::local().map_err(|e| e.to_string())?;
+            *local = Some(e.clone());
+            return Ok(e);
+        }
+        let m = self.models.models.get(name).ok_or_else(|| {
+            format!(
+                "no embedding model `{name}`: use {} or a model of the models file (AOB_MODELS)",
+                aob_kb::minilm::NAME
+            )
+        })?;
+        if m.protocol != aob_llm::provider::Protocol::Openai {
+            return Err(format!(
+                "model `{name}` does not speak the OpenAI protocol, which embeddings need"
+            ));
+        }
+        let key = match &m.api_key {
+            Some(k) => Some(
+                self.secrets
+                    .substitute(k)
+                    .map_err(|e| format!("model {name}: api_key: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
+        Ok(Embedder::Remote {
+            base_url: m.base_url.clone(),
+            key,
+            model: m.model.clone().unwrap_or_else(|| name.to_string()),
+            http: self.http.clone(),
+        })
+    }
+
+    /// The price of a model's input tokens, USD per million.
+    pub fn input_price(&self, name: &str) -> Option<f64> {
+        self.models.models.get(name).map(|m| m.price.input)
+    }
+}
+
+type Warm = HashMap<(String, String), (u64, Arc<Index>)>;
+
+/// The `retrieve` function.
+#[derive(Debug, Clone)]
+pub struct RetrieveHandler {
+    kbs: Kbs,
+    embedders: Embedders,
+    warm: Arc<Mutex<Warm>>,
+}
+
+impl RetrieveHandler {
+    /// A handler over these knowledge bases.
+    pub fn new(kbs: Kbs, embedders: Embedders) -> Self {
+        RetrieveHandler {
+            kbs,
+            embedders,
+            warm: Arc::default(),
+        }
+    }
+
+    /// The index of a knowledge base at its current version, loaded once per version.
+    pub async fn index(
+        &self,
+        tenant: &str,
+        kb: &str,
+    ) -> Result<(Arc<Index>, String, u64), StepError> {
+        let (manifest, rev) = self
+            .kbs
+            .get(tenant, kb)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?
+            .ok_or_else(|| {
+                StepError::terminal(format!("no knowledge base `{kb}` in tenant `{tenant}`"))
+            })?;
+        let key = (tenant.to_string(), kb.to_string());
+        if let Some((r, ix)) = self.warm.lock().ok().and_then(|w| w.get(&key).cloned())
+            && r == rev
+        {
+            return Ok((ix, manifest.model, rev));
+        }
+        let (ix, m, rev) = self
+            .kbs
+            .load(tenant, kb)
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
+        let ix = Arc::new(ix);
+        if let Ok(mut w) = self.warm.lock() {
+            w.insert(key, (rev, ix.clone()));
+        }
+        tracing::info!(%tenant, %kb, chunks = ix.len(), revision = rev, "knowledge base loaded");
+        Ok((ix, m.model, rev))
+    }
+}
+
+impl aob_runtime::Handler for RetrieveHandler {
+    fn node_type(&self) -> &'static str {
+        "retrieve"
+    }
+
+    fn env_vars(&self) -> &'static [(&'static str, &'static str)] {
+        ENV_VARS
+    }
+
+    async fn handle(
+        &self,
+        task: Task,
+        cx: &aob_runtime::context::Context,
+    ) -> Result<Outcome, StepError> {
+        let c: RetrieveConfig = aob_runtime::parse_config("retrieve", &task.config)?;
+        let (index, model, version) = self.index(&task.tenant, &c.kb).await?;
+        let embedder = self.embedders.get(&model).map_err(StepError::terminal)?;
+        let embedded = embedder
+            .embed(std::slice::from_ref(&c.query))
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
+        let query = embedded.vectors.into_iter().next().unwrap_or_default();
+        let filter = c.filter.clone().unwrap_or_default();
+        let hits = index
+            .search(&query, c.top_k.unwrap_or(5) as usize, &filter, c.min_score)
+            .map_err(StepError::terminal)?;
+        let query_digest = sha256_hex(c.query.as_bytes());
+        let ids: Vec<&str> = hits.iter().map(|h| h.entry.chunk_id.as_str()).collect();
+        let cost = self
+            .embedders
+            .input_price(&model)
+            .map(|p| p * embedded.tokens as f64 / 1e6);
+        cx.set_usage(aob_runtime::context::Usage {
+            model: Some(model.clone()),
+            tokens_in: Some(embedded.tokens),
+            cost_usd: cost,
+            ..Default::default()
+        });
+        cx.record(AuditKind::TaskExecuted, "retrieval", |r| {
+            r.decision = Some("retrieve".into());
+            r.input_digest = Some(query_digest.clone());
+            r.reason = Some(format!("{} v{version}: {}", c.kb, ids.join(", ")));
+            r.model = Some(model.clone());
+        });
+        Ok(Outcome::Completed {
+            output: json!({
+                "kb": c.kb,
+                "version": version,
+                "model": model,
+                "query_digest": query_digest,
+                "chunk_ids": ids,
+                "chunks": hits,
+            }),
+        })
+    }
+}

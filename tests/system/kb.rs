@@ -1,0 +1,269 @@
+//! Knowledge bases end to end: `aob kb` ingests files with the real all-MiniLM-L6-v2, a
+//! `retrieve` step behind the engine finds the right chunk, a changed document replaces its
+//! chunks, metadata filters apply, DuckDB reads the chunk files, and the same works with
+//! the files in an S3-compatible server (moto).
+
+use std::path::Path;
+use std::process::Output;
+
+use aob_model::state::RunStatus;
+use aob_tests::{Fns, Stack};
+use serde_json::{Value, json};
+
+const T: &str = "kbs";
+
+const DOCS: &[(&str, &str)] = &[
+    (
+        "offices.md",
+        "# Offices\n\nThe Tokyo office opens at 09:00 and closes at 18:00 local time. It is closed on weekends.\n\nThe Paris office opens at 08:30 and closes at 17:30.\n",
+    ),
+    (
+        "billing.md",
+        "# Billing\n\nInvoices are sent on the first business day of each month. Payment is due within 30 days.\n\n## Refunds\n\nRefunds are paid back to the original card within 10 business days.\n",
+    ),
+    (
+        "shipping.html",
+        "<html><body><h1>Shipping</h1><p>Orders placed before 14:00 ship the same day.</p><p>Express delivery arrives the next business day.</p></body></html>",
+    ),
+];
+
+fn write_docs(dir: &Path) {
+    for (name, text) in DOCS {
+        #[allow(clippy::unwrap_used)]
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+fn aob(cwd: &Path, env: &[(&str, String)], args: &[&str]) -> Output {
+    #[allow(clippy::unwrap_used)]
+    let out = std::process::Command::new(aob_tests::binary("aob").unwrap())
+        .current_dir(cwd)
+        .arg("--tenant")
+        .arg(T)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+const ASK: &str = r#"
+name: ask
+steps:
+  - id: find
+    type: retrieve
+    kb: handbook
+    query: "{{ input.q }}"
+    top_k: 3
+    filter: {lang: "{{ input.lang }}"}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrieve_step_finds_the_chunk_and_a_changed_document_replaces_its_chunks() {
+    let s = Stack::start_with(Fns::AllButHttp).await.unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    write_docs(docs.path());
+    let env = vec![
+        ("NATS_URL", s.server.url()),
+        ("AOB_KB_URL", s.kb_url.clone()),
+    ];
+    let d = docs.path();
+    let out = aob(
+        d,
+        &env,
+        &["kb", "create", "handbook", "--chunk-size", "300"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "ingest",
+            "handbook",
+            "offices.md",
+            "billing.md",
+            "shipping.html",
+            "--meta",
+            "lang=en",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let said = stdout(&out);
+    assert!(said.contains("offices.md: added"), "{said}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("embedding"),
+        "progress is shown"
+    );
+    std::fs::write(
+        d.join("kantine.md"),
+        "# Kantine\n\nDie Kantine ist von 11:30 bis 14:00 geöffnet.\n",
+    )
+    .unwrap();
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "ingest",
+            "handbook",
+            "kantine.md",
+            "--meta",
+            "lang=de",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    s.publish(T, ASK).await.unwrap();
+    let ask = |q: &str, lang: &str| {
+        let (s, q, lang) = (&s, q.to_string(), lang.to_string());
+        async move {
+            let run = s
+                .start_run(T, "ask", json!({"q": q, "lang": lang}))
+                .await
+                .unwrap();
+            let (state, events) = s.wait_run(T, &run).await.unwrap();
+            assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+            state.steps["find"].output.clone().unwrap()
+        }
+    };
+    let out = ask("When does the Tokyo office open?", "en").await;
+    let first = &out["chunks"][0];
+    assert_eq!(first["doc"], json!("offices.md"), "{out:#}");
+    assert!(first["text"].as_str().unwrap().contains("09:00"));
+    assert_eq!(out["chunk_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(out["model"], json!("all-MiniLM-L6-v2"));
+    let out = ask("How fast does express shipping arrive?", "en").await;
+    assert_eq!(out["chunks"][0]["doc"], json!("shipping.html"), "{out:#}");
+    // The filter keeps to one language, whatever the query says.
+    let out = ask("When does the office open?", "de").await;
+    let docs_found: Vec<&Value> = out["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["doc"])
+        .collect();
+    assert_eq!(docs_found, vec![&json!("kantine.md")], "{out:#}");
+
+    // Unchanged documents cost nothing; a changed one replaces its chunks.
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "ingest",
+            "handbook",
+            "offices.md",
+            "billing.md",
+            "--meta",
+            "lang=en",
+        ],
+    );
+    let said = stdout(&out);
+    assert!(
+        said.contains("offices.md: unchanged") && said.contains("billing.md: unchanged"),
+        "{said}"
+    );
+    let kb_dir = s.data.path().join("kb");
+    let files = |dir: &Path| {
+        walk(dir)
+            .into_iter()
+            .filter(|p| p.ends_with(".parquet"))
+            .count()
+    };
+    assert_eq!(files(&kb_dir), 4);
+    std::fs::write(d.join("offices.md"), DOCS[0].1.replace("09:00", "10:00")).unwrap();
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "ingest",
+            "handbook",
+            "offices.md",
+            "--meta",
+            "lang=en",
+        ],
+    );
+    assert!(stdout(&out).contains("offices.md: replaced"), "{out:?}");
+    assert_eq!(files(&kb_dir), 4, "the old chunk file is gone");
+    let out = ask("When does the Tokyo office open?", "en").await;
+    assert!(
+        out["chunks"][0]["text"].as_str().unwrap().contains("10:00"),
+        "the new version is searched: {out:#}"
+    );
+
+    // `aob kb ls` and `rm`; DuckDB reads the chunk files as they are.
+    let out = aob(d, &env, &["kb", "ls", "handbook"]);
+    assert!(stdout(&out).contains("kantine.md"), "{out:?}");
+    let rows = aob_tests::audit::duckdb(&format!(
+        "SELECT doc_id, count(*), min(len(embedding)) FROM read_parquet('{}/**/*.parquet') GROUP BY doc_id ORDER BY doc_id",
+        kb_dir.display()
+    ))
+    .unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r[2] == json!(384)), "{rows:?}");
+    let out = aob(d, &env, &["kb", "rm", "handbook", "--doc", "kantine.md"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(files(&kb_dir), 3);
+    let out = ask("When does the office open?", "de").await;
+    assert_eq!(out["chunks"], json!([]));
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_knowledge_base_in_s3_is_ingested_and_searched() {
+    let s3 = aob_tests::audit::S3Server::start().await.unwrap();
+    s3.create_bucket("kbs").await.unwrap();
+    let s = Stack::bare().await.unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    write_docs(docs.path());
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("NATS_URL", s.server.url()));
+    env.push(("AOB_KB_URL", "s3://kbs/prefix".into()));
+    let d = docs.path();
+    assert!(aob(d, &env, &["kb", "create", "handbook"]).status.success());
+    let out = aob(
+        d,
+        &env,
+        &["kb", "ingest", "handbook", "offices.md", "billing.md"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "search",
+            "handbook",
+            "How long do I have to pay?",
+            "--top-k",
+            "1",
+        ],
+    );
+    let said = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(said.contains("billing.md#"), "{said}");
+    let store = s3.store("kbs").unwrap();
+    let listed: Vec<_> =
+        futures::StreamExt::collect::<Vec<_>>(store.list(Some(&"prefix".into()))).await;
+    assert_eq!(listed.len(), 2, "one chunk file per document: {listed:?}");
+}
