@@ -128,7 +128,14 @@ pub async fn run_stack(
     let recorder = gateway.recorder().clone();
     spawn_function(
         &mut set,
-        aob_agent::AgentHandler::new(gateway, Arc::new(agent_tools), recorder),
+        aob_agent::AgentHandler::new(
+            gateway,
+            Arc::new(aob_agent::knowledge::WithKnowledge::new(
+                Arc::new(agent_tools),
+                Some(retrieve.clone()),
+            )),
+            recorder,
+        ),
         &client,
         &payloads,
         &stop,

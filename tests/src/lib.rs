@@ -256,11 +256,20 @@ impl Stack {
         self.spawn_fn(aob_llm::handler::LlmHandler::new(gateway.clone()), cfg)
             .await?;
         let recorder = gateway.recorder().clone();
-        self.spawn_fn(
-            aob_agent::AgentHandler::new(gateway, tool_gateway.clone(), recorder),
-            cfg,
-        )
-        .await?;
+        // The stack's knowledge bases are tools too (`kb.<name>`).
+        let retrieve = aob_retrieve::RetrieveHandler::new(
+            aob_kb::store::Kbs::open(&self.js, &self.kb_url).await?,
+            aob_retrieve::Embedders::new(
+                aob_llm::config::Config::default(),
+                Arc::new(aob_runtime::secrets::Secrets::none()),
+            ),
+        );
+        let tools = Arc::new(aob_agent::knowledge::WithKnowledge::new(
+            tool_gateway.clone(),
+            Some(retrieve),
+        ));
+        self.spawn_fn(aob_agent::AgentHandler::new(gateway, tools, recorder), cfg)
+            .await?;
         Ok(tool_gateway)
     }
 

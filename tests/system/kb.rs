@@ -267,3 +267,78 @@ async fn a_knowledge_base_in_s3_is_ingested_and_searched() {
         futures::StreamExt::collect::<Vec<_>>(store.list(Some(&"prefix".into()))).await;
     assert_eq!(listed.len(), 2, "one chunk file per document: {listed:?}");
 }
+
+const LIBRARIAN: &str = r#"
+rules:
+  - when: { has_tool_result: false }
+    reply:
+      tool_calls: [{ name: kb__handbook, arguments: { query: "Tokyo office opening hours" } }]
+  - when: { has_tool_result: true, contains: "09:00" }
+    reply: { text: "The Tokyo office opens at 09:00 (offices.md)." }
+  - when: { has_tool_result: true }
+    reply: { text: "The handbook does not say." }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_answers_from_a_knowledge_base_used_as_a_tool() {
+    use aob_scripted_provider::{Script, ScriptedProvider};
+    let mut s = Stack::bare().await.unwrap();
+    let kbs = aob_kb::store::Kbs::open(&s.js, &s.kb_url).await.unwrap();
+    kbs.create(
+        T,
+        "handbook",
+        aob_kb::minilm::NAME,
+        aob_kb::chunk::ChunkOptions::default(),
+    )
+    .await
+    .unwrap();
+    let docs: Vec<aob_kb::store::Document> = DOCS
+        .iter()
+        .map(|(id, text)| aob_kb::store::Document {
+            id: id.to_string(),
+            text: aob_kb::extract::text_of(Path::new(id), text.as_bytes()).unwrap(),
+            metadata: Default::default(),
+        })
+        .collect();
+    let embedder = aob_kb::embed::Embedder::local().unwrap();
+    kbs.ingest(T, "handbook", &embedder, docs, |_| {})
+        .await
+        .unwrap();
+
+    let double = ScriptedProvider::start(Script::parse(LIBRARIAN, "librarian.yaml").unwrap())
+        .await
+        .unwrap();
+    let models = aob_llm::config::Config::parse(&format!(
+        "models:\n  scripted: {{ protocol: openai, base_url: \"{}\" }}\ndefault: {{ model: scripted }}\n",
+        double.openai_base_url()
+    ))
+    .unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let tools = s
+        .spawn_agents(
+            models,
+            aob_tool::ToolsConfig::default(),
+            &aob_runtime::nats::ServeConfig::default(),
+        )
+        .await
+        .unwrap();
+    s.publish(
+        T,
+        "name: librarian\nsteps:\n  - {id: answer, type: agent, prompt: 'When does the Tokyo office open?', tools: [kb.handbook], max_turns: 3}\n",
+    )
+    .await
+    .unwrap();
+    let run = s.start_run(T, "librarian", json!({})).await.unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    let out = state.steps["answer"].output.clone().unwrap();
+    assert_eq!(
+        out["text"],
+        json!("The Tokyo office opens at 09:00 (offices.md)."),
+        "{out:#}"
+    );
+    assert_eq!(out["tool_calls"][0]["tool"], json!("kb.handbook"));
+    tools.shutdown().await;
+}

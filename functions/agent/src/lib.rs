@@ -9,6 +9,7 @@
 //! model or a tool twice. The budget text the model sees is computed from recorded usage,
 //! so the requests of a resumed attempt are the same bytes as the first attempt's.
 
+pub mod knowledge;
 pub mod tools;
 
 use std::collections::HashMap;
@@ -33,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("AOB_MODELS", "the models file (see the aob-llm README)"),
     ("AOB_TOOLS", "the tools file (see the aob-tool README)"),
+    (
+        "AOB_KB_URL",
+        "where the knowledge bases' files are; an agent's `kb.<name>` tools search them",
+    ),
     (
         "AOB_SECRET_<NAME>",
         "secrets named by the models and tools files",

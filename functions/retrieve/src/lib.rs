@@ -150,6 +150,49 @@ impl RetrieveHandler {
     }
 }
 
+/// What a search found, with what the query cost.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The chunks, best first.
+    pub hits: Vec<aob_kb::search::Hit>,
+    /// The knowledge base's embedding model.
+    pub model: String,
+    /// The knowledge base's version (its manifest's revision).
+    pub version: u64,
+    /// Tokens of the query.
+    pub tokens: u64,
+}
+
+impl RetrieveHandler {
+    /// The `top_k` chunks of knowledge base `kb` most like `query`.
+    pub async fn search(
+        &self,
+        tenant: &str,
+        kb: &str,
+        query: &str,
+        top_k: usize,
+        filter: &serde_json::Map<String, serde_json::Value>,
+        min_score: Option<f32>,
+    ) -> Result<Found, StepError> {
+        let (index, model, version) = self.index(tenant, kb).await?;
+        let embedder = self.embedders.get(&model).map_err(StepError::terminal)?;
+        let embedded = embedder
+            .embed(&[query.to_string()])
+            .await
+            .map_err(|e| StepError::retryable(e.to_string()))?;
+        let q = embedded.vectors.into_iter().next().unwrap_or_default();
+        let hits = index
+            .search(&q, top_k, filter, min_score)
+            .map_err(StepError::terminal)?;
+        Ok(Found {
+            hits,
+            model,
+            version,
+            tokens: embedded.tokens,
+        })
+    }
+}
+
 impl aob_runtime::Handler for RetrieveHandler {
     fn node_type(&self) -> &'static str {
         "retrieve"
@@ -165,26 +208,31 @@ impl aob_runtime::Handler for RetrieveHandler {
         cx: &aob_runtime::context::Context,
     ) -> Result<Outcome, StepError> {
         let c: RetrieveConfig = aob_runtime::parse_config("retrieve", &task.config)?;
-        let (index, model, version) = self.index(&task.tenant, &c.kb).await?;
-        let embedder = self.embedders.get(&model).map_err(StepError::terminal)?;
-        let embedded = embedder
-            .embed(std::slice::from_ref(&c.query))
-            .await
-            .map_err(|e| StepError::retryable(e.to_string()))?;
-        let query = embedded.vectors.into_iter().next().unwrap_or_default();
         let filter = c.filter.clone().unwrap_or_default();
-        let hits = index
-            .search(&query, c.top_k.unwrap_or(5) as usize, &filter, c.min_score)
-            .map_err(StepError::terminal)?;
+        let Found {
+            hits,
+            model,
+            version,
+            tokens,
+        } = self
+            .search(
+                &task.tenant,
+                &c.kb,
+                &c.query,
+                c.top_k.unwrap_or(5) as usize,
+                &filter,
+                c.min_score,
+            )
+            .await?;
         let query_digest = sha256_hex(c.query.as_bytes());
         let ids: Vec<&str> = hits.iter().map(|h| h.entry.chunk_id.as_str()).collect();
         let cost = self
             .embedders
             .input_price(&model)
-            .map(|p| p * embedded.tokens as f64 / 1e6);
+            .map(|p| p * tokens as f64 / 1e6);
         cx.set_usage(aob_runtime::context::Usage {
             model: Some(model.clone()),
-            tokens_in: Some(embedded.tokens),
+            tokens_in: Some(tokens),
             cost_usd: cost,
             ..Default::default()
         });
