@@ -342,3 +342,62 @@ async fn an_agent_answers_from_a_knowledge_base_used_as_a_tool() {
     assert_eq!(out["tool_calls"][0]["tool"], json!("kb.handbook"));
     tools.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_from_an_openai_compatible_endpoint_serve_ingest_and_search() {
+    use aob_scripted_provider::{Script, ScriptedProvider};
+    let double = ScriptedProvider::start(Script::parse("rules: []\n", "empty.yaml").unwrap())
+        .await
+        .unwrap();
+    let s = Stack::bare().await.unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    write_docs(docs.path());
+    let models = docs.path().join("models.yaml");
+    std::fs::write(
+        &models,
+        format!(
+            "models:\n  hashed: {{ protocol: openai, base_url: \"{}\", model: double-embed, price: {{ input: 0.02, output: 0 }} }}\n",
+            double.openai_base_url()
+        ),
+    )
+    .unwrap();
+    let env = vec![
+        ("NATS_URL", s.server.url()),
+        ("AOB_KB_URL", s.kb_url.clone()),
+        ("AOB_MODELS", models.display().to_string()),
+    ];
+    let d = docs.path();
+    let out = aob(d, &env, &["kb", "create", "remote", "--model", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no embedding model `nope`"),
+        "{out:?}"
+    );
+    assert!(
+        aob(d, &env, &["kb", "create", "remote", "--model", "hashed"])
+            .status
+            .success()
+    );
+    let out = aob(
+        d,
+        &env,
+        &["kb", "ingest", "remote", "offices.md", "billing.md"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let embed_calls = double.requests().for_model("double-embed");
+    assert!(embed_calls >= 1, "the endpoint embedded the chunks");
+    let out = aob(
+        d,
+        &env,
+        &[
+            "kb",
+            "search",
+            "remote",
+            "refunds original card",
+            "--top-k",
+            "1",
+        ],
+    );
+    assert!(stdout(&out).contains("billing.md#"), "{out:?}");
+    assert_eq!(double.requests().for_model("double-embed"), embed_calls + 1);
+}

@@ -83,6 +83,7 @@ impl Embedders {
             None => None,
         };
         Ok(Embedder::Remote {
+            name: name.to_string(),
             base_url: m.base_url.clone(),
             key,
             model: m.model.clone().unwrap_or_else(|| name.to_string()),

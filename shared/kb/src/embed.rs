@@ -17,6 +17,8 @@ pub enum Embedder {
     Local(Arc<MiniLm>),
     /// An OpenAI-compatible endpoint.
     Remote {
+        /// The configured name (what knowledge bases record).
+        name: String,
         /// `https://api.openai.com/v1` (the `/embeddings` path is added).
         base_url: String,
         /// The API key, if the endpoint wants one.
@@ -50,7 +52,7 @@ impl Embedder {
     pub fn model(&self) -> &str {
         match self {
             Embedder::Local(_) => crate::minilm::NAME,
-            Embedder::Remote { model, .. } => model,
+            Embedder::Remote { name, .. } => name,
         }
     }
 
@@ -75,6 +77,7 @@ impl Embedder {
                 key,
                 model,
                 http,
+                ..
             } => {
                 let mut out = Embedded {
                     vectors: Vec::with_capacity(texts.len()),

@@ -230,6 +230,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/chat/completions", post(openai_chat))
         .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/embeddings", post(openai_embeddings))
         .route("/_double/requests", get(get_requests))
         .route("/_double/script", post(post_script))
         .with_state(shared)
@@ -255,6 +257,90 @@ async fn anthropic_messages(
     body: Bytes,
 ) -> Response {
     answer(&shared, Protocol::Anthropic, uri.path(), &body).await
+}
+
+/// Dimensions of the double's embeddings.
+pub const EMBEDDING_DIMS: usize = 64;
+
+/// The double's embedding of a text: its lower-cased words hashed into
+/// [`EMBEDDING_DIMS`] buckets, then scaled to length 1. Texts that share words are close,
+/// which is enough to test retrieval through an OpenAI-compatible endpoint; it is no model.
+pub fn embedding_of(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; EMBEDDING_DIMS];
+    for w in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() > 2)
+    {
+        let h = w
+            .to_lowercase()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        v[(h % EMBEDDING_DIMS as u64) as usize] += 1.0;
+    }
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+/// `POST /v1/embeddings` as OpenAI answers it: `data[i].embedding`, `usage.prompt_tokens`.
+async fn openai_embeddings(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    body: Bytes,
+) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(Protocol::Openai, 400, "the request body is not JSON");
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => {
+            return error_response(
+                Protocol::Openai,
+                400,
+                "`input` must be a string or a list of strings",
+            );
+        }
+    };
+    {
+        let mut log = lock(&shared.requests);
+        log.total += 1;
+        *log.by_model.entry(model.clone()).or_default() += 1;
+        if log.recent.len() == RECENT_REQUESTS {
+            log.recent.remove(0);
+        }
+        log.recent.push(RecordedRequest {
+            path: uri.path().to_string(),
+            model: model.clone(),
+            body: req.clone(),
+        });
+    }
+    let tokens: u64 = inputs.iter().map(|t| words(t).max(1)).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": embedding_of(t)}))
+        .collect();
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }
 
 async fn get_requests(State(shared): State<Arc<Shared>>) -> Response {
