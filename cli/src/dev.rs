@@ -220,10 +220,36 @@ async fn run_example(
     ctx: &Ctx,
     client: async_nats::Client,
     payloads: PayloadStore,
-    wf: aob_model::Workflow,
-    input: serde_json::Value,
+    example: (aob_model::Workflow, serde_json::Value, Option<PathBuf>),
+    kb_url: &str,
 ) -> Result<()> {
+    let (wf, input, kb_dir) = example;
     let js = jetstream::new(client);
+    // An example's knowledge bases (`kb/<name>/` beside it) are ingested first.
+    if let Some(dir) = kb_dir {
+        let kbs = aob_kb::store::Kbs::open(&js, kb_url).await?;
+        let embedder = aob_kb::embed::Embedder::local()?;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        entries.sort();
+        for sub in entries {
+            let name = sub
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let done = kbs.ingest_dir(&ctx.tenant, &name, &sub, &embedder).await?;
+            let chunks: usize = done.iter().map(|(_, _, c)| c).sum();
+            say!(
+                "aob dev: knowledge base {name}: {} document(s) from {}, {chunks} chunk(s) embedded",
+                done.len(),
+                sub.display()
+            );
+        }
+    }
     match workflows::publish_workflow(&js, &ctx.tenant, &wf).await? {
         Published::New(v) => say!("aob dev: published {} v{v}", wf.name),
         Published::Unchanged(v) => say!("aob dev: {} v{v} is already published", wf.name),
@@ -268,7 +294,11 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
                     return Err(anyhow!("the example {} is not valid", file.display()));
                 }
             };
-            Some((wf, crate::input::parse_input(args.input.as_deref())?))
+            let kb_dir = file
+                .parent()
+                .map(|p| p.join("kb"))
+                .filter(|p| p.is_dir());
+            Some((wf, crate::input::parse_input(args.input.as_deref())?, kb_dir))
         }
         None => None,
     };
@@ -376,17 +406,18 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
         );
     }
 
-    if let Some((wf, input)) = example {
-        let (ctx, client, payloads, stop) = (
+    if let Some(example) = example {
+        let (ctx, client, payloads, stop, kb_url) = (
             ctx.clone(),
             client.clone(),
             payloads.clone(),
             shutdown.clone(),
+            kb_url.clone(),
         );
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                res = run_example(&ctx, client, payloads, wf, input) => match res {
+                res = run_example(&ctx, client, payloads, example, &kb_url) => match res {
                     Ok(()) => say!("aob dev: example done; still serving (Ctrl-C to stop)"),
                     Err(e) => eprintln!("aob dev: example: {e:#}"),
                 },

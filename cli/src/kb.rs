@@ -52,6 +52,14 @@ fn pairs(items: &[String], flag: &str) -> Result<Map<String, Value>> {
     Ok(m)
 }
 
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 /// `aob kb create`.
 pub async fn cmd_create(
     ctx: &Ctx,
@@ -108,8 +116,8 @@ pub async fn cmd_ingest(
         } => {
             n += 1;
             let what = match outcome {
-                Outcome::Added => format!("added, {c} chunks"),
-                Outcome::Replaced => format!("replaced, {c} chunks"),
+                Outcome::Added => format!("added, {}", plural(c, "chunk")),
+                Outcome::Replaced => format!("replaced, {}", plural(c, "chunk")),
                 Outcome::Unchanged => "unchanged".to_string(),
             };
             if outcome == Outcome::Unchanged {

@@ -311,10 +311,21 @@ impl Stack {
         Ok(self.registry.publish(tenant, &wf).await?)
     }
 
-    /// Publishes an example from `examples/<name>/workflow.yaml`.
+    /// Publishes an example from `examples/<name>/workflow.yaml`, with its knowledge bases
+    /// (`examples/<name>/kb/<kb>/`) ingested into the stack's, as `aob dev` does.
     pub async fn publish_example(&self, tenant: &str, name: &str) -> Result<String> {
         let path = examples_dir().join(name).join("workflow.yaml");
         let wf = aob_model::load_file(&path)?;
+        let kb_dir = examples_dir().join(name).join("kb");
+        if kb_dir.is_dir() {
+            let kbs = aob_kb::store::Kbs::open(&self.js, &self.kb_url).await?;
+            let embedder = aob_kb::embed::Embedder::local()?;
+            for entry in std::fs::read_dir(&kb_dir)?.flatten() {
+                let sub = entry.path();
+                let kb = entry.file_name().to_string_lossy().into_owned();
+                kbs.ingest_dir(tenant, &kb, &sub, &embedder).await?;
+            }
+        }
         self.registry.publish(tenant, &wf).await?;
         Ok(wf.name)
     }

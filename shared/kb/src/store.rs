@@ -391,6 +391,49 @@ impl Kbs {
         Ok(out)
     }
 
+    /// Ingests the text, Markdown and HTML files of `dir` (document ids: their file names)
+    /// into knowledge base `name`, made with `embedder`'s model if it does not exist yet.
+    /// What an example ships as `kb/<name>/`.
+    pub async fn ingest_dir(
+        &self,
+        tenant: &str,
+        name: &str,
+        dir: &std::path::Path,
+        embedder: &Embedder,
+    ) -> Result<Vec<(String, Outcome, usize)>> {
+        if self.get(tenant, name).await?.is_none() {
+            self.create(tenant, name, embedder.model(), ChunkOptions::default())
+                .await?;
+        }
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::Document(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("md" | "txt" | "html" | "htm")
+                    )
+            })
+            .collect();
+        files.sort();
+        let mut docs = Vec::with_capacity(files.len());
+        for f in files {
+            let bytes =
+                std::fs::read(&f).map_err(|e| Error::Document(format!("{}: {e}", f.display())))?;
+            docs.push(Document {
+                id: f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                text: crate::extract::text_of(&f, &bytes)?,
+                metadata: Map::new(),
+            });
+        }
+        self.ingest(tenant, name, embedder, docs, |_| {}).await
+    }
+
     /// Removes a document; false if it was not there.
     pub async fn remove_doc(&self, tenant: &str, name: &str, doc: &str) -> Result<bool> {
         let mut removed = None;
