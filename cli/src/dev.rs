@@ -294,11 +294,12 @@ pub async fn cmd_dev(ctx: &Ctx, explicit_url: Option<&str>, args: DevArgs) -> Re
                     return Err(anyhow!("the example {} is not valid", file.display()));
                 }
             };
-            let kb_dir = file
-                .parent()
-                .map(|p| p.join("kb"))
-                .filter(|p| p.is_dir());
-            Some((wf, crate::input::parse_input(args.input.as_deref())?, kb_dir))
+            let kb_dir = file.parent().map(|p| p.join("kb")).filter(|p| p.is_dir());
+            Some((
+                wf,
+                crate::input::parse_input(args.input.as_deref())?,
+                kb_dir,
+            ))
         }
         None => None,
     };

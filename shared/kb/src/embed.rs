@@ -64,13 +64,32 @@ impl Embedder {
                 let texts = texts.to_vec();
                 tokio::task::spawn_blocking(move || {
                     let tokens = texts.iter().map(|t| t.len() as u64 / 4 + 2).sum();
-                    Embedded {
-                        vectors: texts.iter().map(|t| m.embed(t)).collect(),
-                        tokens,
-                    }
+                    // One thread per core, each on a contiguous share, order kept.
+                    let threads = std::thread::available_parallelism()
+                        .map_or(1, |n| n.get())
+                        .min(texts.len())
+                        .max(1);
+                    let share = texts.len().div_ceil(threads).max(1);
+                    let vectors = std::thread::scope(|s| {
+                        let parts: Vec<_> = texts
+                            .chunks(share)
+                            .map(|part| {
+                                let m = &m;
+                                s.spawn(move || part.iter().map(|t| m.embed(t)).collect::<Vec<_>>())
+                            })
+                            .collect();
+                        let mut all = Vec::with_capacity(texts.len());
+                        for h in parts {
+                            all.extend(h.join().map_err(|_| {
+                                Error::Embed("the local model stopped on a text".into())
+                            })?);
+                        }
+                        Ok(all)
+                    })?;
+                    Ok(Embedded { vectors, tokens })
                 })
                 .await
-                .map_err(|e| Error::Embed(format!("the local model stopped: {e}")))
+                .map_err(|e| Error::Embed(format!("the local model stopped: {e}")))?
             }
             Embedder::Remote {
                 base_url,
