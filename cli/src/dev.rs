@@ -76,6 +76,7 @@ pub async fn run_stack(
             .await
             .context("opening the model gateway's buckets")?,
     );
+    let retrieve = retrieve.with_budgets(gateway.clone());
     let agent_tools = aob_tool::gateway::Gateway::from_env()
         .context("building the agent's tool gateway from AOB_TOOLS")?;
     let timers = Timers::open(&js)

@@ -401,3 +401,82 @@ async fn embeddings_from_an_openai_compatible_endpoint_serve_ingest_and_search()
     assert!(stdout(&out).contains("billing.md#"), "{out:?}");
     assert_eq!(double.requests().for_model("double-embed"), embed_calls + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priced_embedding_query_is_held_against_the_run_budget() {
+    use aob_scripted_provider::{Script, ScriptedProvider};
+    let double = ScriptedProvider::start(Script::parse("rules: []\n", "empty.yaml").unwrap())
+        .await
+        .unwrap();
+    let mut s = Stack::bare().await.unwrap();
+    let config = aob_llm::config::Config::parse(&format!(
+        "models:\n  hashed: {{ protocol: openai, base_url: \"{}\", price: {{ input: 1000, output: 0 }} }}\nbudgets:\n  run: {{ usd: 0.05 }}\n",
+        double.openai_base_url()
+    ))
+    .unwrap();
+    let kbs = aob_kb::store::Kbs::open(&s.js, &s.kb_url).await.unwrap();
+    let embedders = aob_retrieve::Embedders::new(
+        config.clone(),
+        std::sync::Arc::new(aob_runtime::secrets::Secrets::none()),
+    );
+    kbs.create(
+        T,
+        "priced",
+        "hashed",
+        aob_kb::chunk::ChunkOptions::default(),
+    )
+    .await
+    .unwrap();
+    let docs = vec![aob_kb::store::Document {
+        id: "billing.md".into(),
+        text: DOCS[1].1.into(),
+        metadata: Default::default(),
+    }];
+    kbs.ingest(T, "priced", &embedders.get("hashed").unwrap(), docs, |_| {})
+        .await
+        .unwrap();
+    let gateway =
+        aob_llm::gateway::Gateway::open(&s.client, config, aob_runtime::secrets::Secrets::none())
+            .await
+            .unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    s.spawn_handler(
+        aob_retrieve::RetrieveHandler::new(kbs, embedders)
+            .with_budgets(std::sync::Arc::new(gateway)),
+    )
+    .await
+    .unwrap();
+    s.publish(
+        T,
+        "name: priced\nsteps:\n  - {id: find, type: retrieve, kb: priced, query: '{{ input.q }}', top_k: 1}\n",
+    )
+    .await
+    .unwrap();
+    // A short query fits the run's budget: it is charged and answered.
+    let run = s
+        .start_run(T, "priced", json!({"q": "refunds"}))
+        .await
+        .unwrap();
+    let (state, events) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Completed, "{events:#?}");
+    assert_eq!(
+        state.steps["find"].output.as_ref().unwrap()["chunks"][0]["doc"],
+        json!("billing.md")
+    );
+    // A long one could cost more than the budget: refused before the endpoint is called.
+    let before = double.requests().total;
+    let run = s
+        .start_run(T, "priced", json!({"q": "refunds ".repeat(40)}))
+        .await
+        .unwrap();
+    let (state, _) = s.wait_run(T, &run).await.unwrap();
+    assert_eq!(state.status, RunStatus::Failed);
+    let why = state.steps["find"].error.clone().unwrap().message;
+    assert!(why.contains("budget of run"), "{why}");
+    assert_eq!(
+        double.requests().total,
+        before,
+        "the endpoint was not called"
+    );
+}

@@ -100,11 +100,18 @@ impl Embedders {
 type Warm = HashMap<(String, String), (u64, Arc<Index>)>;
 
 /// The `retrieve` function.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RetrieveHandler {
     kbs: Kbs,
     embedders: Embedders,
     warm: Arc<Mutex<Warm>>,
+    budgets: Option<Arc<aob_llm::gateway::Gateway>>,
+}
+
+impl std::fmt::Debug for RetrieveHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetrieveHandler")
+    }
 }
 
 impl RetrieveHandler {
@@ -114,7 +121,16 @@ impl RetrieveHandler {
             kbs,
             embedders,
             warm: Arc::default(),
+            budgets: None,
         }
+    }
+
+    /// Queries embedded by a priced endpoint are held against, then charged to, the
+    /// budgets of the model gateway's configuration (tenant, workflow, run), as model
+    /// calls are.
+    pub fn with_budgets(mut self, gateway: Arc<aob_llm::gateway::Gateway>) -> Self {
+        self.budgets = Some(gateway);
+        self
     }
 
     /// The index of a knowledge base at its current version, loaded once per version.
@@ -210,12 +226,43 @@ impl aob_runtime::Handler for RetrieveHandler {
     ) -> Result<Outcome, StepError> {
         let c: RetrieveConfig = aob_runtime::parse_config("retrieve", &task.config)?;
         let filter = c.filter.clone().unwrap_or_default();
-        let Found {
-            hits,
-            model,
-            version,
-            tokens,
-        } = self
+        // A query to a remote endpoint is a paid call: it is held against the budgets first.
+        let (manifest, _) = self
+            .kbs
+            .must_get(&task.tenant, &c.kb)
+            .await
+            .map_err(|e| StepError::terminal(e.to_string()))?;
+        let held = match (&self.budgets, self.embedders.input_price(&manifest.model)) {
+            (Some(gw), Some(price)) => {
+                let caller =
+                    aob_llm::gateway::Caller::of(&task, format!("{}/embed", task.at.token()));
+                let now = aob_runtime::now_ms();
+                let scopes = gw.budget_scopes(&caller, now);
+                let key = format!("{}.{}.embed.{}", task.tenant, task.run_id, task.at.token());
+                let tokens = c.query.len() as u64 / 3 + 16;
+                let worst = aob_llm::ledger::Amount {
+                    usd: price * tokens as f64 / 1e6,
+                    tokens,
+                };
+                match gw
+                    .ledgers()
+                    .reserve(
+                        &scopes,
+                        &key,
+                        worst,
+                        std::time::Duration::from_secs(300),
+                        now,
+                    )
+                    .await
+                {
+                    Ok(Ok(())) => Some((gw.clone(), scopes, key, price)),
+                    Ok(Err(refusal)) => return Err(StepError::terminal(refusal.to_string())),
+                    Err(e) => return Err(StepError::retryable(e.0)),
+                }
+            }
+            _ => None,
+        };
+        let found = self
             .search(
                 &task.tenant,
                 &c.kb,
@@ -224,7 +271,33 @@ impl aob_runtime::Handler for RetrieveHandler {
                 &filter,
                 c.min_score,
             )
-            .await?;
+            .await;
+        let found = match (found, &held) {
+            (Ok(f), Some((gw, scopes, key, price))) => {
+                let spent = aob_llm::ledger::Amount {
+                    usd: price * f.tokens as f64 / 1e6,
+                    tokens: f.tokens,
+                };
+                gw.ledgers()
+                    .settle(scopes, key, spent)
+                    .await
+                    .map_err(|e| StepError::retryable(e.0))?;
+                f
+            }
+            (Ok(f), None) => f,
+            (Err(e), held) => {
+                if let Some((gw, scopes, key, _)) = held {
+                    let _ = gw.ledgers().release(scopes, key).await;
+                }
+                return Err(e);
+            }
+        };
+        let Found {
+            hits,
+            model,
+            version,
+            tokens,
+        } = found;
         let query_digest = sha256_hex(c.query.as_bytes());
         let ids: Vec<&str> = hits.iter().map(|h| h.entry.chunk_id.as_str()).collect();
         let cost = self

@@ -1,6 +1,6 @@
 //! Text out of documents: plain text and Markdown as they are, HTML without its markup
 //! (scripts and styles dropped, blocks kept as paragraphs, headings as Markdown headings,
-//! common entities decoded).
+//! common entities decoded), PDF through `pdf-extract` (lines joined into paragraphs).
 
 use std::path::Path;
 
@@ -20,15 +20,37 @@ pub fn text_of(path: &Path, bytes: &[u8]) -> Result<String> {
     match ext.as_str() {
         "txt" | "md" | "markdown" | "text" | "" => text(),
         "html" | "htm" => Ok(html_to_text(&text()?)),
-        "pdf" => Err(Error::Document(format!(
-            "{}: PDF is not read yet; convert it to text first (for example `pdftotext`)",
-            path.display()
-        ))),
+        "pdf" => pdf_extract::extract_text_from_mem(bytes)
+            .map(|t| tidy_pdf(&t))
+            .map_err(|e| {
+                Error::Document(format!(
+                    "{}: its text cannot be read ({e}); a scanned PDF needs OCR first",
+                    path.display()
+                ))
+            }),
         other => Err(Error::Document(format!(
             "{}: `.{other}` files are not read; give text, Markdown or HTML",
             path.display()
         ))),
     }
+}
+
+/// PDF text as paragraphs: lines joined, blank lines kept as paragraph breaks.
+fn tidy_pdf(text: &str) -> String {
+    let mut out = String::new();
+    let mut blank = false;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() {
+            blank = !out.is_empty();
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if blank { "\n\n" } else { " " });
+        }
+        blank = false;
+        out.push_str(line);
+    }
+    out
 }
 
 /// HTML to text with paragraphs and Markdown headings.
@@ -108,6 +130,56 @@ fn decode_entities(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-page PDF with two lines of text in Helvetica, offsets computed.
+    fn pdf(lines: &[&str]) -> Vec<u8> {
+        let mut content = String::from("BT /F1 12 Tf 72 720 Td 14 TL\n");
+        for l in lines {
+            content.push_str(&format!("({l}) Tj T*\n"));
+        }
+        content.push_str("ET");
+        let objects = [
+            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+            format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+        ];
+        let mut out = b"%PDF-1.4\n".to_vec();
+        let mut offsets = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            offsets.push(out.len());
+            out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+        }
+        let xref = out.len();
+        out.extend_from_slice(
+            format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+        );
+        for off in offsets {
+            out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
+        }
+        out.extend_from_slice(
+            format!(
+                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+                objects.len() + 1
+            )
+            .as_bytes(),
+        );
+        out
+    }
+
+    #[test]
+    fn pdf_text_is_read() {
+        let bytes = pdf(&["The Tokyo office opens at 09:00.", "It closes at 18:00."]);
+        let text = text_of(Path::new("hours.pdf"), &bytes).unwrap();
+        assert!(
+            text.contains("The Tokyo office opens at 09:00."),
+            "{text:?}"
+        );
+        assert!(text.contains("It closes at 18:00."), "{text:?}");
+        let err = text_of(Path::new("broken.pdf"), b"%PDF-1.4 nothing").unwrap_err();
+        assert!(err.to_string().contains("broken.pdf"), "{err}");
+    }
 
     #[test]
     fn html_keeps_headings_and_paragraphs_and_drops_scripts() {
