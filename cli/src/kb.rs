@@ -104,6 +104,7 @@ pub async fn cmd_ingest(
     let total = docs.len();
     let mut n = 0;
     let (mut chunks, mut unchanged) = (0usize, 0usize);
+    let mut embedded: Vec<(String, String, usize, u64)> = Vec::new();
     let started = std::time::Instant::now();
     kbs.ingest(&ctx.tenant, name, &embedder, docs, |p| match p {
         Progress::Embedding { doc, chunks } => {
@@ -113,7 +114,12 @@ pub async fn cmd_ingest(
             doc,
             outcome,
             chunks: c,
+            tokens,
+            digest,
         } => {
+            if outcome != Outcome::Unchanged {
+                embedded.push((doc.clone(), digest, c, tokens));
+            }
             n += 1;
             let what = match outcome {
                 Outcome::Added => format!("added, {}", plural(c, "chunk")),
@@ -129,11 +135,56 @@ pub async fn cmd_ingest(
     })
     .await?;
     let secs = started.elapsed().as_secs_f64();
+    record_ingest(ctx, name, &manifest.model, &embedded).await?;
     say!(
         "{name}: {total} document(s), {chunks} chunk(s) embedded with {}, {unchanged} unchanged, in {secs:.1} s",
         manifest.model
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// One `model_call` record per document embedded, in the audit trail like any model call:
+/// run id `kb:<name>`, the person ingesting as actor, tokens and (for a priced endpoint)
+/// cost.
+async fn record_ingest(
+    ctx: &Ctx,
+    name: &str,
+    model: &str,
+    embedded: &[(String, String, usize, u64)],
+) -> Result<()> {
+    if embedded.is_empty() {
+        return Ok(());
+    }
+    let js = jetstream::new(ctx.connect().await?);
+    let price = embedders()?.input_price(model);
+    let by = crate::people::identity(ctx);
+    let mut acks = Vec::new();
+    for (doc, digest, chunks, tokens) in embedded {
+        let mut r = aob_model::audit::DecisionRecord::new(
+            format!(
+                "{}.kb.{name}.{}",
+                ctx.tenant,
+                &digest[..digest.len().min(32)]
+            ),
+            &ctx.tenant,
+            &format!("kb:{name}"),
+            aob_model::audit::AuditKind::ModelCall,
+            &by,
+            aob_runtime::now_us(),
+        );
+        r.decision = Some("embed".into());
+        r.reason = Some(format!("ingest {doc} into {name}: {chunks} chunk(s)"));
+        r.model = Some(model.to_string());
+        r.tokens_in = Some(*tokens);
+        r.cost_usd = price.map(|p| p * *tokens as f64 / 1e6);
+        r.input_digest = Some(digest.clone());
+        acks.push(aob_runtime::bus::publish_record(&js, &r).await?);
+    }
+    for a in acks {
+        a.await
+            .context("the audit stream did not take an ingest record")?;
+    }
+    Ok(())
 }
 
 /// `aob kb ls`.

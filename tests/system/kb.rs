@@ -386,6 +386,23 @@ async fn embeddings_from_an_openai_compatible_endpoint_serve_ingest_and_search()
     assert!(out.status.success(), "{out:?}");
     let embed_calls = double.requests().for_model("double-embed");
     assert!(embed_calls >= 1, "the endpoint embedded the chunks");
+    // Each document embedded is a priced model call in the audit trail.
+    let records = s
+        .messages(aob_streams::AUDIT, &aob_streams::subjects::audit(T))
+        .await
+        .unwrap();
+    let ingests: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["run_id"] == json!("kb:remote") && r["event_kind"] == json!("model_call"))
+        .collect();
+    assert_eq!(ingests.len(), 2, "{records:#?}");
+    for r in ingests {
+        assert_eq!(r["model"], json!("hashed"));
+        assert!(
+            r["tokens_in"].as_u64().unwrap() > 0 && r["cost_usd"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
     let out = aob(
         d,
         &env,

@@ -101,6 +101,10 @@ pub enum Progress {
         outcome: Outcome,
         /// Its chunks.
         chunks: usize,
+        /// Tokens embedded (as the model counted them).
+        tokens: u64,
+        /// The digest of the version ingested.
+        digest: String,
     },
 }
 
@@ -300,6 +304,8 @@ impl Kbs {
                     doc: doc.id.clone(),
                     outcome: Outcome::Unchanged,
                     chunks: 0,
+                    tokens: 0,
+                    digest,
                 });
                 out.push((doc.id, Outcome::Unchanged, 0));
                 continue;
@@ -321,6 +327,7 @@ impl Kbs {
                 })
                 .collect();
             let embedded = embedder.embed(&texts).await?;
+            let tokens = embedded.tokens;
             let rows: Vec<Row> = chunks
                 .into_iter()
                 .zip(embedded.vectors)
@@ -385,6 +392,8 @@ impl Kbs {
                 doc: doc.id.clone(),
                 outcome,
                 chunks: rows.len(),
+                tokens,
+                digest: digest.clone(),
             });
             out.push((doc.id, outcome, rows.len()));
         }
