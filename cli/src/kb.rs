@@ -101,46 +101,125 @@ pub async fn cmd_ingest(
             metadata: metadata.clone(),
         });
     }
+    // A priced endpoint: the ingest's worst case is held against the tenant's budget first.
+    let hold = hold_tenant_budget(ctx, &manifest.model, &docs).await?;
     let total = docs.len();
     let mut n = 0;
     let (mut chunks, mut unchanged) = (0usize, 0usize);
     let mut embedded: Vec<(String, String, usize, u64)> = Vec::new();
     let started = std::time::Instant::now();
-    kbs.ingest(&ctx.tenant, name, &embedder, docs, |p| match p {
-        Progress::Embedding { doc, chunks } => {
-            eprintln!("  [{}/{total}] {doc}: embedding {chunks} chunks…", n + 1);
-        }
-        Progress::Done {
-            doc,
-            outcome,
-            chunks: c,
-            tokens,
-            digest,
-        } => {
-            if outcome != Outcome::Unchanged {
-                embedded.push((doc.clone(), digest, c, tokens));
+    let ingested = kbs
+        .ingest(&ctx.tenant, name, &embedder, docs, |p| match p {
+            Progress::Embedding { doc, chunks } => {
+                eprintln!("  [{}/{total}] {doc}: embedding {chunks} chunks…", n + 1);
             }
-            n += 1;
-            let what = match outcome {
-                Outcome::Added => format!("added, {}", plural(c, "chunk")),
-                Outcome::Replaced => format!("replaced, {}", plural(c, "chunk")),
-                Outcome::Unchanged => "unchanged".to_string(),
-            };
-            if outcome == Outcome::Unchanged {
-                unchanged += 1;
+            Progress::Done {
+                doc,
+                outcome,
+                chunks: c,
+                tokens,
+                digest,
+            } => {
+                if outcome != Outcome::Unchanged {
+                    embedded.push((doc.clone(), digest, c, tokens));
+                }
+                n += 1;
+                let what = match outcome {
+                    Outcome::Added => format!("added, {}", plural(c, "chunk")),
+                    Outcome::Replaced => format!("replaced, {}", plural(c, "chunk")),
+                    Outcome::Unchanged => "unchanged".to_string(),
+                };
+                if outcome == Outcome::Unchanged {
+                    unchanged += 1;
+                }
+                chunks += c;
+                say!("  [{n}/{total}] {doc}: {what}");
             }
-            chunks += c;
-            say!("  [{n}/{total}] {doc}: {what}");
+        })
+        .await;
+    if let Err(e) = ingested {
+        // Nothing more will be spent: the hold goes back to the budget.
+        if let Some((ledgers, scope, key, _)) = &hold {
+            let _ = ledgers.release(std::slice::from_ref(scope), key).await;
         }
-    })
-    .await?;
+        return Err(e.into());
+    }
     let secs = started.elapsed().as_secs_f64();
     record_ingest(ctx, name, &manifest.model, &embedded).await?;
+    if let Some((ledgers, scope, key, price)) = hold {
+        let tokens: u64 = embedded.iter().map(|(_, _, _, t)| t).sum();
+        ledgers
+            .settle(
+                &[scope],
+                &key,
+                aob_llm::ledger::Amount {
+                    usd: price * tokens as f64 / 1e6,
+                    tokens,
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("settling the ingest's cost: {}", e.0))?;
+    }
     say!(
         "{name}: {total} document(s), {chunks} chunk(s) embedded with {}, {unchanged} unchanged, in {secs:.1} s",
         manifest.model
     );
     Ok(ExitCode::SUCCESS)
+}
+
+type Hold = (
+    aob_llm::ledger::Ledgers,
+    aob_llm::ledger::Scope,
+    String,
+    f64,
+);
+
+/// Holds an ingest's worst case (every character a token, the overlap included) against
+/// the tenant's budget of the models file, for a priced model; `None` when nothing is to
+/// be held. A refusal is an error that says which budget.
+async fn hold_tenant_budget(ctx: &Ctx, model: &str, docs: &[Document]) -> Result<Option<Hold>> {
+    let config = aob_llm::config::Config::from_env().map_err(|e| anyhow!("{e}"))?;
+    let Some(price) = config.models.get(model).map(|m| m.price.input) else {
+        return Ok(None);
+    };
+    let budget = config
+        .tenants
+        .get(&ctx.tenant)
+        .and_then(|t| t.budget)
+        .or(config.budgets.tenant);
+    let Some(budget) = budget else {
+        return Ok(None);
+    };
+    let js = jetstream::new(ctx.connect().await?);
+    let kv = js.get_key_value(aob_streams::LEDGER).await.map_err(|e| {
+        anyhow!(
+            "bucket {}: {e} (run `aob streams apply`)",
+            aob_streams::LEDGER
+        )
+    })?;
+    let ledgers = aob_llm::ledger::Ledgers::new(kv);
+    let now = aob_runtime::now_ms();
+    let scope = aob_llm::ledger::Scope::tenant(&ctx.tenant, budget, now);
+    let tokens: u64 = docs.iter().map(|d| d.text.len() as u64 * 5 / 4 + 16).sum();
+    let key = format!("kb-ingest.{}", ulid::Ulid::new());
+    let worst = aob_llm::ledger::Amount {
+        usd: price * tokens as f64 / 1e6,
+        tokens,
+    };
+    match ledgers
+        .reserve(
+            std::slice::from_ref(&scope),
+            &key,
+            worst,
+            std::time::Duration::from_secs(3600),
+            now,
+        )
+        .await
+        .map_err(|e| anyhow!("{}", e.0))?
+    {
+        Ok(()) => Ok(Some((ledgers, scope, key, price))),
+        Err(refusal) => bail!("this ingest was not started: {refusal}"),
+    }
 }
 
 /// One `model_call` record per document embedded, in the audit trail like any model call:

@@ -417,6 +417,27 @@ async fn embeddings_from_an_openai_compatible_endpoint_serve_ingest_and_search()
     );
     assert!(stdout(&out).contains("billing.md#"), "{out:?}");
     assert_eq!(double.requests().for_model("double-embed"), embed_calls + 1);
+
+    // Under a tenant budget too small for it, an ingest is refused before any call.
+    let tight = docs.path().join("tight.yaml");
+    let text = std::fs::read_to_string(&models).unwrap();
+    std::fs::write(
+        &tight,
+        format!("{text}budgets:\n  tenant: {{ usd: 0.0000001 }}\n"),
+    )
+    .unwrap();
+    let mut env = env.clone();
+    env.retain(|(k, _)| *k != "AOB_MODELS");
+    env.push(("AOB_MODELS", tight.display().to_string()));
+    let calls = double.requests().total;
+    let out = aob(d, &env, &["kb", "ingest", "remote", "shipping.html"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this ingest was not started: budget of tenant kbs"),
+        "{err}"
+    );
+    assert_eq!(double.requests().total, calls, "nothing was embedded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
