@@ -304,17 +304,7 @@ struct Layer {
     norm2: Norm,
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
-    for (x, y) in ca.iter().zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
-}
+use crate::search::dot;
 
 /// The error function: Numerical Recipes' Chebyshev fit of erfc, fractional error below
 /// 1.2e-7 (far below what an f32 forward pass resolves).
