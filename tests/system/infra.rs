@@ -417,3 +417,126 @@ fn the_dockerfile_passes_hadolint() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What the chart test's Python side prints: lint findings and, per rendered object, its
+/// kind, name, command and validation result.
+const CHART_CHECK: &str = r#"
+import json, sys
+import helm_python as helm
+import kubernetes_validate as kv
+import yaml
+
+chart = sys.argv[1]
+report = helm.lint(chart, strict=True)
+values = json.loads(sys.argv[2])
+rendered = helm.Chart.load(chart).render(values, name="prod", namespace="aob", is_install=True)
+objects = []
+for path, text in sorted(rendered.items()):
+    if not path.endswith(".yaml"):
+        continue
+    for doc in yaml.safe_load_all(text):
+        if not doc:
+            continue
+        try:
+            kv.validate(doc, kv.latest_version(), strict=True)
+            problem = None
+        except kv.ValidationError as e:
+            problem = str(e).splitlines()[0]
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        containers = spec.get("containers", [])
+        objects.append({
+            "kind": doc["kind"],
+            "name": doc["metadata"]["name"],
+            "command": containers[0]["command"] if containers else None,
+            "env": [e["name"] for e in containers[0].get("env", [])] if containers else [],
+            "problem": problem,
+        })
+print(json.dumps({"lint": report, "objects": objects}))
+"#;
+
+/// The Helm chart (infra/helm/aob) lints strictly with Helm 4 (helm-python-sdk, no helm
+/// binary), and every object it renders validates against the Kubernetes schemas
+/// (kubernetes-validate): one Deployment per function type the build has, the engine, the
+/// audit sink, and the hook that applies the topology.
+#[test]
+fn the_helm_chart_lints_and_renders_valid_manifests() {
+    let python = aob_tests::audit::venv_bin("python").unwrap();
+    let chart = aob_tests::examples_dir().join("../infra/helm/aob");
+    let values = serde_json::json!({
+        "nats": {"caSecret": "nats-ca", "urlSecret": "nats-url"},
+        "models": {"configMap": "aob-models"},
+        "tools": {"configMap": "aob-tools"},
+        "envFromSecrets": ["aob-keys"],
+        "env": {"AWS_REGION": "eu-west-1"},
+        "embeddingModel": {"persistentVolumeClaim": "minilm"},
+    });
+    let out = std::process::Command::new(python)
+        .args(["-c", CHART_CHECK])
+        .arg(&chart)
+        .arg(values.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lint = &got["lint"];
+    assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
+    let serious: Vec<&serde_json::Value> = lint["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["severity"].as_u64().unwrap_or(0) >= 2)
+        .collect();
+    assert!(serious.is_empty(), "{lint}");
+    let objects = got["objects"].as_array().unwrap();
+    for o in objects {
+        assert!(o["problem"].is_null(), "{o}");
+    }
+    let commands: Vec<String> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .map(|o| o["command"][0].as_str().unwrap().to_string())
+        .collect();
+    let mut want: Vec<String> = aob_model::nodes::names()
+        .into_iter()
+        .filter(|t| !aob_model::nodes::ENGINE_TYPES.contains(t))
+        .map(|t| format!("aob-{t}"))
+        .collect();
+    want.push("aob-engine".into());
+    want.push("aob-audit".into());
+    let mut have = commands.clone();
+    have.sort();
+    want.sort();
+    assert_eq!(
+        have, want,
+        "one Deployment per function type, the engine and the sink"
+    );
+    let job = objects.iter().find(|o| o["kind"] == "Job").unwrap();
+    assert_eq!(
+        job["command"],
+        serde_json::json!(["aob", "streams", "apply", "--replicas", "3"])
+    );
+    for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        let env = o["env"].as_array().unwrap();
+        for v in [
+            "NATS_URL",
+            "AOB_NATS_CA",
+            "AOB_PAYLOAD_URL",
+            "AOB_AUDIT_URL",
+            "AOB_KB_URL",
+            "AOB_MODELS",
+            "AOB_TOOLS",
+            "AOB_EMBED_MODEL_DIR",
+            "AWS_REGION",
+        ] {
+            assert!(
+                env.contains(&serde_json::json!(v)),
+                "{} lacks {v}",
+                o["name"]
+            );
+        }
+    }
+}
