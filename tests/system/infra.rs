@@ -449,6 +449,7 @@ for path, text in sorted(rendered.items()):
             "name": doc["metadata"]["name"],
             "command": containers[0]["command"] if containers else None,
             "env": [e["name"] for e in containers[0].get("env", [])] if containers else [],
+            "probes": [containers[0].get(p, {}).get("httpGet", {}).get("path") for p in ("livenessProbe", "readinessProbe")] if containers else [],
             "problem": problem,
         })
 print(json.dumps({"lint": report, "objects": objects}))
@@ -521,8 +522,15 @@ fn the_helm_chart_lints_and_renders_valid_manifests() {
     );
     for o in objects.iter().filter(|o| o["kind"] == "Deployment") {
         let env = o["env"].as_array().unwrap();
+        assert_eq!(
+            o["probes"],
+            serde_json::json!(["/healthz", "/readyz"]),
+            "{}",
+            o["name"]
+        );
         for v in [
             "NATS_URL",
+            "AOB_HTTP_ADDR",
             "AOB_NATS_CA",
             "AOB_PAYLOAD_URL",
             "AOB_AUDIT_URL",
@@ -539,4 +547,105 @@ fn the_helm_chart_lints_and_renders_valid_manifests() {
             );
         }
     }
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.unwrap_or_default()))
+}
+
+/// Waits until `url` answers with `status`.
+async fn until_status(url: &str, status: u16) -> String {
+    for _ in 0..300 {
+        if let Some((s, body)) = get(url).await
+            && s == status
+        {
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered {status}");
+}
+
+/// The engine and a function binary serve /healthz, /readyz and /metrics when
+/// AOB_HTTP_ADDR is set: tasks counted by outcome, latency histograms, consumer lag, the
+/// engine's counters; readiness follows the NATS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_answer_over_http() {
+    let mut s = aob_tests::Stack::bare().await.unwrap();
+    let port = |_: ()| aob_tests::audit::free_port().unwrap();
+    let (engine_port, fn_port) = (port(()), port(()));
+    let spawn = |bin: &str, p: u16| {
+        Child(
+            std::process::Command::new(aob_tests::binary(bin).unwrap())
+                .env("NATS_URL", s.server.url())
+                .env("AOB_PAYLOAD_URL", &s.payload_url)
+                .env("AOB_HTTP_ADDR", format!("127.0.0.1:{p}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _engine = spawn("aob-engine", engine_port);
+    let _transform = spawn("aob-transform", fn_port);
+    let base = |p: u16| format!("http://127.0.0.1:{p}");
+    until_status(&format!("{}/healthz", base(fn_port)), 200).await;
+    until_status(&format!("{}/readyz", base(engine_port)), 200).await;
+
+    s.publish(
+        "acme",
+        "name: twice\nsteps:\n  - {id: a, type: transform, output: 1}\n  - {id: b, type: transform, needs: [a], output: 2}\n",
+    )
+    .await
+    .unwrap();
+    let run = s
+        .start_run("acme", "twice", serde_json::json!({}))
+        .await
+        .unwrap();
+    let (state, _) = s.wait_run("acme", &run).await.unwrap();
+    assert_eq!(state.status, aob_model::state::RunStatus::Completed);
+
+    let metrics = until_status(&format!("{}/metrics", base(fn_port)), 200).await;
+    assert!(
+        metrics.contains("aob_tasks_total{node_type=\"transform\",outcome=\"completed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("aob_task_seconds_count{node_type=\"transform\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("aob_task_seconds_bucket{node_type=\"transform\",le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("aob_consumer_pending{stream=\"AOB_TASKS\",consumer=\"fn-transform\"} 0"),
+        "{metrics}"
+    );
+    let engine = until_status(&format!("{}/metrics", base(engine_port)), 200).await;
+    let events: u64 = engine
+        .lines()
+        .find_map(|l| l.strip_prefix("aob_engine_events_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(events >= 3, "start and two results: {engine}");
+    assert!(engine.contains("consumer=\"engine-cmd\""), "{engine}");
+
+    // Readiness follows the connection: down with the server, up again after it.
+    s.server.stop();
+    until_status(&format!("{}/readyz", base(fn_port)), 503).await;
+    until_status(&format!("{}/healthz", base(fn_port)), 200).await;
+    s.server.start_again().unwrap();
+    until_status(&format!("{}/readyz", base(fn_port)), 200).await;
 }

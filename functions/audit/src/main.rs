@@ -19,7 +19,20 @@ async fn main() -> anyhow::Result<()> {
     let url = aob_fn_audit::store_url(|k| std::env::var(k).ok(), None)?;
     let cfg = aob_fn_audit::SinkConfig::from_env()?;
     let client = env.connect().await?;
-    aob_fn_audit::run(client.clone(), &url, cfg, aob_runtime::shutdown_on_signal()).await?;
+    let shutdown = aob_runtime::shutdown_on_signal();
+    let js = async_nats::jetstream::new(client.clone());
+    let lag: aob_runtime::telemetry::Extra = std::sync::Arc::new(move || {
+        let js = js.clone();
+        Box::pin(async move {
+            aob_runtime::telemetry::consumer_lag(
+                &js,
+                &[(aob_streams::AUDIT, aob_streams::AUDIT_SINK)],
+            )
+            .await
+        })
+    });
+    aob_runtime::telemetry::serve_from_env(&client, Some(lag), shutdown.clone()).await?;
+    aob_fn_audit::run(client.clone(), &url, cfg, shutdown).await?;
     client.flush().await?;
     Ok(())
 }

@@ -83,6 +83,27 @@ pub async fn deliver<H: Handler, D: Delivery>(
     d: &D,
     contract: &Contract,
 ) -> Delivered {
+    let began = std::time::Instant::now();
+    let delivered = deliver_once(handler, d, contract).await;
+    let outcome = match &delivered {
+        Delivered::Settled(r) => match r.outcome {
+            aob_model::wire::Outcome::Completed { .. } => "completed",
+            aob_model::wire::Outcome::Failed { .. } => "failed",
+            aob_model::wire::Outcome::Waiting { .. } => "waiting",
+        },
+        Delivered::Aborted => "aborted",
+        Delivered::Refused(_) => "refused",
+        Delivered::Retried(_) => "retried",
+    };
+    crate::telemetry::record_task(handler.node_type(), outcome, began.elapsed());
+    delivered
+}
+
+async fn deliver_once<H: Handler, D: Delivery>(
+    handler: &H,
+    d: &D,
+    contract: &Contract,
+) -> Delivered {
     let task = match crate::nats::parse_task(d.body(), d.origin(), contract.max_message_bytes) {
         Ok(t) => t,
         Err(reason) => {

@@ -10,6 +10,7 @@ pub mod nats;
 pub mod payload;
 pub mod registry;
 pub mod secrets;
+pub mod telemetry;
 pub mod timers;
 pub mod usage;
 
@@ -467,12 +468,23 @@ where
     let handler = build(client.clone())
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
+    let shutdown = shutdown_on_signal();
+    // Health and metrics, with how far behind this function's consumer is.
+    let js = async_nats::jetstream::new(client.clone());
+    let consumer = aob_streams::function_consumer(node_type);
+    let extra: telemetry::Extra = std::sync::Arc::new(move || {
+        let (js, consumer) = (js.clone(), consumer.clone());
+        Box::pin(async move {
+            telemetry::consumer_lag(&js, &[(aob_streams::TASKS, consumer.as_str())]).await
+        })
+    });
+    telemetry::serve_from_env(&client, Some(extra), shutdown.clone()).await?;
     nats::serve(
         std::sync::Arc::new(handler),
         client.clone(),
         payloads,
         nats::ServeConfig::default(),
-        shutdown_on_signal(),
+        shutdown,
     )
     .await?;
     client
@@ -483,7 +495,11 @@ where
 }
 
 /// The variables every function reads besides [`usage::COMMON_VARS`].
-pub const FUNCTION_VARS: [(&str, &str); 2] = [
+pub const FUNCTION_VARS: [(&str, &str); 3] = [
+    (
+        telemetry::ADDR_VAR,
+        "address for /healthz, /readyz and /metrics (Prometheus), e.g. 0.0.0.0:9090 (default: not served)",
+    ),
     ("AOB_CONCURRENCY", "tasks run at once (default 64)"),
     (
         "AOB_HANDOFF_MS",

@@ -204,6 +204,16 @@ impl NatsServer {
         &self.store
     }
 
+    /// Stops the server (kill -9); [`NatsServer::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
     /// Stops the server (kill -9) and starts it again on the same port and store.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

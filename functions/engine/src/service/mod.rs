@@ -148,8 +148,12 @@ pub struct Config {
 
 impl Config {
     /// The environment variables [`Config::from_env`] reads, with their meaning.
-    pub const ENV_VARS: [(&'static str, &'static str); 6] = [
+    pub const ENV_VARS: [(&'static str, &'static str); 7] = [
         ("AOB_ENGINE_WORKERS", "runs processed at once (default 64)"),
+        (
+            "AOB_HTTP_ADDR",
+            "address for /healthz, /readyz and /metrics (Prometheus), e.g. 0.0.0.0:9090 (default: not served)",
+        ),
         (
             "AOB_MAX_MESSAGE_BYTES",
             "largest command or result accepted (default 786432)",

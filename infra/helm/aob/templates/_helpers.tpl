@@ -24,6 +24,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - name: AOB_NATS_CA
   value: /etc/aob/nats-ca/ca.pem
 {{- end }}
+{{- if .Values.http.port }}
+- name: AOB_HTTP_ADDR
+  value: {{ printf "0.0.0.0:%v" .Values.http.port | quote }}
+{{- end }}
 - name: AOB_PAYLOAD_URL
   value: {{ .Values.storage.payloadUrl | quote }}
 - name: AOB_AUDIT_URL
@@ -113,6 +117,12 @@ spec:
       labels:
         {{- include "aob.labels" $root | nindent 8 }}
         app.kubernetes.io/component: {{ $name }}
+      {{- if $root.Values.http.port }}
+      annotations:
+        prometheus.io/scrape: "true"
+        prometheus.io/port: {{ $root.Values.http.port | quote }}
+        prometheus.io/path: /metrics
+      {{- end }}
     spec:
       # A pod stopping finishes its work in flight: the binaries drain on SIGTERM.
       terminationGracePeriodSeconds: 60
@@ -133,6 +143,16 @@ spec:
           {{- with (include "aob.volumeMounts" $root) }}
           volumeMounts:
             {{- . | nindent 12 }}
+          {{- end }}
+          {{- if $root.Values.http.port }}
+          ports:
+            - {name: http, containerPort: {{ $root.Values.http.port }}}
+          livenessProbe:
+            httpGet: {path: /healthz, port: http}
+            periodSeconds: 10
+          readinessProbe:
+            httpGet: {path: /readyz, port: http}
+            periodSeconds: 5
           {{- end }}
           resources:
             {{- toYaml $resources | nindent 12 }}
