@@ -231,7 +231,11 @@ impl aob_runtime::Handler for RetrieveHandler {
             .kbs
             .must_get(&task.tenant, &c.kb)
             .await
-            .map_err(|e| StepError::terminal(e.to_string()))?;
+            .map_err(|e| match e {
+                // No such knowledge base: a retry cannot help. The bucket failing can.
+                aob_kb::Error::Document(m) => StepError::terminal(m),
+                other => StepError::retryable(other.to_string()),
+            })?;
         let held = match (&self.budgets, self.embedders.input_price(&manifest.model)) {
             (Some(gw), Some(price)) => {
                 let caller =
