@@ -60,7 +60,7 @@ impl Ctx {
 
 /// Connects to NATS at `url`; `source` says where the URL came from.
 pub async fn connect(url: &str, source: &str) -> Result<async_nats::Client> {
-    aob_runtime::nats_options()
+    aob_runtime::nats_options()?
         .name("aob-cli")
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

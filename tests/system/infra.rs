@@ -649,3 +649,99 @@ async fn health_and_metrics_answer_over_http() {
     s.server.start_again().unwrap();
     until_status(&format!("{}/readyz", base(fn_port)), 200).await;
 }
+
+/// A server that verifies clients takes an AOB process that shows a certificate its CA
+/// signed (`AOB_NATS_CERT`, `AOB_NATS_KEY`) and turns away one that does not; a certificate
+/// without its key is a configuration error said at once.
+#[test]
+fn a_server_that_verifies_clients_takes_only_signed_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=aob-engine",
+    ]);
+    std::fs::write(
+        dir.path().join("client.cnf"),
+        "extendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "client.cnf",
+    ]);
+    let d = dir.path().display();
+    let server = aob_testkit::NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{d}/server.crt\", key_file: \"{d}/server.key\", ca_file: \"{d}/ca.crt\", verify: true }}\n"
+    ))
+    .unwrap();
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let apply = |env: &[(&str, String)]| {
+        std::process::Command::new(aob_tests::binary("aob").unwrap())
+            .args(["streams", "apply"])
+            .env("NATS_URL", &url)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap()
+    };
+    let ca = ("AOB_NATS_CA", format!("{d}/ca.crt"));
+    let cert = ("AOB_NATS_CERT", format!("{d}/client.crt"));
+    let key = ("AOB_NATS_KEY", format!("{d}/client.key"));
+    let out = apply(std::slice::from_ref(&ca));
+    assert!(
+        !out.status.success(),
+        "no client certificate, no connection"
+    );
+    let out = apply(&[ca.clone(), cert.clone()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AOB_NATS_CERT and AOB_NATS_KEY go together"),
+        "{err}"
+    );
+    let out = apply(&[ca, cert, key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("AOB_TASKS"),
+        "{out:?}"
+    );
+}

@@ -392,7 +392,7 @@ impl Env {
     /// Connects to NATS.
     pub async fn connect(&self) -> Result<async_nats::Client> {
         init_tls();
-        nats_options()
+        nats_options()?
             .name("aob")
             .connect(&self.nats_url)
             .await
@@ -410,15 +410,28 @@ pub fn init_tls() {
     });
 }
 
-/// Connection options every AOB client starts from: TLS chosen ([`init_tls`]) and, with
-/// `AOB_NATS_CA`, the CA that signed the server's certificate.
-pub fn nats_options() -> async_nats::ConnectOptions {
+/// Connection options every AOB client starts from: TLS chosen ([`init_tls`]); with
+/// `AOB_NATS_CA`, the CA that signed the server's certificate; with `AOB_NATS_CERT` and
+/// `AOB_NATS_KEY`, the client's own certificate, for servers that verify clients.
+pub fn nats_options() -> Result<async_nats::ConnectOptions> {
     init_tls();
-    let options = async_nats::ConnectOptions::new();
-    match std::env::var_os("AOB_NATS_CA").filter(|v| !v.is_empty()) {
-        Some(ca) => options.add_root_certificates(ca.into()),
-        None => options,
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = var("AOB_NATS_CA") {
+        options = options.add_root_certificates(ca.into());
     }
+    match (var("AOB_NATS_CERT"), var("AOB_NATS_KEY")) {
+        (Some(cert), Some(key)) => {
+            options = options.add_client_certificate(cert.into(), key.into());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Config(
+                "AOB_NATS_CERT and AOB_NATS_KEY go together: set both (the client's certificate and its key) or neither".into(),
+            ));
+        }
+    }
+    Ok(options)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

@@ -13,7 +13,7 @@ pub struct Usage<'a> {
 }
 
 /// The variables every component reads.
-pub const COMMON_VARS: [(&str, &str); 5] = [
+pub const COMMON_VARS: [(&str, &str); 7] = [
     (
         "NATS_URL",
         "NATS server URL (default nats://127.0.0.1:4222; tls://host:port for TLS; user:password@ for a user)",
@@ -21,6 +21,14 @@ pub const COMMON_VARS: [(&str, &str); 5] = [
     (
         "AOB_NATS_CA",
         "a PEM file of the CA that signed the NATS server's certificate (default: the system's roots)",
+    ),
+    (
+        "AOB_NATS_CERT",
+        "a PEM file of this client's certificate, for a server that verifies clients (with AOB_NATS_KEY)",
+    ),
+    (
+        "AOB_NATS_KEY",
+        "the PEM file of that certificate's private key",
     ),
     (
         "AOB_PAYLOAD_URL",
