@@ -230,19 +230,7 @@ async fn run_example(
     if let Some(dir) = kb_dir {
         let kbs = aob_kb::store::Kbs::open(&js, kb_url).await?;
         let embedder = aob_kb::embed::Embedder::local()?;
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
-        entries.sort();
-        for sub in entries {
-            let name = sub
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let done = kbs.ingest_dir(&ctx.tenant, &name, &sub, &embedder).await?;
+        for (name, sub, done) in kbs.ingest_dirs(&ctx.tenant, &dir, &embedder).await? {
             let chunks: usize = done.iter().map(|(_, _, c)| c).sum();
             say!(
                 "aob dev: knowledge base {name}: {} document(s) from {}, {chunks} chunk(s) embedded",

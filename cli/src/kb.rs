@@ -87,7 +87,9 @@ pub async fn cmd_ingest(
     let metadata = pairs(meta, "--meta")?;
     let kbs = open(ctx).await?;
     let (manifest, _) = kbs.must_get(&ctx.tenant, name).await?;
-    let embedder = embedders()?.get(&manifest.model).map_err(|e| anyhow!(e))?;
+    // The models file is read once: the embedder, the budget and the records use it.
+    let models = embedders()?;
+    let embedder = models.get(&manifest.model).map_err(|e| anyhow!(e))?;
     let mut docs = Vec::with_capacity(files.len());
     for f in files {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
@@ -102,7 +104,7 @@ pub async fn cmd_ingest(
         });
     }
     // A priced endpoint: the ingest's worst case is held against the tenant's budget first.
-    let hold = hold_tenant_budget(ctx, &manifest.model, &docs).await?;
+    let hold = hold_tenant_budget(ctx, &models, &manifest.model, &docs).await?;
     let total = docs.len();
     let mut n = 0;
     let (mut chunks, mut unchanged) = (0usize, 0usize);
@@ -139,21 +141,21 @@ pub async fn cmd_ingest(
         .await;
     if let Err(e) = ingested {
         // Nothing more will be spent: the hold goes back to the budget.
-        if let Some((ledgers, scope, key, _)) = &hold {
+        if let Some((ledgers, scope, key)) = &hold {
             let _ = ledgers.release(std::slice::from_ref(scope), key).await;
         }
         return Err(e.into());
     }
     let secs = started.elapsed().as_secs_f64();
-    record_ingest(ctx, name, &manifest.model, &embedded).await?;
-    if let Some((ledgers, scope, key, price)) = hold {
+    record_ingest(ctx, &models, name, &manifest.model, &embedded).await?;
+    if let Some((ledgers, scope, key)) = hold {
         let tokens: u64 = embedded.iter().map(|(_, _, _, t)| t).sum();
         ledgers
             .settle(
                 &[scope],
                 &key,
                 aob_llm::ledger::Amount {
-                    usd: price * tokens as f64 / 1e6,
+                    usd: models.cost(&manifest.model, tokens).unwrap_or(0.0),
                     tokens,
                 },
             )
@@ -167,21 +169,22 @@ pub async fn cmd_ingest(
     Ok(ExitCode::SUCCESS)
 }
 
-type Hold = (
-    aob_llm::ledger::Ledgers,
-    aob_llm::ledger::Scope,
-    String,
-    f64,
-);
+type Hold = (aob_llm::ledger::Ledgers, aob_llm::ledger::Scope, String);
 
 /// Holds an ingest's worst case (every character a token, the overlap included) against
 /// the tenant's budget of the models file, for a priced model; `None` when nothing is to
 /// be held. A refusal is an error that says which budget.
-async fn hold_tenant_budget(ctx: &Ctx, model: &str, docs: &[Document]) -> Result<Option<Hold>> {
-    let config = aob_llm::config::Config::from_env().map_err(|e| anyhow!("{e}"))?;
-    let Some(price) = config.models.get(model).map(|m| m.price.input) else {
+async fn hold_tenant_budget(
+    ctx: &Ctx,
+    models: &aob_retrieve::Embedders,
+    model: &str,
+    docs: &[Document],
+) -> Result<Option<Hold>> {
+    let tokens: u64 = docs.iter().map(|d| d.text.len() as u64 * 5 / 4 + 16).sum();
+    let Some(usd) = models.cost(model, tokens) else {
         return Ok(None);
     };
+    let config = models.models();
     let budget = config
         .tenants
         .get(&ctx.tenant)
@@ -200,12 +203,8 @@ async fn hold_tenant_budget(ctx: &Ctx, model: &str, docs: &[Document]) -> Result
     let ledgers = aob_llm::ledger::Ledgers::new(kv);
     let now = aob_runtime::now_ms();
     let scope = aob_llm::ledger::Scope::tenant(&ctx.tenant, budget, now);
-    let tokens: u64 = docs.iter().map(|d| d.text.len() as u64 * 5 / 4 + 16).sum();
     let key = format!("kb-ingest.{}", ulid::Ulid::new());
-    let worst = aob_llm::ledger::Amount {
-        usd: price * tokens as f64 / 1e6,
-        tokens,
-    };
+    let worst = aob_llm::ledger::Amount { usd, tokens };
     match ledgers
         .reserve(
             std::slice::from_ref(&scope),
@@ -217,7 +216,7 @@ async fn hold_tenant_budget(ctx: &Ctx, model: &str, docs: &[Document]) -> Result
         .await
         .map_err(|e| anyhow!("{}", e.0))?
     {
-        Ok(()) => Ok(Some((ledgers, scope, key, price))),
+        Ok(()) => Ok(Some((ledgers, scope, key))),
         Err(refusal) => bail!("this ingest was not started: {refusal}"),
     }
 }
@@ -227,6 +226,7 @@ async fn hold_tenant_budget(ctx: &Ctx, model: &str, docs: &[Document]) -> Result
 /// cost.
 async fn record_ingest(
     ctx: &Ctx,
+    models: &aob_retrieve::Embedders,
     name: &str,
     model: &str,
     embedded: &[(String, String, usize, u64)],
@@ -235,7 +235,6 @@ async fn record_ingest(
         return Ok(());
     }
     let js = jetstream::new(ctx.connect().await?);
-    let price = embedders()?.input_price(model);
     let by = crate::people::identity(ctx);
     let mut acks = Vec::new();
     for (doc, digest, chunks, tokens) in embedded {
@@ -255,7 +254,7 @@ async fn record_ingest(
         r.reason = Some(format!("ingest {doc} into {name}: {chunks} chunk(s)"));
         r.model = Some(model.to_string());
         r.tokens_in = Some(*tokens);
-        r.cost_usd = price.map(|p| p * *tokens as f64 / 1e6);
+        r.cost_usd = models.cost(model, *tokens);
         r.input_digest = Some(digest.clone());
         acks.push(aob_runtime::bus::publish_record(&js, &r).await?);
     }

@@ -320,11 +320,7 @@ impl Stack {
         if kb_dir.is_dir() {
             let kbs = aob_kb::store::Kbs::open(&self.js, &self.kb_url).await?;
             let embedder = aob_kb::embed::Embedder::local()?;
-            for entry in std::fs::read_dir(&kb_dir)?.flatten() {
-                let sub = entry.path();
-                let kb = entry.file_name().to_string_lossy().into_owned();
-                kbs.ingest_dir(tenant, &kb, &sub, &embedder).await?;
-            }
+            kbs.ingest_dirs(tenant, &kb_dir, &embedder).await?;
         }
         self.registry.publish(tenant, &wf).await?;
         Ok(wf.name)

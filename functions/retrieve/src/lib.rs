@@ -91,9 +91,21 @@ impl Embedders {
         })
     }
 
-    /// The price of a model's input tokens, USD per million.
-    pub fn input_price(&self, name: &str) -> Option<f64> {
-        self.models.models.get(name).map(|m| m.price.input)
+    /// The models file these embedders were made from.
+    pub fn models(&self) -> &aob_llm::config::Config {
+        &self.models
+    }
+
+    /// What embedding `tokens` tokens with model `name` costs, for a priced model of the
+    /// models file (the local model costs nothing: `None`).
+    pub fn cost(&self, name: &str, tokens: u64) -> Option<f64> {
+        self.models.models.get(name).map(|m| {
+            m.price.cost(&aob_llm::chat::TokenUsage {
+                input: tokens,
+                output: 0,
+                cached_input: 0,
+            })
+        })
     }
 }
 
@@ -133,38 +145,55 @@ impl RetrieveHandler {
         self
     }
 
-    /// The index of a knowledge base at its current version, loaded once per version.
-    pub async fn index(
-        &self,
-        tenant: &str,
-        kb: &str,
-    ) -> Result<(Arc<Index>, String, u64), StepError> {
-        let (manifest, rev) = self
-            .kbs
-            .get(tenant, kb)
-            .await
-            .map_err(|e| StepError::retryable(e.to_string()))?
-            .ok_or_else(|| {
-                StepError::terminal(format!("no knowledge base `{kb}` in tenant `{tenant}`"))
-            })?;
+    /// A knowledge base at its current version: its manifest is read once, its files only
+    /// when the version is new to this process. A missing knowledge base is terminal, a
+    /// store that fails retryable.
+    pub async fn index(&self, tenant: &str, kb: &str) -> Result<Loaded, StepError> {
+        let (manifest, version) = self.kbs.must_get(tenant, kb).await.map_err(|e| match e {
+            // No such knowledge base: a retry cannot help. The bucket failing can.
+            aob_kb::Error::Document(m) => StepError::terminal(m),
+            other => StepError::retryable(other.to_string()),
+        })?;
         let key = (tenant.to_string(), kb.to_string());
-        if let Some((r, ix)) = self.warm.lock().ok().and_then(|w| w.get(&key).cloned())
-            && r == rev
-        {
-            return Ok((ix, manifest.model, rev));
-        }
-        let (ix, m, rev) = self
-            .kbs
-            .load(tenant, kb)
-            .await
-            .map_err(|e| StepError::retryable(e.to_string()))?;
-        let ix = Arc::new(ix);
-        if let Ok(mut w) = self.warm.lock() {
-            w.insert(key, (rev, ix.clone()));
-        }
-        tracing::info!(%tenant, %kb, chunks = ix.len(), revision = rev, "knowledge base loaded");
-        Ok((ix, m.model, rev))
+        let warm = self
+            .warm
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&key).cloned())
+            .filter(|(r, _)| *r == version);
+        let index = match warm {
+            Some((_, ix)) => ix,
+            None => {
+                let ix = Arc::new(
+                    self.kbs
+                        .load_version(&manifest)
+                        .await
+                        .map_err(|e| StepError::retryable(e.to_string()))?,
+                );
+                if let Ok(mut w) = self.warm.lock() {
+                    w.insert(key, (version, ix.clone()));
+                }
+                tracing::info!(%tenant, %kb, chunks = ix.len(), version, "knowledge base loaded");
+                ix
+            }
+        };
+        Ok(Loaded {
+            index,
+            model: manifest.model,
+            version,
+        })
     }
+}
+
+/// A knowledge base in memory.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Its chunks.
+    pub index: Arc<Index>,
+    /// Its embedding model.
+    pub model: String,
+    /// Its version (its manifest's revision).
+    pub version: u64,
 }
 
 /// What a search found, with what the query cost.
@@ -191,20 +220,33 @@ impl RetrieveHandler {
         filter: &serde_json::Map<String, serde_json::Value>,
         min_score: Option<f32>,
     ) -> Result<Found, StepError> {
-        let (index, model, version) = self.index(tenant, kb).await?;
-        let embedder = self.embedders.get(&model).map_err(StepError::terminal)?;
+        let kb = self.index(tenant, kb).await?;
+        self.query(&kb, query, top_k, filter, min_score).await
+    }
+
+    /// Embeds `query` with the knowledge base's model and searches it.
+    async fn query(
+        &self,
+        kb: &Loaded,
+        query: &str,
+        top_k: usize,
+        filter: &serde_json::Map<String, serde_json::Value>,
+        min_score: Option<f32>,
+    ) -> Result<Found, StepError> {
+        let embedder = self.embedders.get(&kb.model).map_err(StepError::terminal)?;
         let embedded = embedder
             .embed(&[query.to_string()])
             .await
             .map_err(|e| StepError::retryable(e.to_string()))?;
         let q = embedded.vectors.into_iter().next().unwrap_or_default();
-        let hits = index
+        let hits = kb
+            .index
             .search(&q, top_k, filter, min_score)
             .map_err(StepError::terminal)?;
         Ok(Found {
             hits,
-            model,
-            version,
+            model: kb.model.clone(),
+            version: kb.version,
             tokens: embedded.tokens,
         })
     }
@@ -226,28 +268,17 @@ impl aob_runtime::Handler for RetrieveHandler {
     ) -> Result<Outcome, StepError> {
         let c: RetrieveConfig = aob_runtime::parse_config("retrieve", &task.config)?;
         let filter = c.filter.clone().unwrap_or_default();
+        let kb = self.index(&task.tenant, &c.kb).await?;
         // A query to a remote endpoint is a paid call: it is held against the budgets first.
-        let (manifest, _) = self
-            .kbs
-            .must_get(&task.tenant, &c.kb)
-            .await
-            .map_err(|e| match e {
-                // No such knowledge base: a retry cannot help. The bucket failing can.
-                aob_kb::Error::Document(m) => StepError::terminal(m),
-                other => StepError::retryable(other.to_string()),
-            })?;
-        let held = match (&self.budgets, self.embedders.input_price(&manifest.model)) {
-            (Some(gw), Some(price)) => {
+        let tokens = c.query.len() as u64 / 3 + 16;
+        let held = match (&self.budgets, self.embedders.cost(&kb.model, tokens)) {
+            (Some(gw), Some(usd)) => {
                 let caller =
                     aob_llm::gateway::Caller::of(&task, format!("{}/embed", task.at.token()));
                 let now = aob_runtime::now_ms();
                 let scopes = gw.budget_scopes(&caller, now);
                 let key = format!("{}.{}.embed.{}", task.tenant, task.run_id, task.at.token());
-                let tokens = c.query.len() as u64 / 3 + 16;
-                let worst = aob_llm::ledger::Amount {
-                    usd: price * tokens as f64 / 1e6,
-                    tokens,
-                };
+                let worst = aob_llm::ledger::Amount { usd, tokens };
                 match gw
                     .ledgers()
                     .reserve(
@@ -259,7 +290,7 @@ impl aob_runtime::Handler for RetrieveHandler {
                     )
                     .await
                 {
-                    Ok(Ok(())) => Some((gw.clone(), scopes, key, price)),
+                    Ok(Ok(())) => Some((gw.clone(), scopes, key)),
                     Ok(Err(refusal)) => return Err(StepError::terminal(refusal.to_string())),
                     Err(e) => return Err(StepError::retryable(e.0)),
                 }
@@ -267,9 +298,8 @@ impl aob_runtime::Handler for RetrieveHandler {
             _ => None,
         };
         let found = self
-            .search(
-                &task.tenant,
-                &c.kb,
+            .query(
+                &kb,
                 &c.query,
                 c.top_k.unwrap_or(5) as usize,
                 &filter,
@@ -277,9 +307,9 @@ impl aob_runtime::Handler for RetrieveHandler {
             )
             .await;
         let found = match (found, &held) {
-            (Ok(f), Some((gw, scopes, key, price))) => {
+            (Ok(f), Some((gw, scopes, key))) => {
                 let spent = aob_llm::ledger::Amount {
-                    usd: price * f.tokens as f64 / 1e6,
+                    usd: self.embedders.cost(&f.model, f.tokens).unwrap_or(0.0),
                     tokens: f.tokens,
                 };
                 gw.ledgers()
@@ -290,7 +320,7 @@ impl aob_runtime::Handler for RetrieveHandler {
             }
             (Ok(f), None) => f,
             (Err(e), held) => {
-                if let Some((gw, scopes, key, _)) = held {
+                if let Some((gw, scopes, key)) = held {
                     let _ = gw.ledgers().release(scopes, key).await;
                 }
                 return Err(e);
@@ -304,10 +334,7 @@ impl aob_runtime::Handler for RetrieveHandler {
         } = found;
         let query_digest = sha256_hex(c.query.as_bytes());
         let ids: Vec<&str> = hits.iter().map(|h| h.entry.chunk_id.as_str()).collect();
-        let cost = self
-            .embedders
-            .input_price(&model)
-            .map(|p| p * tokens as f64 / 1e6);
+        let cost = self.embedders.cost(&model, tokens);
         cx.set_usage(aob_runtime::context::Usage {
             model: Some(model.clone()),
             tokens_in: Some(tokens),

@@ -443,6 +443,33 @@ impl Kbs {
         self.ingest(tenant, name, embedder, docs, |_| {}).await
     }
 
+    /// Ingests every folder of `root` (an example's `kb/`) as the knowledge base of its
+    /// name, in name order; what each came to.
+    pub async fn ingest_dirs(
+        &self,
+        tenant: &str,
+        root: &std::path::Path,
+        embedder: &Embedder,
+    ) -> Result<Vec<(String, std::path::PathBuf, Vec<(String, Outcome, usize)>)>> {
+        let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(root)
+            .map_err(|e| Error::Document(format!("{}: {e}", root.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        let mut out = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let done = self.ingest_dir(tenant, &name, &dir, embedder).await?;
+            out.push((name, dir, done));
+        }
+        Ok(out)
+    }
+
     /// Removes a document; false if it was not there.
     pub async fn remove_doc(&self, tenant: &str, name: &str, doc: &str) -> Result<bool> {
         let mut removed = None;
@@ -463,6 +490,11 @@ impl Kbs {
     /// from and its revision.
     pub async fn load(&self, tenant: &str, name: &str) -> Result<(Index, Manifest, u64)> {
         let (m, rev) = self.must_get(tenant, name).await?;
+        Ok((self.load_version(&m).await?, m, rev))
+    }
+
+    /// Reads the chunk files a manifest names into an index.
+    pub async fn load_version(&self, m: &Manifest) -> Result<Index> {
         let mut index = Index::new(m.dims);
         for (id, d) in &m.docs {
             let bytes = self
@@ -479,6 +511,6 @@ impl Kbs {
                     .map_err(|e| Error::Format(format!("document {id}: {e}")))?;
             }
         }
-        Ok((index, m, rev))
+        Ok(index)
     }
 }

@@ -183,10 +183,7 @@ impl Machine<'_> {
                 output: json!({"run_id": self.s.run_id, "outputs": self.leaf_outputs()}),
             }
         } else {
-            let status = serde_json::to_value(self.s.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let status = super::people::status_word(self.s.status);
             Outcome::Failed {
                 error: StepError::terminal(format!(
                     "child run {} ({} v{}) ended {status}: {}",

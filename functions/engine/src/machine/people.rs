@@ -512,8 +512,8 @@ impl Machine<'_> {
     }
 }
 
-/// A status as people see it (`WAITING`).
-pub(super) fn status_word(s: StepStatus) -> String {
+/// A status as people see it (`WAITING`, `FAILED`): its serde name.
+pub(super) fn status_word<T: serde::Serialize>(s: T) -> String {
     serde_json::to_value(s)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
