@@ -155,6 +155,10 @@ pub enum Command {
             aob infra nats-accounts acme globex --out infra/nats/generated"
     )]
     Infra(InfraCommand),
+    /// Take tasks from NATS and run them on functions served elsewhere: Lambda, or
+    /// CloudEvents over HTTP (Knative, Cloud Run).
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Push Rego policies to the bucket, list them, and try them locally.
     #[command(
         subcommand,
@@ -757,6 +761,51 @@ mod tests {
             Cli::try_parse_from(["aob", "run", "start", "greeting", "--timeout", "5s"]).is_err()
         );
     }
+}
+
+/// `aob bridge ...`.
+#[derive(Debug, Subcommand)]
+pub enum BridgeCommand {
+    /// POST each task of the routed node types as a CloudEvent to its function's URL.
+    #[command(
+        long_about = "Consumes the tasks of every routed node type from its durable consumer (as \
+            the function itself would: run no NATS-consumer function of those types beside it), \
+            POSTs each as a CloudEvent (type dev.aob.task, binary mode) to the type's URL, and \
+            settles the reply event (type dev.aob.task.reply): the audit records stored, the result \
+            handed to the engine, and only then the task acknowledged. A function that cannot be \
+            reached, answers an error or is throttled (429, Retry-After honoured) gets the task \
+            again later; an aborted run's task is dropped. AOB_HTTP_ADDR serves /healthz, \
+            /readyz and /metrics.",
+        after_help = "EXAMPLES:\n  \
+            aob bridge http --route transform=http://aob-transform.aob.svc.cluster.local \\\n    \
+              --route llm=http://aob-llm.aob.svc.cluster.local"
+    )]
+    Http {
+        /// A node type and its function's URL (repeat for each type).
+        #[arg(long = "route", value_name = "TYPE=URL", required = true)]
+        routes: Vec<String>,
+    },
+    /// Invoke a Lambda function for each task of the mapped node types.
+    #[command(
+        long_about = "Consumes the tasks of every mapped node type from its durable consumer and \
+            invokes the type's Lambda function synchronously (RequestResponse) with the task as \
+            the event, through the AWS SDK (credentials and region from the usual AWS_* variables \
+            and files). The response is settled as a NATS function settles its result, and only \
+            then is the task acknowledged. A throttled invocation, a function error or an \
+            unreachable endpoint gives the task back for a later delivery. --endpoint-url (or \
+            AWS_ENDPOINT_URL_LAMBDA) points at another endpoint, such as `cargo lambda watch`.",
+        after_help = "EXAMPLES:\n  \
+            aob bridge lambda --function transform=aob-transform --function llm=aob-llm\n  \
+            aob bridge lambda --function transform=aob-transform --endpoint-url http://127.0.0.1:9000"
+    )]
+    Lambda {
+        /// A node type and its function's name or ARN (repeat for each type).
+        #[arg(long = "function", value_name = "TYPE=FUNCTION", required = true)]
+        functions: Vec<String>,
+        /// Lambda endpoint (default: the region's).
+        #[arg(long, env = "AWS_ENDPOINT_URL_LAMBDA", value_name = "URL")]
+        endpoint_url: Option<String>,
+    },
 }
 
 /// `aob infra ...`.

@@ -6,6 +6,7 @@
 pub mod out;
 
 pub mod audit;
+pub mod bridge;
 pub mod cli;
 pub mod ctx;
 pub mod dev;
@@ -27,7 +28,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    ApprovalsCommand, AuditCommand, Cli, Command, DlqCommand, InfraCommand, KbCommand,
+    ApprovalsCommand, AuditCommand, BridgeCommand, Cli, Command, DlqCommand, InfraCommand, KbCommand,
     PolicyCommand, RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
@@ -112,6 +113,11 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dlq(DlqCommand::Ls { json }) => dlq::cmd_ls(&ctx, json).await,
         Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
+        Command::Bridge(BridgeCommand::Http { routes }) => bridge::cmd_http(&ctx, &routes).await,
+        Command::Bridge(BridgeCommand::Lambda {
+            functions,
+            endpoint_url,
+        }) => bridge::cmd_lambda(&ctx, &functions, endpoint_url.as_deref()).await,
         Command::Infra(InfraCommand::NatsAccounts {
             tenants,
             system_user,

@@ -170,6 +170,7 @@ pub struct Context {
     usage: Mutex<Usage>,
     secrets: Secrets,
     records: Mutex<Vec<DecisionRecord>>,
+    traceparent: Option<String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -201,7 +202,19 @@ impl Context {
             usage: Mutex::default(),
             secrets,
             records: Mutex::default(),
+            traceparent: None,
         }
+    }
+
+    /// The same context under the W3C trace context the task arrived with.
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    /// The W3C trace context the task arrived with (`traceparent`), to pass on.
+    pub fn traceparent(&self) -> Option<String> {
+        self.traceparent.clone()
     }
 
     /// A context for handler tests: nothing emitted, no secrets, never cancelled.

@@ -1,7 +1,8 @@
-//! The delivery contract, written once for every transport: take a task, run the handler,
-//! settle the result with the engine and store the attempt's audit record, and only then
-//! acknowledge the task. A transport (NATS here; Lambda and CloudEvents over HTTP later)
-//! only says how to do each of those with its own messages: it implements [`Delivery`].
+//! The delivery contract, written once for every transport: take a task, run it, settle the
+//! result with the engine and store the attempt's audit records, and only then acknowledge
+//! the task. A transport only says how to do each of those with its own messages: it
+//! implements [`Delivery`]. What runs the task is a [`Runner`]: a [`Handler`] in this
+//! process, or a function elsewhere that a bridge invokes ([`crate::remote`]).
 //! [`memory::Delivery`] drives handler tests without a server.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use aob_model::wire::{StepResult, Task};
 use crate::context::{Context, Emitter};
 use crate::secrets::Secrets;
 use crate::{Handler, PayloadStore, Result, execute_in};
+
 
 /// One task as a transport delivered it.
 pub trait Delivery: Send + Sync {
@@ -38,6 +40,10 @@ pub trait Delivery: Send + Sync {
     fn retry(&self, delay: Duration) -> BoxFuture<'_, ()>;
     /// The task cannot be used: record why (a dead letter) and never deliver it again.
     fn refuse<'a>(&'a self, reason: &'a str) -> BoxFuture<'a, ()>;
+    /// The W3C trace context the task arrived with (a `traceparent` header).
+    fn traceparent(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What the contract needs besides the handler: the same for every delivery of a function.
@@ -77,14 +83,80 @@ pub enum Delivered {
     Retried(String),
 }
 
+/// What running one task came to, wherever it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ran {
+    /// The result, with the attempt's audit records (the attempt's own last).
+    Done {
+        /// The result.
+        result: StepResult,
+        /// Its records.
+        records: Vec<DecisionRecord>,
+    },
+    /// The run was aborted: nobody waits for a result.
+    Aborted,
+    /// The task cannot be used, for this reason.
+    Refused(String),
+    /// Running it failed before a result existed (a remote function that did not answer,
+    /// or was throttled): deliver the task again after `delay`.
+    Failed {
+        /// Why.
+        reason: String,
+        /// When to try again.
+        delay: Duration,
+    },
+}
+
+/// What runs a task: a handler in this process ([`Local`]), or a function somewhere else
+/// that a bridge invokes. The delivery contract around it is the same.
+pub trait Runner: Send + Sync + 'static {
+    /// Node type served.
+    fn node_type(&self) -> &str;
+    /// Runs one parsed task (`body` is the task as it arrived); `cx` carries the
+    /// cancellation of its run.
+    fn run<'a>(
+        &'a self,
+        task: Task,
+        body: &'a [u8],
+        cx: &'a Context,
+        contract: &'a Contract,
+    ) -> BoxFuture<'a, Ran>;
+}
+
+/// A handler runs in this process.
+impl<H: Handler> Runner for H {
+    fn node_type(&self) -> &str {
+        Handler::node_type(self)
+    }
+    fn run<'a>(
+        &'a self,
+        task: Task,
+        _body: &'a [u8],
+        cx: &'a Context,
+        contract: &'a Contract,
+    ) -> BoxFuture<'a, Ran> {
+        Box::pin(async move {
+            let Some((result, record)) = execute_in(self, task, &contract.payloads, cx).await
+            else {
+                return Ran::Aborted;
+            };
+            let mut records = cx.take_records();
+            for r in &mut records {
+                r.workflow.clone_from(&record.workflow);
+                r.workflow_version = record.workflow_version;
+                r.node_type.clone_from(&record.node_type);
+                r.actor.clone_from(&record.actor);
+            }
+            records.push(record);
+            Ran::Done { result, records }
+        })
+    }
+}
+
 /// Runs the contract for one delivery.
-pub async fn deliver<H: Handler, D: Delivery>(
-    handler: &H,
-    d: &D,
-    contract: &Contract,
-) -> Delivered {
+pub async fn deliver<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Contract) -> Delivered {
     let began = std::time::Instant::now();
-    let delivered = deliver_once(handler, d, contract).await;
+    let delivered = deliver_once(runner, d, contract).await;
     let outcome = match &delivered {
         Delivered::Settled(r) => match r.outcome {
             aob_model::wire::Outcome::Completed { .. } => "completed",
@@ -95,12 +167,12 @@ pub async fn deliver<H: Handler, D: Delivery>(
         Delivered::Refused(_) => "refused",
         Delivered::Retried(_) => "retried",
     };
-    crate::telemetry::record_task(handler.node_type(), outcome, began.elapsed());
+    crate::telemetry::record_task(runner.node_type(), outcome, began.elapsed());
     delivered
 }
 
-async fn deliver_once<H: Handler, D: Delivery>(
-    handler: &H,
+async fn deliver_once<R: Runner, D: Delivery>(
+    runner: &R,
     d: &D,
     contract: &Contract,
 ) -> Delivered {
@@ -118,7 +190,8 @@ async fn deliver_once<H: Handler, D: Delivery>(
         d.cancel_for(&task),
         contract.emitter.clone(),
         contract.secrets.clone(),
-    );
+    )
+    .with_traceparent(d.traceparent());
     let heartbeat = async {
         let mut tick = tokio::time::interval(contract.heartbeat);
         tick.tick().await;
@@ -127,49 +200,50 @@ async fn deliver_once<H: Handler, D: Delivery>(
             d.in_progress().await;
         }
     };
-    // Heartbeats go on while the handler runs and while the engine takes the result.
+    // Heartbeats go on while the task runs and while the engine takes the result.
     let work = async {
-        let (result, record) = execute_in(handler, task, &contract.payloads, &cx).await?;
-        let mut records = cx.take_records();
-        for r in &mut records {
-            r.workflow.clone_from(&record.workflow);
-            r.workflow_version = record.workflow_version;
-            r.node_type.clone_from(&record.node_type);
-            r.actor.clone_from(&record.actor);
-        }
-        let audit_all = async {
-            for r in &records {
-                d.audit(r).await?;
+        match runner.run(task, d.body(), &cx, contract).await {
+            Ran::Done { result, records } => {
+                let audit_all = async {
+                    for r in &records {
+                        d.audit(r).await?;
+                    }
+                    Ok(())
+                };
+                let (settled, audited) = tokio::join!(d.settle(&result), audit_all);
+                match settled.and(audited) {
+                    Ok(()) => Delivered::Settled(result),
+                    Err(e) => retry(d, e.to_string(), Duration::from_secs(1)).await,
+                }
             }
-            d.audit(&record).await
-        };
-        let (settled, audited) = tokio::join!(d.settle(&result), audit_all);
-        Some((result, settled.and(audited)))
+            Ran::Failed { reason, delay } => retry(d, reason, delay).await,
+            Ran::Aborted => Delivered::Aborted,
+            Ran::Refused(reason) => {
+                d.refuse(&reason).await;
+                Delivered::Refused(reason)
+            }
+        }
     };
-    let outcome = tokio::select! {
+    let delivered = tokio::select! {
         o = work => o,
         // The heartbeat loop never ends on its own.
-        _ = heartbeat => None,
+        _ = heartbeat => Delivered::Aborted,
     };
-    match outcome {
-        None => {
-            // The run was aborted: nobody waits for this result.
-            d.ack().await;
-            Delivered::Aborted
-        }
-        Some((result, Ok(()))) => {
-            d.ack().await;
-            Delivered::Settled(result)
-        }
-        Some((_, Err(e))) => {
-            tracing::warn!(
-                origin = d.origin(),
-                "result not stored, the task will come back: {e}"
-            );
-            d.retry(Duration::from_secs(1)).await;
-            Delivered::Retried(e.to_string())
-        }
+    // Settled, or aborted (nobody waits for the result): done with the task.
+    if matches!(delivered, Delivered::Settled(_) | Delivered::Aborted) {
+        d.ack().await;
     }
+    delivered
+}
+
+/// Asks for the task again after `delay`: no result was stored.
+async fn retry<D: Delivery>(d: &D, reason: String, delay: Duration) -> Delivered {
+    tracing::warn!(
+        origin = d.origin(),
+        "no result stored, the task will come back: {reason}"
+    );
+    d.retry(delay).await;
+    Delivered::Retried(reason)
 }
 
 /// An in-memory transport: one delivery whose outcomes are kept for inspection. Drives

@@ -1,7 +1,7 @@
 //! The handler runtime: one [`Handler`] trait for every function, and the transports
-//! that serve it. Today: [`nats::serve`], a durable pull consumer. The Lambda and
-//! CloudEvents-over-HTTP transports plug in at [`execute`], which turns one task into one
-//! result without knowing where the task came from.
+//! that serve it: [`nats::serve`], a durable pull consumer; CloudEvents over HTTP and AWS
+//! Lambda ([`remote`]), chosen by `AOB_TRANSPORT`. Every transport runs a task through the
+//! same delivery contract ([`delivery`]).
 
 pub mod bus;
 pub mod context;
@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod nats;
 pub mod payload;
 pub mod registry;
+pub mod remote;
 pub mod secrets;
 pub mod telemetry;
 pub mod timers;
@@ -482,24 +483,44 @@ where
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
     let shutdown = shutdown_on_signal();
-    // Health and metrics, with how far behind this function's consumer is.
-    let js = async_nats::jetstream::new(client.clone());
-    let consumer = aob_streams::function_consumer(node_type);
-    let extra: telemetry::Extra = std::sync::Arc::new(move || {
-        let (js, consumer) = (js.clone(), consumer.clone());
-        Box::pin(async move {
-            telemetry::consumer_lag(&js, &[(aob_streams::TASKS, consumer.as_str())]).await
-        })
-    });
-    telemetry::serve_from_env(&client, Some(extra), shutdown.clone()).await?;
-    nats::serve(
-        std::sync::Arc::new(handler),
-        client.clone(),
-        payloads,
-        nats::ServeConfig::default(),
-        shutdown,
-    )
-    .await?;
+    let handler = std::sync::Arc::new(handler);
+    let contract = || delivery::Contract {
+        payloads: payloads.clone(),
+        max_message_bytes: nats::ServeConfig::default().max_message_bytes,
+        heartbeat: nats::ServeConfig::default().heartbeat,
+        emitter: nats::emitter(&client),
+        secrets: secrets::Secrets::from_env(),
+    };
+    match remote::Transport::from_env()? {
+        remote::Transport::Nats => {
+            // Health and metrics, with how far behind this function's consumer is.
+            let js = async_nats::jetstream::new(client.clone());
+            let consumer = aob_streams::function_consumer(node_type);
+            let extra: telemetry::Extra = std::sync::Arc::new(move || {
+                let (js, consumer) = (js.clone(), consumer.clone());
+                Box::pin(async move {
+                    telemetry::consumer_lag(&js, &[(aob_streams::TASKS, consumer.as_str())])
+                        .await
+                })
+            });
+            telemetry::serve_from_env(&client, Some(extra), shutdown.clone()).await?;
+            nats::serve(
+                handler,
+                client.clone(),
+                payloads.clone(),
+                nats::ServeConfig::default(),
+                shutdown,
+            )
+            .await?;
+        }
+        remote::Transport::Http(addr) => {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| Error::Config(format!("listening on {addr}: {e}")))?;
+            remote::serve_http(handler, contract(), client.clone(), listener, shutdown).await?;
+        }
+        remote::Transport::Lambda => remote::serve_lambda(handler, contract()).await?,
+    }
     client
         .flush()
         .await
@@ -508,7 +529,12 @@ where
 }
 
 /// The variables every function reads besides [`usage::COMMON_VARS`].
-pub const FUNCTION_VARS: [(&str, &str); 3] = [
+pub const FUNCTION_VARS: [(&str, &str); 5] = [
+    (
+        remote::TRANSPORT_VAR,
+        "how tasks arrive: `nats` (the durable consumer), `http` (CloudEvents on 0.0.0.0:$PORT, for Knative) or `lambda` (the Lambda Runtime API); default: `lambda` under Lambda, `http` under Knative, else `nats`",
+    ),
+    ("PORT", "port of the `http` transport (default 8080)"),
     (
         telemetry::ADDR_VAR,
         "address for /healthz, /readyz and /metrics (Prometheus), e.g. 0.0.0.0:9090 (default: not served)",

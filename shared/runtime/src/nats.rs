@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use aob_model::audit::DecisionRecord;
 use aob_model::wire::{HandoffReply, Outcome, StepResult, Task};
 
-use crate::{Error, Handler, PayloadStore, Result, bus};
+use crate::delivery::Runner;
+use crate::{Error, PayloadStore, Result, bus};
 
 /// Settings of the NATS transport.
 #[derive(Debug, Clone)]
@@ -72,15 +73,16 @@ type Inflight = Arc<Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>>;
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Serves `handler` from its durable consumer until `shutdown`, then drains.
-pub async fn serve<H: Handler>(
-    handler: Arc<H>,
+pub async fn serve<R: Runner>(
+    handler: Arc<R>,
     client: async_nats::Client,
     payloads: PayloadStore,
     cfg: ServeConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let js = jetstream::new(client.clone());
-    let node_type = handler.node_type();
+    let node_type = handler.node_type().to_string();
+    let node_type = node_type.as_str();
     let component = format!("fn.{node_type}");
     let consumer = bind(
         &js,
@@ -120,7 +122,7 @@ pub async fn serve<H: Handler>(
         payloads,
         max_message_bytes: cfg.max_message_bytes,
         heartbeat: cfg.heartbeat,
-        emitter: Arc::new(NatsEmitter(client.clone())),
+        emitter: emitter(&client),
         secrets: crate::secrets::Secrets::from_env(),
     };
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
@@ -238,6 +240,10 @@ impl crate::delivery::Delivery for NatsDelivery<'_> {
             let _ = self.msg.ack_with(AckKind::Nak(Some(delay))).await;
         })
     }
+    fn traceparent(&self) -> Option<String> {
+        let h = self.msg.headers.as_ref()?.get(crate::remote::TRACEPARENT_EXT)?;
+        Some(h.as_str().to_string())
+    }
     fn refuse<'b>(&'b self, reason: &'b str) -> BoxFuture<'b, ()> {
         Box::pin(async move {
             bus::dead_letter(
@@ -251,6 +257,12 @@ impl crate::delivery::Delivery for NatsDelivery<'_> {
             let _ = self.msg.ack_with(AckKind::Term).await;
         })
     }
+}
+
+/// The emitter of every transport: NATS core publishes of what handlers emit, progress
+/// reports through the engine.
+pub fn emitter(client: &async_nats::Client) -> Arc<dyn crate::context::Emitter> {
+    Arc::new(NatsEmitter(client.clone()))
 }
 
 /// NATS core publishes of what handlers emit, on `aob.<tenant>.stream.<run>.<step>`.
@@ -329,8 +341,8 @@ impl crate::context::Emitter for NatsEmitter {
 /// Longest a progress report waits for the engine to record it.
 const REPORT_WAIT: Duration = Duration::from_secs(5);
 
-async fn handle_message<H: Handler>(
-    handler: &H,
+async fn handle_message<R: Runner>(
+    handler: &R,
     js: &jetstream::Context,
     contract: &crate::delivery::Contract,
     inflight: &Inflight,

@@ -138,19 +138,10 @@ pub async fn consumer_lag(
     out
 }
 
-/// Serves health and metrics on `listener` until `shutdown`. `client` tells readiness.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    client: async_nats::Client,
-    extra: Option<Extra>,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> crate::Result<()> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+/// The health and metrics routes; `client` tells readiness.
+pub fn router(client: async_nats::Client, extra: Option<Extra>) -> Router {
     let ready = move || client.connection_state() == async_nats::connection::State::Connected;
-    let app = Router::new()
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -174,7 +165,21 @@ pub async fn serve(
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
                 }
             }),
-        );
+        )
+}
+
+/// Serves health and metrics on `listener` until `shutdown`. `client` tells readiness.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    client: async_nats::Client,
+    extra: Option<Extra>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> crate::Result<()> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let app = router(client, extra);
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -1,0 +1,478 @@
+//! Functions served somewhere else than on a NATS consumer, and the bridges that reach them.
+//!
+//! **The function side.** The same binary that consumes tasks from NATS serves them over
+//! another transport when `AOB_TRANSPORT` says so (see [`Transport`]):
+//!
+//! - `http`: CloudEvents over HTTP (Knative, Cloud Run, any HTTP platform). `POST /` takes
+//!   an event of type [`TASK_EVENT`] whose data is the task, in binary or structured mode,
+//!   and answers with a reply event of type [`REPLY_EVENT`] whose data is a [`Reply`].
+//!   `/healthz`, `/readyz` and `/metrics` are served on the same port.
+//! - `lambda`: AWS Lambda through `lambda_runtime`: the event is the task, the response is
+//!   the [`Reply`].
+//!
+//! Either way the task goes through the same delivery contract as on NATS
+//! ([`crate::delivery::deliver`]), with one difference: the result and the audit records are
+//! not settled by the function but *returned*, and whoever invoked it settles them.
+//!
+//! **The bridge side.** A bridge ([`serve_bridge`]) takes the tasks of some node types from
+//! their durable consumers, as a function would, and invokes the function for each through
+//! an [`Invoke`]: a CloudEvents POST ([`HttpInvoke`]) or a Lambda invocation (the `aob`
+//! command's). It then settles the reply exactly as a NATS function settles its own result
+//! (the audit records stored, the result handed to the engine), and only then acks. A
+//! function that cannot be reached, is throttled or fails is asked again later: the task is
+//! never acknowledged without a settled result.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use aob_model::audit::DecisionRecord;
+use aob_model::wire::{StepResult, Task};
+
+use crate::context::Context;
+use crate::delivery::{Contract, Delivered, Ran, Runner, deliver, memory};
+use crate::{Error, Handler, PayloadStore, Result};
+
+/// CloudEvents type of a task.
+pub const TASK_EVENT: &str = "dev.aob.task";
+/// CloudEvents type of a function's reply.
+pub const REPLY_EVENT: &str = "dev.aob.task.reply";
+/// CloudEvents extension attribute naming the node type (for brokers' triggers).
+pub const NODE_TYPE_EXT: &str = "aobnodetype";
+/// CloudEvents extension attribute carrying the W3C trace context.
+pub const TRACEPARENT_EXT: &str = "traceparent";
+
+/// How a function binary takes its tasks: `AOB_TRANSPORT`, or what the platform says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Its durable consumer on NATS (the default).
+    Nats,
+    /// CloudEvents over HTTP on this address (`0.0.0.0:$PORT`; `PORT` defaults to 8080).
+    Http(String),
+    /// The Lambda Runtime API (`AWS_LAMBDA_RUNTIME_API`).
+    Lambda,
+}
+
+/// The variable choosing the transport.
+pub const TRANSPORT_VAR: &str = "AOB_TRANSPORT";
+
+impl Transport {
+    /// `AOB_TRANSPORT` (`nats`, `http`, `lambda`); without it, `lambda` inside Lambda
+    /// (`AWS_LAMBDA_RUNTIME_API` set), `http` inside Knative (`K_SERVICE` set), else `nats`.
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let http = || {
+            let port = var("PORT").unwrap_or_else(|| "8080".into());
+            Transport::Http(format!("0.0.0.0:{port}"))
+        };
+        match var(TRANSPORT_VAR).as_deref() {
+            Some("nats") => Ok(Transport::Nats),
+            Some("http") => Ok(http()),
+            Some("lambda") => Ok(Transport::Lambda),
+            Some(other) => Err(Error::Config(format!(
+                "{TRANSPORT_VAR}=`{other}`: expected `nats`, `http` or `lambda`"
+            ))),
+            None if var("AWS_LAMBDA_RUNTIME_API").is_some() => Ok(Transport::Lambda),
+            None if var("K_SERVICE").is_some() => Ok(http()),
+            None => Ok(Transport::Nats),
+        }
+    }
+}
+
+/// What a function answers for one task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The result, when the task ran (completed, failed or waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<StepResult>,
+    /// The attempt's audit records, to be stored with the result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<DecisionRecord>,
+    /// Why the task cannot be used (it is dead-lettered, never run again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// Runs one task as it arrived through the delivery contract in this process, keeping the
+/// result and records to return them: the function side of every remote transport.
+pub async fn answer<H: Handler>(handler: &H, body: Vec<u8>, contract: &Contract) -> Reply {
+    #[derive(Deserialize)]
+    struct Tenant {
+        tenant: String,
+    }
+    // Remote tasks come without their subject: it is the one their tenant's tasks use.
+    let origin = serde_json::from_slice::<Tenant>(&body)
+        .map(|t| aob_streams::subjects::task(&t.tenant, handler.node_type()))
+        .unwrap_or_default();
+    let d = memory::Delivery {
+        origin,
+        body,
+        ..Default::default()
+    };
+    let delivered = deliver(handler, &d, contract).await;
+    let seen = d.seen();
+    match delivered {
+        Delivered::Settled(result) => Reply {
+            result: Some(result),
+            records: seen.audited,
+            refused: None,
+        },
+        Delivered::Refused(reason) => Reply {
+            refused: Some(reason),
+            ..Reply::default()
+        },
+        // Nothing cancels a remote task here, and keeping results in memory cannot fail.
+        Delivered::Aborted | Delivered::Retried(_) => Reply::default(),
+    }
+}
+
+/// Serves a handler as CloudEvents over HTTP on `listener` until `shutdown`, with health
+/// and metrics on the same port.
+pub async fn serve_http<H: Handler>(
+    handler: Arc<H>,
+    contract: Contract,
+    client: async_nats::Client,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    type Shared<H> = Arc<(Arc<H>, Contract)>;
+    async fn take<H: Handler>(
+        State(state): State<Shared<H>>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Response {
+        let (handler, contract) = &*state;
+        let bad = |m: String| (StatusCode::BAD_REQUEST, m).into_response();
+        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+            Ok(e) => e,
+            Err(e) => return bad(format!("not a CloudEvent: {e}")),
+        };
+        if event.ty() != TASK_EVENT {
+            return bad(format!(
+                "event type `{}` is not a task (`{TASK_EVENT}`)",
+                event.ty()
+            ));
+        }
+        let body = match event.data() {
+            Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
+            Some(cloudevents::Data::Binary(b)) => b.clone(),
+            Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
+            None => return bad("the event has no data: a task was expected".into()),
+        };
+        let reply = answer(&**handler, body, contract).await;
+        let mut out = EventBuilderV10::new()
+            .id(format!("{}.reply", event.id()))
+            .source(format!("aob-{}", handler.node_type()))
+            .ty(REPLY_EVENT)
+            .extension(NODE_TYPE_EXT, handler.node_type())
+            .data(
+                "application/json",
+                serde_json::to_value(&reply).unwrap_or_default(),
+            );
+        if let Some(tp) = event.extension(TRACEPARENT_EXT) {
+            out = out.extension(TRACEPARENT_EXT, tp.to_string());
+        }
+        match out.build() {
+            Ok(e) => e.into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
+    }
+
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let node_type = handler.node_type();
+    let state: Shared<H> = Arc::new((handler, contract));
+    let app = crate::telemetry::router(client, None).merge(
+        axum::Router::new()
+            .route("/", axum::routing::post(take::<H>))
+            .with_state(state),
+    );
+    tracing::info!(%addr, node_type, "serving tasks as CloudEvents over HTTP");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Config(format!("serving {addr}: {e}")))
+}
+
+/// Serves a handler as an AWS Lambda function (the Runtime API at
+/// `AWS_LAMBDA_RUNTIME_API`): the event is a task, the response its [`Reply`].
+pub async fn serve_lambda<H: Handler>(handler: Arc<H>, contract: Contract) -> Result<()> {
+    let contract = Arc::new(contract);
+    let service = lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<serde_json::Value>| {
+            let (handler, contract) = (handler.clone(), contract.clone());
+            async move {
+                let body = serde_json::to_vec(&event.payload)?;
+                let reply = answer(&*handler, body, &contract).await;
+                Ok::<_, lambda_runtime::Error>(serde_json::to_value(reply)?)
+            }
+        },
+    );
+    lambda_runtime::run(service)
+        .await
+        .map_err(|e| Error::Config(format!("the Lambda runtime stopped: {e}")))
+}
+
+/// Why an invocation gave no reply; the task is delivered again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unanswered {
+    /// What happened.
+    pub reason: String,
+    /// How long the function asked to be left alone (throttling), when it said.
+    pub retry_after: Option<Duration>,
+}
+
+/// How a bridge reaches the function of one node type.
+pub trait Invoke: Send + Sync + 'static {
+    /// Where it goes, for logs.
+    fn target(&self) -> String;
+    /// Invokes the function with one task (`body`, as it arrived). `traceparent` is the
+    /// trace context to pass on.
+    fn invoke<'a>(
+        &'a self,
+        task: &'a Task,
+        body: &'a [u8],
+        traceparent: Option<&'a str>,
+    ) -> BoxFuture<'a, std::result::Result<Reply, Unanswered>>;
+}
+
+/// Delay before asking an unreachable or failing function again.
+const UNREACHABLE_DELAY: Duration = Duration::from_secs(5);
+
+/// A function elsewhere, run through an [`Invoke`].
+pub struct Remote {
+    node_type: String,
+    invoke: Arc<dyn Invoke>,
+}
+
+impl Remote {
+    /// The function of `node_type`, reached by `invoke`.
+    pub fn new(node_type: &str, invoke: Arc<dyn Invoke>) -> Self {
+        Remote {
+            node_type: node_type.to_string(),
+            invoke,
+        }
+    }
+}
+
+impl Runner for Remote {
+    fn node_type(&self) -> &str {
+        &self.node_type
+    }
+    fn run<'a>(
+        &'a self,
+        task: Task,
+        body: &'a [u8],
+        cx: &'a Context,
+        _contract: &'a Contract,
+    ) -> BoxFuture<'a, Ran> {
+        Box::pin(async move {
+            let traceparent = cx.traceparent();
+            let reply = tokio::select! {
+                biased;
+                // The run was aborted: stop waiting; the function's late answer is dropped.
+                _ = cx.cancelled().cancelled() => return Ran::Aborted,
+                r = self.invoke.invoke(&task, body, traceparent.as_deref()) => r,
+            };
+            match reply {
+                Ok(Reply {
+                    result: Some(result),
+                    records,
+                    ..
+                }) => {
+                    if result.run_id != task.run_id || result.at != task.at {
+                        return Ran::Failed {
+                            reason: format!(
+                                "{} answered for another task ({} {}), not {} {}",
+                                self.invoke.target(),
+                                result.run_id,
+                                result.at.token(),
+                                task.run_id,
+                                task.at.token()
+                            ),
+                            delay: UNREACHABLE_DELAY,
+                        };
+                    }
+                    Ran::Done { result, records }
+                }
+                Ok(Reply {
+                    refused: Some(reason),
+                    ..
+                }) => Ran::Refused(reason),
+                Ok(_) => Ran::Failed {
+                    reason: format!("{} answered with neither a result nor a refusal", self.invoke.target()),
+                    delay: UNREACHABLE_DELAY,
+                },
+                Err(u) => {
+                    tracing::warn!(target = %self.invoke.target(), "invocation failed: {}", u.reason);
+                    Ran::Failed {
+                        reason: u.reason,
+                        delay: u.retry_after.unwrap_or(UNREACHABLE_DELAY),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Serves the node types of `routes` from their durable consumers, invoking each one's
+/// function, until `shutdown`; then drains.
+pub async fn serve_bridge(
+    client: async_nats::Client,
+    payloads: PayloadStore,
+    routes: Vec<(String, Arc<dyn Invoke>)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let mut all = tokio::task::JoinSet::new();
+    for (node_type, invoke) in routes {
+        tracing::info!(node_type, target = %invoke.target(), "bridging");
+        let runner = Arc::new(Remote::new(&node_type, invoke));
+        all.spawn(crate::nats::serve(
+            runner,
+            client.clone(),
+            payloads.clone(),
+            crate::nats::ServeConfig::default(),
+            shutdown.clone(),
+        ));
+    }
+    let mut first_error = None;
+    while let Some(done) = all.join_next().await {
+        let r = done.map_err(|e| Error::Config(format!("a bridge loop stopped: {e}")))?;
+        if let Err(e) = r {
+            // One node type's consumer is missing: stop the others too.
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Invokes functions served as CloudEvents over HTTP: one POST per task, in binary mode.
+pub struct HttpInvoke {
+    url: String,
+    node_type: String,
+    http: reqwest::Client,
+}
+
+impl HttpInvoke {
+    /// The function of `node_type` at `url`.
+    pub fn new(node_type: &str, url: &str) -> Result<Self> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::Config(format!("route `{node_type}={url}`: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "route `{node_type}={url}`: expected an http:// or https:// URL"
+            )));
+        }
+        crate::init_tls();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(HttpInvoke {
+            url: url.to_string(),
+            node_type: node_type.to_string(),
+            http,
+        })
+    }
+}
+
+/// The `Retry-After` of a response, in seconds.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+impl Invoke for HttpInvoke {
+    fn target(&self) -> String {
+        self.url.clone()
+    }
+    fn invoke<'a>(
+        &'a self,
+        task: &'a Task,
+        body: &'a [u8],
+        traceparent: Option<&'a str>,
+    ) -> BoxFuture<'a, std::result::Result<Reply, Unanswered>> {
+        Box::pin(async move {
+            let unanswered = |reason: String| Unanswered {
+                reason,
+                retry_after: None,
+            };
+            let mut req = self
+                .http
+                .post(&self.url)
+                .header("ce-specversion", "1.0")
+                .header("ce-id", format!("{}.{}", task.run_id, task.at.token()))
+                .header("ce-source", format!("aob/{}", task.tenant))
+                .header("ce-type", TASK_EVENT)
+                .header(
+                    "ce-subject",
+                    aob_streams::subjects::task(&task.tenant, &self.node_type),
+                )
+                .header(format!("ce-{NODE_TYPE_EXT}"), &self.node_type)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
+            if let Some(tp) = traceparent {
+                req = req.header(format!("ce-{TRACEPARENT_EXT}"), tp);
+            }
+            if let Some(d) = task.deadline_ms {
+                // A little past the step's deadline: the function reports the timeout itself.
+                let left = d.saturating_sub(crate::now_ms()) + 5_000;
+                req = req.timeout(Duration::from_millis(left));
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| unanswered(format!("POST {}: {e}", self.url)))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| unanswered(format!("reading the reply from {}: {e}", self.url)))?;
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+                return Err(Unanswered {
+                    reason: format!("{} answered {status}: {}", self.url, text.trim()),
+                    retry_after: retry_after(&headers),
+                });
+            }
+            let event = cloudevents::binding::http::to_event(&headers, bytes.to_vec())
+                .map_err(|e| unanswered(format!("{} replied with no CloudEvent: {e}", self.url)))?;
+            if event.ty() != REPLY_EVENT {
+                return Err(unanswered(format!(
+                    "{} replied with an event of type `{}`, not `{REPLY_EVENT}`",
+                    self.url,
+                    event.ty()
+                )));
+            }
+            let reply = match event.data() {
+                Some(cloudevents::Data::Json(v)) => serde_json::from_value::<Reply>(v.clone())
+                    .map_err(|e| e.to_string()),
+                Some(cloudevents::Data::Binary(b)) => {
+                    serde_json::from_slice::<Reply>(b).map_err(|e| e.to_string())
+                }
+                Some(cloudevents::Data::String(s)) => {
+                    serde_json::from_str::<Reply>(s).map_err(|e| e.to_string())
+                }
+                None => Err("no data".into()),
+            };
+            reply.map_err(|e| unanswered(format!("{}: unreadable reply: {e}", self.url)))
+        })
+    }
+}
