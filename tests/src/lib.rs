@@ -3,6 +3,7 @@
 //! publish workflows, start runs and wait for their history.
 
 pub mod audit;
+pub mod cluster;
 pub mod endpoints;
 pub mod smtp;
 

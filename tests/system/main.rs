@@ -4,6 +4,8 @@
 mod agents;
 mod audit;
 mod core;
+mod deploy;
+mod faults;
 mod flow;
 mod infra;
 mod kb;
