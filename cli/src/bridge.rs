@@ -22,8 +22,7 @@ fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
             bail!("--{flag} `{item}`: expected TYPE=TARGET, e.g. transform=...");
         };
         let (t, target) = (t.trim(), target.trim());
-        if aob_model::nodes::node_type(t).is_none() || aob_model::nodes::ENGINE_TYPES.contains(&t)
-        {
+        if aob_model::nodes::node_type(t).is_none() || aob_model::nodes::ENGINE_TYPES.contains(&t) {
             let known: Vec<&str> = aob_model::nodes::names()
                 .into_iter()
                 .filter(|n| !aob_model::nodes::ENGINE_TYPES.contains(n))
@@ -107,9 +106,7 @@ pub async fn cmd_lambda(
             }),
         ));
     }
-    serve(ctx, invokers)
-        .await
-        .context("bridging to Lambda")
+    serve(ctx, invokers).await.context("bridging to Lambda")
 }
 
 /// Invokes one Lambda function per task, synchronously.
@@ -190,7 +187,10 @@ mod tests {
         let ok = pairs("route", &["llm=http://a".into(), "tool = http://b".into()]).unwrap();
         assert_eq!(ok[1], ("tool".into(), "http://b".into()));
         let e = pairs("route", &["workflow=http://a".into()]).unwrap_err();
-        assert!(e.to_string().contains("not a node type run by a function"), "{e}");
+        assert!(
+            e.to_string().contains("not a node type run by a function"),
+            "{e}"
+        );
         let e = pairs("route", &["lmm=http://a".into()]).unwrap_err();
         assert!(e.to_string().contains("`lmm`"), "{e}");
         let e = pairs("route", &["llm".into()]).unwrap_err();

@@ -28,8 +28,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::{
-    ApprovalsCommand, AuditCommand, BridgeCommand, Cli, Command, DlqCommand, InfraCommand, KbCommand,
-    PolicyCommand, RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
+    ApprovalsCommand, AuditCommand, BridgeCommand, Cli, Command, DlqCommand, InfraCommand,
+    KbCommand, PolicyCommand, RunCommand, StreamsCommand, ToolsCommand, WorkflowCommand,
 };
 use crate::ctx::Ctx;
 

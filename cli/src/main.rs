@@ -20,11 +20,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(aob_cli::execute(cli)) {
+    if let Err(e) = aob_runtime::trace::init("aob") {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let code = match runtime.block_on(aob_cli::execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    aob_runtime::trace::shutdown();
+    code
 }

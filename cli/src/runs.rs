@@ -120,6 +120,19 @@ pub async fn start_run(
     let subject = subjects::start(tenant);
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", run_id.as_str());
+    // The run's trace begins here: the engine's decisions and every step are its spans.
+    let span = aob_runtime::trace::start(
+        format!("start {}", cmd.workflow),
+        opentelemetry::trace::SpanKind::Producer,
+        vec![
+            opentelemetry::KeyValue::new("aob.tenant", tenant.to_string()),
+            opentelemetry::KeyValue::new("aob.run_id", run_id.clone()),
+            opentelemetry::KeyValue::new("aob.workflow", cmd.workflow.clone()),
+        ],
+    );
+    if let Some(tp) = span.traceparent() {
+        headers.insert(aob_runtime::trace::HEADER, tp.as_str());
+    }
     let ack = js
         .publish_with_headers(subject.clone(), headers, body.into())
         .await
@@ -798,6 +811,7 @@ mod tests {
             forked_from: None,
             parent: None,
             seen: Vec::new(),
+            trace: None,
         }
     }
 

@@ -277,6 +277,7 @@ async fn one_timer_service_fires_and_another_takes_over_when_it_dies() {
         subject: "aob.default.cmd.signal.timed".into(),
         msg_id: format!("timed-{i}"),
         body: json!({"signal": "cancel"}),
+        traceparent: None,
     };
     timers.set("default.timed.one", &timer(1)).await.unwrap();
     assert_eq!(fired(1).await, 1);

@@ -152,12 +152,7 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     let metrics = format!("http://127.0.0.1:{bp}/metrics");
     let mut retried = false;
     for _ in 0..200 {
-        let text = reqwest::get(&metrics)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
         if text.contains("aob_tasks_total{node_type=\"validate\",outcome=\"retried\"}") {
             retried = true;
             break;
@@ -191,13 +186,17 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     .unwrap();
     chain_runs(&s, "Bo").await;
     let letters = s
-        .messages(aob_streams::DLQ, &aob_streams::subjects::dlq_of_tenant("acme"))
+        .messages(
+            aob_streams::DLQ,
+            &aob_streams::subjects::dlq_of_tenant("acme"),
+        )
         .await
         .unwrap();
     assert!(
         letters
             .iter()
-            .any(|l| l["component"] == json!("fn.transform") && l["reason"].as_str().unwrap_or("").contains("not a task")),
+            .any(|l| l["component"] == json!("fn.transform")
+                && l["reason"].as_str().unwrap_or("").contains("not a task")),
         "{letters:?}"
     );
 
@@ -228,7 +227,11 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     );
     let reply: Value = resp.json().await.unwrap();
     assert_eq!(reply["result"]["output"], json!({"n": 7}), "{reply}");
-    assert_eq!(reply["records"][0]["actor"], json!("fn.transform"), "{reply}");
+    assert_eq!(
+        reply["records"][0]["actor"],
+        json!("fn.transform"),
+        "{reply}"
+    );
 
     // What is not a task is refused, with the reason.
     let resp = http
@@ -268,7 +271,10 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     assert_eq!(resp.status(), 200);
     let reply: Value = resp.json().await.unwrap();
     assert!(
-        reply["refused"].as_str().unwrap_or("").contains("not a task"),
+        reply["refused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a task"),
         "{reply}"
     );
 }
@@ -302,7 +308,10 @@ async fn an_example_runs_on_lambda_functions_behind_the_lambda_bridge() {
     );
     // The emulator is up once it listens (any path but its APIs would invoke a function).
     for i in 0.. {
-        if tokio::net::TcpStream::connect(("127.0.0.1", lp)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", lp))
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(i < 600, "cargo lambda watch never came up");
@@ -358,4 +367,223 @@ async fn an_example_runs_on_lambda_functions_behind_the_lambda_bridge() {
         metrics.contains("aob_tasks_total{node_type=\"transform\",outcome=\"completed\"} 2"),
         "{metrics}"
     );
+}
+
+/// A local OTLP receiver (PyPI's oteltest `HttpSink`) writing each span it gets as a JSON
+/// line: service, name, trace, span and parent ids (hex), attributes.
+const OTLP_SINK: &str = r#"
+import base64, json, logging, sys
+from google.protobuf.json_format import MessageToDict
+from oteltest.sink import HttpSink
+from oteltest.sink.handler import RequestHandler
+
+out = open(sys.argv[2], "a", buffering=1)
+
+def hexid(b64):
+    return base64.b64decode(b64).hex() if b64 else None
+
+class Spans(RequestHandler):
+    def handle_logs(self, request, headers):
+        pass
+    def handle_metrics(self, request, headers):
+        pass
+    def handle_trace(self, request, headers):
+        for rs in MessageToDict(request).get("resourceSpans", []):
+            service = None
+            for a in rs.get("resource", {}).get("attributes", []):
+                if a["key"] == "service.name":
+                    service = a["value"].get("stringValue")
+            for ss in rs.get("scopeSpans", []):
+                for sp in ss.get("spans", []):
+                    attrs = {a["key"]: next(iter(a["value"].values()), None) for a in sp.get("attributes", [])}
+                    out.write(json.dumps({
+                        "service": service, "name": sp["name"], "trace": hexid(sp.get("traceId")),
+                        "span": hexid(sp.get("spanId")), "parent": hexid(sp.get("parentSpanId")),
+                        "attrs": attrs,
+                    }) + "\n")
+
+HttpSink(Spans(), logging.getLogger("otlp"), port=int(sys.argv[1]), daemon=False).start()
+print("ready", flush=True)
+"#;
+
+/// One run is one trace at an OTLP receiver: the start command's span is the root; the
+/// engine's decisions, the NATS function's calls, and a call through the HTTP bridge to a
+/// CloudEvents function (the bridge's span and the function's) all hang from it, every
+/// parent known; the run's audit records carry the same trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_run_is_one_trace_at_the_otlp_receiver() {
+    let s = aob_tests::Stack::bare().await.unwrap();
+    let (op, vp) = (port(), port());
+    let spans_file = s.data.path().join("spans.jsonl");
+    let mut sink = Command::new(aob_tests::audit::venv_bin("python").unwrap())
+        .args(["-c", OTLP_SINK, &op.to_string()])
+        .arg(&spans_file)
+        .stdout(Stdio::piped())
+        .stderr(log(&s, "otlp"))
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(sink.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    let _sink = Child(sink);
+    let otel = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{op}"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    let with = |more: &[(&'static str, String)]| {
+        let mut v = otel.clone();
+        v.extend_from_slice(more);
+        v
+    };
+    let _engine = spawn(&s, "aob-engine", &[], &otel);
+    let _transform = spawn(&s, "aob-transform", &[], &otel);
+    let _validate = spawn(
+        &s,
+        "aob-validate",
+        &[],
+        &with(&[
+            ("AOB_TRANSPORT", "http".to_string()),
+            ("PORT", vp.to_string()),
+        ]),
+    );
+    let validate_url = format!("http://127.0.0.1:{vp}");
+    let _bridge = spawn(
+        &s,
+        "aob",
+        &[
+            "bridge",
+            "http",
+            "--route",
+            &format!("validate={validate_url}"),
+        ],
+        &otel,
+    );
+    until_up(&format!("{validate_url}/readyz")).await;
+    let wf = s.publish_example("acme", "chain").await.unwrap();
+    let out = Command::new(aob_tests::binary("aob").unwrap())
+        .args([
+            "--tenant",
+            "acme",
+            "run",
+            "start",
+            &wf,
+            "--input",
+            r#"{"name": "Ada"}"#,
+            "--wait",
+        ])
+        .env("NATS_URL", s.server.url())
+        .env("AOB_PAYLOAD_URL", &s.payload_url)
+        .envs(otel.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("run "))
+        .expect("the run id")
+        .trim()
+        .to_string();
+
+    // Spans arrive in batches: wait until each part of the run has reported.
+    let want = [
+        ("aob", "start greeting"),
+        ("aob-engine", "engine start"),
+        ("aob-transform", "transform compose"),
+        ("aob", "validate check"),
+        ("aob-validate", "validate check"),
+        ("aob-transform", "transform shape"),
+    ];
+    let mut spans: Vec<Value> = Vec::new();
+    for i in 0.. {
+        spans = std::fs::read_to_string(&spans_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|sp| sp["attrs"]["aob.run_id"] == json!(run))
+            .collect();
+        let have = |svc: &str, name: &str| {
+            spans
+                .iter()
+                .any(|sp| sp["service"] == json!(svc) && sp["name"] == json!(name))
+        };
+        if want.iter().all(|(svc, name)| have(svc, name))
+            && spans
+                .iter()
+                .filter(|sp| sp["service"] == json!("aob-engine"))
+                .count()
+                >= 4
+        {
+            break;
+        }
+        assert!(i < 300, "missing spans; have {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let traces: std::collections::BTreeSet<&str> =
+        spans.iter().filter_map(|sp| sp["trace"].as_str()).collect();
+    assert_eq!(traces.len(), 1, "one run, one trace: {spans:#?}");
+    let trace = *traces.iter().next().unwrap();
+    let roots: Vec<&Value> = spans.iter().filter(|sp| sp["parent"].is_null()).collect();
+    assert_eq!(roots.len(), 1, "{roots:#?}");
+    assert_eq!(roots[0]["name"], json!("start greeting"));
+    let ids: std::collections::BTreeSet<&str> =
+        spans.iter().filter_map(|sp| sp["span"].as_str()).collect();
+    // Every parent is a span of the run, reported: no link is broken on the way.
+    let all: Vec<Value> = std::fs::read_to_string(&spans_file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    for sp in &spans {
+        if let Some(p) = sp["parent"].as_str() {
+            assert!(
+                ids.contains(p)
+                    || all
+                        .iter()
+                        .any(|o| o["span"] == json!(p) && o["trace"] == json!(trace)),
+                "parent of {sp} not reported"
+            );
+        }
+    }
+    // The function behind the bridge is a child of the bridge's span for the same task.
+    let bridged = spans
+        .iter()
+        .find(|sp| sp["service"] == json!("aob") && sp["name"] == json!("validate check"))
+        .unwrap();
+    let remote = spans
+        .iter()
+        .find(|sp| sp["service"] == json!("aob-validate"))
+        .unwrap();
+    assert_eq!(remote["parent"], bridged["span"]);
+
+    // The run's audit records carry the trace.
+    let records: Vec<Value> = s
+        .messages(aob_streams::AUDIT, &aob_streams::subjects::audit("acme"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["run_id"] == json!(run))
+        .collect();
+    assert!(records.len() >= 6, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["trace_id"], json!(trace), "{r}");
+        assert!(
+            r["span_id"]
+                .as_str()
+                .is_some_and(|id| ids.contains(id) || id.len() == 16),
+            "{r}"
+        );
+    }
 }

@@ -1,20 +1,23 @@
 //! The fault suite (slow, not in the default run):
-//! `cargo test -p aob-tests --test system -- --ignored --nocapture faults`.
+//! `cargo test -p aob-tests --test system -- --ignored --nocapture --test-threads=1 faults`.
 //!
 //! A three-node JetStream cluster on loopback with every stream and bucket R3; the engine,
 //! the `transform` and `validate` functions and the audit sink as separate processes, as
-//! deployed; runs of `examples/chain` started by the hundred (`AOB_FAULT_RUNS`, default
-//! 1,000) while the node that leads `AOB_HISTORY` is killed with SIGKILL. JetStream stalls
-//! for seconds while the cluster elects new leaders; afterwards every run has completed
-//! exactly once, its history has no gap and no repeat, and the Parquet audit trail holds
-//! every record once.
+//! deployed; runs of `examples/chain` (`AOB_FAULT_RUNS`, default 1,000) started over ten
+//! seconds, 64 publishes at a time, and the node that leads `AOB_HISTORY` (one test) or
+//! `AOB_TASKS` (the other) killed with SIGKILL once a third of the starts are in.
+//! JetStream stalls for seconds while the cluster elects new leaders; afterwards every run
+//! has completed exactly once, its history has no gap and no repeat, its state says
+//! COMPLETED, the Parquet audit trail holds every published record once (each run's
+//! `run_completed` among them), and the killed node, started again, catches up.
+//! `AOB_FAULT_KEEP=1` keeps the processes' and servers' logs and says where.
 //!
 //! Each process gets one `NATS_URL`: `aob_runtime::Env::connect` passes it to async-nats
 //! as one address (a comma-separated list is refused as an invalid URL). A client learns
 //! the cluster's other servers from the first server's INFO (`connect_urls`) and
 //! reconnects to one of them when its server dies, so one URL is enough for a process
-//! that is already running. The engine and `validate` are deliberately given the node
-//! that leads `AOB_HISTORY`, the one killed: they must fail over that way.
+//! that is already running. Some components are deliberately given the node that will be
+//! killed: they must fail over that way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -106,7 +109,10 @@ struct Suite {
 
 impl Suite {
     fn say(&self, what: impl std::fmt::Display) {
-        eprintln!("[faults {:>6.1} s] {what}", self.begun.elapsed().as_secs_f64());
+        eprintln!(
+            "[faults {:>6.1} s] {what}",
+            self.begun.elapsed().as_secs_f64()
+        );
     }
 
     /// An error if a component process has exited: none may stop because a node died.
@@ -252,25 +258,44 @@ fn runs_wanted() -> usize {
         .max(1)
 }
 
-/// The stream leader under load: killed while runs are being started and run, it loses
-/// nothing and doubles nothing.
+/// The leader of `AOB_HISTORY` (which often leads other streams too), with the engine and
+/// `validate` connected to it, killed while runs are being started and run: nothing is
+/// lost, nothing doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: the node-kill suite; run with --ignored faults"]
-async fn faults_killing_the_history_leader_under_load_loses_and_doubles_nothing() {
+async fn killing_the_history_leader_under_load_loses_and_doubles_nothing() {
+    suite(aob_streams::HISTORY, &["aob-engine", "aob-validate"]).await;
+}
+
+/// The leader of `AOB_TASKS`, with `transform` and the audit sink connected to it, killed
+/// while runs are being started and run: nothing is lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: the node-kill suite; run with --ignored faults"]
+async fn killing_the_tasks_leader_under_load_loses_and_doubles_nothing() {
+    suite(aob_streams::TASKS, &["aob-transform", "aob-audit"]).await;
+}
+
+/// Runs the suite killing the leader of `target`; the components named in `on_victim`
+/// connect to that node, the others to the two that survive.
+async fn suite(target: &'static str, on_victim: &[&str]) {
     let mut suite = Suite {
         cluster: Cluster::start(3).unwrap(),
         procs: Vec::new(),
         data: tempfile::tempdir().unwrap(),
         begun: Instant::now(),
     };
-    let outcome = kill_the_leader_under_load(&mut suite).await;
+    let outcome = kill_the_leader_under_load(&mut suite, target, on_victim).await;
     suite.keep_logs_if_asked();
     if let Err(e) = outcome {
         panic!("{e:#}\n\nlogs:\n{}", suite.logs());
     }
 }
 
-async fn kill_the_leader_under_load(suite: &mut Suite) -> Result<()> {
+async fn kill_the_leader_under_load(
+    suite: &mut Suite,
+    target: &str,
+    on_victim: &[&str],
+) -> Result<()> {
     let runs = runs_wanted();
     let client = suite.cluster.connect().await?;
     let js = jetstream::new(client.clone());
@@ -289,33 +314,35 @@ async fn kill_the_leader_under_load(suite: &mut Suite) -> Result<()> {
         .await?;
     let leader = suite
         .cluster
-        .leader(&js, aob_streams::HISTORY, Duration::from_secs(30))
+        .leader(&js, target, Duration::from_secs(30))
         .await?;
     suite.say(format!(
-        "cluster up, topology applied with 3 replicas; {} leads {}",
+        "cluster up, topology applied with 3 replicas; {} leads {target}",
         suite.cluster.nodes[leader].name,
-        aob_streams::HISTORY
     ));
 
-    // The components, as separate processes. The engine and `validate` on the node that
-    // will be killed, the others on the survivors.
+    // The components, as separate processes: those named on the node that will be
+    // killed, the others spread over the two that survive.
     let payload_url = format!("file://{}", suite.data.path().join("payloads").display());
     let audit_dir = suite.data.path().join("audit");
     let common = vec![("AOB_PAYLOAD_URL", payload_url.clone())];
     let others = [(leader + 1) % 3, (leader + 2) % 3];
-    for (name, node, extra) in [
-        ("aob-engine", leader, vec![]),
-        ("aob-transform", others[0], vec![]),
-        ("aob-validate", leader, vec![]),
+    let mut next_other = 0;
+    for (name, extra) in [
+        ("aob-engine", vec![]),
+        ("aob-transform", vec![]),
+        ("aob-validate", vec![]),
         (
             "aob-audit",
-            others[1],
-            vec![(
-                "AOB_AUDIT_URL",
-                format!("file://{}", audit_dir.display()),
-            )],
+            vec![("AOB_AUDIT_URL", format!("file://{}", audit_dir.display()))],
         ),
     ] {
+        let node = if on_victim.contains(&name) {
+            leader
+        } else {
+            next_other += 1;
+            others[(next_other - 1) % 2]
+        };
         let mut env = common.clone();
         env.extend(extra);
         let url = suite.cluster.url(node);
@@ -408,7 +435,7 @@ async fn kill_the_leader_under_load(suite: &mut Suite) -> Result<()> {
         })
     };
 
-    // Kill the leader of AOB_HISTORY once a third of the starts are acknowledged and
+    // Kill the leader of the target stream once a third of the starts are acknowledged and
     // runs are completing.
     let mut victim = None;
     let mut killed_at = None;
@@ -442,7 +469,7 @@ async fn kill_the_leader_under_load(suite: &mut Suite) -> Result<()> {
         if victim.is_none() && n >= 1 && published.load(Ordering::Relaxed) >= runs / 3 {
             let v = suite
                 .cluster
-                .leader(&js, aob_streams::HISTORY, Duration::from_secs(30))
+                .leader(&js, target, Duration::from_secs(30))
                 .await?;
             let mut led = Vec::new();
             for s in WATCHED {
@@ -596,11 +623,10 @@ async fn kill_the_leader_under_load(suite: &mut Suite) -> Result<()> {
 
     // The audit trail: every record published (the stream keeps one per record id) is
     // one row of the Parquet files, and each run's end is there once.
-    let published_records: usize =
-        subject_counts(&js, aob_streams::AUDIT, &subjects::audit(T))
-            .await?
-            .values()
-            .sum();
+    let published_records: usize = subject_counts(&js, aob_streams::AUDIT, &subjects::audit(T))
+        .await?
+        .values()
+        .sum();
     aob_tests::audit::drain(&client, Duration::from_secs(120)).await?;
     let trail = aob_tests::audit::trail(&audit_dir);
     let guard = Instant::now() + Duration::from_secs(120);

@@ -819,3 +819,78 @@ async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
     assert_eq!(stored.status, aob_model::state::RunStatus::Completed);
     drop(n1);
 }
+
+/// The Knative manifests validate against the Knative and Kubernetes schemas, the SAM
+/// template passes cfn-lint with no finding (both by infra/check.py, offline), there is a
+/// Knative Service and a Trigger per function type and a Lambda function per type in the
+/// template, and every flag the manifests give the bridge is one `aob bridge` takes.
+#[test]
+fn the_knative_manifests_and_the_sam_template_pass_their_checks() {
+    let python = aob_tests::audit::venv_bin("python").unwrap();
+    let root = aob_tests::examples_dir().join("..");
+    let out = std::process::Command::new(python)
+        .arg(root.join("infra/check.py"))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["sam"]["findings"], serde_json::json!([]), "{got}");
+    let objects = got["knative"].as_array().unwrap();
+    for o in objects {
+        assert!(o["problem"].is_null(), "{o}");
+    }
+    let types: Vec<&str> = aob_model::nodes::names()
+        .into_iter()
+        .filter(|t| !aob_model::nodes::ENGINE_TYPES.contains(t))
+        .collect();
+    let named = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .any(|o| o["kind"] == kind && o["name"] == name)
+    };
+    for t in &types {
+        assert!(
+            named("Service", &format!("aob-{t}")),
+            "no Knative Service for {t}"
+        );
+        assert!(named("Trigger", &format!("aob-{t}")), "no Trigger for {t}");
+    }
+    let template = std::fs::read_to_string(root.join("infra/lambda/template.yaml")).unwrap();
+    for t in &types {
+        assert!(
+            template.contains(&format!("FunctionName: aob-{t}\n")),
+            "no Lambda function for {t}"
+        );
+    }
+    // The bridge's flags, as the manifests write them, against the binary's own help.
+    let help = |mode: &str| {
+        let out = std::process::Command::new(aob_tests::binary("aob").unwrap())
+            .args(["bridge", mode, "--help"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (file, mode) in [
+        ("infra/knative/bridge.yaml", "http"),
+        ("infra/knative/eventing.yaml", "http"),
+        ("infra/lambda/template.yaml", "lambda"),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let help = help(mode);
+        for line in text.lines() {
+            let item = line.trim().trim_start_matches("- ").trim();
+            if let Some(flag) = item.strip_prefix("--") {
+                let flag = flag.split([' ', '=']).next().unwrap_or_default();
+                assert!(
+                    help.contains(&format!("--{flag}")),
+                    "{file}: `aob bridge {mode}` takes no --{flag}"
+                );
+            }
+        }
+    }
+}

@@ -280,6 +280,7 @@ pub fn transition(
                 tenant,
                 started_by: cmd.by.clone(),
                 seen: Vec::new(),
+                trace: None,
                 paused: false,
                 rollbacks: 0,
                 compensation: None,

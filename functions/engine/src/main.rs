@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     }
     .handle_args();
     aob_runtime::init_logging();
+    aob_runtime::trace::init("aob-engine")?;
     let env = aob_runtime::Env::from_env()?;
     let cfg = aob_engine::Config::from_env()?;
     let client = env.connect().await?;
@@ -61,5 +62,6 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     aob_engine::run_with(engine, client, shutdown).await?;
+    aob_runtime::trace::shutdown();
     Ok(())
 }

@@ -94,6 +94,8 @@ pub fn plan(task: &Task, config: &WaitConfig, now_ms: u64) -> Result<Plan, StepE
         subject: aob_streams::subjects::result(&task.tenant, &task.run_id),
         msg_id: aob_runtime::nats::result_msg_id(&result),
         body,
+        // The result it publishes continues the step's trace.
+        traceparent: aob_runtime::trace::current(),
     };
     let key = format!("{}.{}.{}.wait", task.tenant, task.run_id, task.at.token());
     Ok(Plan::Park { key, timer })

@@ -613,6 +613,10 @@ pub struct RunState {
     /// redelivered one changes nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seen: Vec<String>,
+    /// The run's W3C trace context (`traceparent` of the decision that started it): the
+    /// parent of decisions on messages that come without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// How many signal ids a run remembers (see [`RunState::seen`]).

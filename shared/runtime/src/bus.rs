@@ -18,6 +18,9 @@ pub async fn publish(
 ) -> Result<PublishAckFuture> {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
+    if let Some(tp) = crate::trace::current() {
+        headers.insert(crate::trace::HEADER, tp.as_str());
+    }
     js.publish_with_headers(subject.clone(), headers, body)
         .await
         .map_err(|e| Error::Nats(format!("publishing to {subject}: {e}")))
@@ -38,12 +41,22 @@ pub async fn publish_acked(
     Ok(())
 }
 
-/// Publishes a decision record on `aob.<tenant>.audit`, its `record_id` as the message id;
-/// await the returned future for the server's ack.
+/// Publishes a decision record on `aob.<tenant>.audit`, its `record_id` as the message id,
+/// with the current trace and span ids when it has none; await the returned future for the
+/// server's ack.
 pub async fn publish_record(
     js: &jetstream::Context,
     record: &DecisionRecord,
 ) -> Result<PublishAckFuture> {
+    let stamped;
+    let record = if record.trace_id.is_none() && crate::trace::ids().is_some() {
+        let mut r = record.clone();
+        crate::trace::stamp(&mut r);
+        stamped = r;
+        &stamped
+    } else {
+        record
+    };
     let body = serde_json::to_vec(record)
         .map_err(|e| Error::Payload(format!("audit record {}: {e}", record.record_id)))?;
     publish(

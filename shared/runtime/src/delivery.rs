@@ -18,7 +18,6 @@ use crate::context::{Context, Emitter};
 use crate::secrets::Secrets;
 use crate::{Handler, PayloadStore, Result, execute_in};
 
-
 /// One task as a transport delivered it.
 pub trait Delivery: Send + Sync {
     /// Where it arrived (a subject), for dead letters and logs.
@@ -153,10 +152,13 @@ impl<H: Handler> Runner for H {
     }
 }
 
-/// Runs the contract for one delivery.
+/// Runs the contract for one delivery, in a span under the trace context the task came
+/// with.
 pub async fn deliver<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Contract) -> Delivered {
     let began = std::time::Instant::now();
-    let delivered = deliver_once(runner, d, contract).await;
+    let traceparent = d.traceparent();
+    let delivered =
+        crate::trace::scope(traceparent.as_deref(), deliver_once(runner, d, contract)).await;
     let outcome = match &delivered {
         Delivered::Settled(r) => match r.outcome {
             aob_model::wire::Outcome::Completed { .. } => "completed",
@@ -171,11 +173,7 @@ pub async fn deliver<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Contr
     delivered
 }
 
-async fn deliver_once<R: Runner, D: Delivery>(
-    runner: &R,
-    d: &D,
-    contract: &Contract,
-) -> Delivered {
+async fn deliver_once<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Contract) -> Delivered {
     let task = match crate::nats::parse_task(d.body(), d.origin(), contract.max_message_bytes) {
         Ok(t) => t,
         Err(reason) => {
@@ -183,6 +181,18 @@ async fn deliver_once<R: Runner, D: Delivery>(
             return Delivered::Refused(reason);
         }
     };
+    let mut span = crate::trace::start(
+        format!("{} {}", runner.node_type(), task.at.step),
+        opentelemetry::trace::SpanKind::Consumer,
+        vec![
+            opentelemetry::KeyValue::new("aob.tenant", task.tenant.clone()),
+            opentelemetry::KeyValue::new("aob.run_id", task.run_id.clone()),
+            opentelemetry::KeyValue::new("aob.workflow", task.workflow.clone()),
+            opentelemetry::KeyValue::new("aob.step", task.at.step.clone()),
+            opentelemetry::KeyValue::new("aob.attempt", i64::from(task.at.attempt)),
+            opentelemetry::KeyValue::new("aob.node_type", task.node_type.clone()),
+        ],
+    );
     let cx = Context::new(
         &task.tenant,
         &task.run_id,
@@ -191,7 +201,7 @@ async fn deliver_once<R: Runner, D: Delivery>(
         contract.emitter.clone(),
         contract.secrets.clone(),
     )
-    .with_traceparent(d.traceparent());
+    .with_traceparent(span.traceparent());
     let heartbeat = async {
         let mut tick = tokio::time::interval(contract.heartbeat);
         tick.tick().await;
@@ -203,7 +213,13 @@ async fn deliver_once<R: Runner, D: Delivery>(
     // Heartbeats go on while the task runs and while the engine takes the result.
     let work = async {
         match runner.run(task, d.body(), &cx, contract).await {
-            Ran::Done { result, records } => {
+            Ran::Done {
+                result,
+                mut records,
+            } => {
+                for r in &mut records {
+                    crate::trace::stamp(r);
+                }
                 let audit_all = async {
                     for r in &records {
                         d.audit(r).await?;
@@ -229,6 +245,15 @@ async fn deliver_once<R: Runner, D: Delivery>(
         // The heartbeat loop never ends on its own.
         _ = heartbeat => Delivered::Aborted,
     };
+    match &delivered {
+        Delivered::Settled(r) => {
+            if let aob_model::wire::Outcome::Failed { error } = &r.outcome {
+                span.fail(error.message.clone());
+            }
+        }
+        Delivered::Retried(reason) | Delivered::Refused(reason) => span.fail(reason.clone()),
+        Delivered::Aborted => span.set("aob.aborted", true),
+    }
     // Settled, or aborted (nobody waits for the result): done with the task.
     if matches!(delivered, Delivered::Settled(_) | Delivered::Aborted) {
         d.ack().await;
@@ -246,8 +271,9 @@ async fn retry<D: Delivery>(d: &D, reason: String, delay: Duration) -> Delivered
     Delivered::Retried(reason)
 }
 
-/// An in-memory transport: one delivery whose outcomes are kept for inspection. Drives
-/// handler tests through the same contract as every transport, without a server.
+/// An in-memory transport: one delivery whose outcomes are kept. The function side of the
+/// remote transports replies with them ([`crate::remote::answer`]); handler tests drive the
+/// same contract as every transport through it, without a server.
 pub mod memory {
     use std::sync::Mutex;
 
@@ -281,6 +307,8 @@ pub mod memory {
         pub cancel: CancellationToken,
         /// Settling fails while this is true (a store that refuses).
         pub fail_settle: std::sync::atomic::AtomicBool,
+        /// The trace context it came with.
+        pub traceparent: Option<String>,
         /// What happened.
         pub seen: Mutex<Seen>,
     }
@@ -349,6 +377,9 @@ pub mod memory {
         fn refuse<'a>(&'a self, reason: &'a str) -> BoxFuture<'a, ()> {
             self.note(|s| s.refused.push(reason.to_string()));
             Box::pin(async {})
+        }
+        fn traceparent(&self) -> Option<String> {
+            self.traceparent.clone()
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod remote;
 pub mod secrets;
 pub mod telemetry;
 pub mod timers;
+pub mod trace;
 pub mod usage;
 
 use std::future::Future;
@@ -476,6 +477,7 @@ where
     }
     .handle_args();
     init_logging();
+    trace::init(&name)?;
     let env = Env::from_env()?;
     let client = env.connect().await?;
     let payloads = env.payloads()?;
@@ -499,8 +501,7 @@ where
             let extra: telemetry::Extra = std::sync::Arc::new(move || {
                 let (js, consumer) = (js.clone(), consumer.clone());
                 Box::pin(async move {
-                    telemetry::consumer_lag(&js, &[(aob_streams::TASKS, consumer.as_str())])
-                        .await
+                    telemetry::consumer_lag(&js, &[(aob_streams::TASKS, consumer.as_str())]).await
                 })
             });
             telemetry::serve_from_env(&client, Some(extra), shutdown.clone()).await?;
@@ -521,6 +522,7 @@ where
         }
         remote::Transport::Lambda => remote::serve_lambda(handler, contract()).await?,
     }
+    trace::shutdown();
     client
         .flush()
         .await

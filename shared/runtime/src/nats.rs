@@ -241,7 +241,7 @@ impl crate::delivery::Delivery for NatsDelivery<'_> {
         })
     }
     fn traceparent(&self) -> Option<String> {
-        let h = self.msg.headers.as_ref()?.get(crate::remote::TRACEPARENT_EXT)?;
+        let h = self.msg.headers.as_ref()?.get(crate::trace::HEADER)?;
         Some(h.as_str().to_string())
     }
     fn refuse<'b>(&'b self, reason: &'b str) -> BoxFuture<'b, ()> {
@@ -413,9 +413,14 @@ pub async fn deliver_result(
         .map_err(|e| Error::Payload(e.to_string()))?
         .into();
     if let Some(wait) = handoff {
-        let request = async_nats::Request::new()
+        let mut request = async_nats::Request::new()
             .payload(body.clone())
             .timeout(Some(wait));
+        if let Some(tp) = crate::trace::current() {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(crate::trace::HEADER, tp.as_str());
+            request = request.headers(headers);
+        }
         let subject = aob_streams::subjects::handoff(&r.tenant, &r.run_id);
         match js.client().send_request(subject, request).await {
             Ok(reply) => match serde_json::from_slice::<HandoffReply>(&reply.payload) {

@@ -42,8 +42,9 @@ pub const TASK_EVENT: &str = "dev.aob.task";
 pub const REPLY_EVENT: &str = "dev.aob.task.reply";
 /// CloudEvents extension attribute naming the node type (for brokers' triggers).
 pub const NODE_TYPE_EXT: &str = "aobnodetype";
-/// CloudEvents extension attribute carrying the W3C trace context.
-pub const TRACEPARENT_EXT: &str = "traceparent";
+/// CloudEvents extension attribute (and Lambda client-context key) carrying the W3C trace
+/// context.
+pub const TRACEPARENT_EXT: &str = crate::trace::HEADER;
 
 /// How a function binary takes its tasks: `AOB_TRANSPORT`, or what the platform says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +99,12 @@ pub struct Reply {
 
 /// Runs one task as it arrived through the delivery contract in this process, keeping the
 /// result and records to return them: the function side of every remote transport.
-pub async fn answer<H: Handler>(handler: &H, body: Vec<u8>, contract: &Contract) -> Reply {
+pub async fn answer<H: Handler>(
+    handler: &H,
+    body: Vec<u8>,
+    traceparent: Option<String>,
+    contract: &Contract,
+) -> Reply {
     #[derive(Deserialize)]
     struct Tenant {
         tenant: String,
@@ -110,6 +116,7 @@ pub async fn answer<H: Handler>(handler: &H, body: Vec<u8>, contract: &Contract)
     let d = memory::Delivery {
         origin,
         body,
+        traceparent,
         ..Default::default()
     };
     let delivered = deliver(handler, &d, contract).await;
@@ -166,7 +173,8 @@ pub async fn serve_http<H: Handler>(
             Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
             None => return bad("the event has no data: a task was expected".into()),
         };
-        let reply = answer(&**handler, body, contract).await;
+        let traceparent = event.extension(TRACEPARENT_EXT).map(|tp| tp.to_string());
+        let reply = answer(&**handler, body, traceparent, contract).await;
         let mut out = EventBuilderV10::new()
             .id(format!("{}.reply", event.id()))
             .source(format!("aob-{}", handler.node_type()))
@@ -212,7 +220,14 @@ pub async fn serve_lambda<H: Handler>(handler: Arc<H>, contract: Contract) -> Re
             let (handler, contract) = (handler.clone(), contract.clone());
             async move {
                 let body = serde_json::to_vec(&event.payload)?;
-                let reply = answer(&*handler, body, &contract).await;
+                let traceparent = event
+                    .context
+                    .client_context
+                    .as_ref()
+                    .and_then(|c| c.custom.get(TRACEPARENT_EXT).cloned());
+                let reply = answer(&*handler, body, traceparent, &contract).await;
+                // A Lambda may be frozen right after it answers: send its spans now.
+                crate::trace::flush().await;
                 Ok::<_, lambda_runtime::Error>(serde_json::to_value(reply)?)
             }
         },
@@ -309,7 +324,10 @@ impl Runner for Remote {
                     ..
                 }) => Ran::Refused(reason),
                 Ok(_) => Ran::Failed {
-                    reason: format!("{} answered with neither a result nor a refusal", self.invoke.target()),
+                    reason: format!(
+                        "{} answered with neither a result nor a refusal",
+                        self.invoke.target()
+                    ),
                     delay: UNREACHABLE_DELAY,
                 },
                 Err(u) => {
@@ -462,8 +480,9 @@ impl Invoke for HttpInvoke {
                 )));
             }
             let reply = match event.data() {
-                Some(cloudevents::Data::Json(v)) => serde_json::from_value::<Reply>(v.clone())
-                    .map_err(|e| e.to_string()),
+                Some(cloudevents::Data::Json(v)) => {
+                    serde_json::from_value::<Reply>(v.clone()).map_err(|e| e.to_string())
+                }
                 Some(cloudevents::Data::Binary(b)) => {
                     serde_json::from_slice::<Reply>(b).map_err(|e| e.to_string())
                 }

@@ -28,6 +28,9 @@ pub struct Timer {
     pub msg_id: String,
     /// Body to publish (JSON).
     pub body: serde_json::Value,
+    /// The trace context to publish it under (its run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Sets timers.
@@ -342,9 +345,12 @@ async fn fire(js: &jetstream::Context, t: &Timer) -> Result<()> {
         }
         _ => t.subject.clone(),
     };
-    crate::bus::publish(js, subject, &t.msg_id, body.into())
-        .await?
-        .await
-        .map_err(|e| Error::Nats(format!("publishing timer to {}: {e}", t.subject)))?;
+    crate::trace::scope(
+        t.traceparent.as_deref(),
+        crate::bus::publish(js, subject, &t.msg_id, body.into()),
+    )
+    .await?
+    .await
+    .map_err(|e| Error::Nats(format!("publishing timer to {}: {e}", t.subject)))?;
     Ok(())
 }

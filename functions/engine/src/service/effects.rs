@@ -173,6 +173,7 @@ impl<S: RunStore> Engine<S> {
             subject: subjects::internal_signal(&run.tenant, &run.run_id),
             msg_id: format!("timer.{}.{}", run.run_id, machine::timer_name(timer)),
             body,
+            traceparent: aob_runtime::trace::current().or_else(|| run.trace.clone()),
         };
         self.timers.set(&timer_key(run, timer), &t).await?;
         Ok(())

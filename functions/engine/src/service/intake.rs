@@ -175,7 +175,12 @@ impl<S: RunStore> Engine<S> {
                 settled: false,
                 reason: Some(reason),
             },
-            Ok(r) => match self.process(Parsed::Result(r), None).await {
+            Ok(r) => match aob_runtime::trace::scope(
+                header(msg.headers.as_ref(), aob_runtime::trace::HEADER).as_deref(),
+                self.process(Parsed::Result(r), None),
+            )
+            .await
+            {
                 Ok(applied) => {
                     if applied {
                         self.metrics.handoffs.fetch_add(1, Ordering::Relaxed);
@@ -209,7 +214,11 @@ impl<S: RunStore> Engine<S> {
                 return;
             }
         };
-        match self.process(parsed, Some(&msg)).await {
+        let traceparent = header(msg.headers.as_ref(), aob_runtime::trace::HEADER);
+        let processed =
+            aob_runtime::trace::scope(traceparent.as_deref(), self.process(parsed, Some(&msg)))
+                .await;
+        match processed {
             Ok(_) => {
                 let _ = msg.ack().await;
             }
@@ -393,10 +402,7 @@ pub(super) fn start_run_id(msg: &Message) -> String {
 
 /// The message's `Nats-Msg-Id`.
 pub(super) fn msg_id(msg: &Message) -> Option<String> {
-    msg.headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Msg-Id"))
-        .map(|v| v.as_str().to_string())
+    header(msg.headers.as_ref(), "Nats-Msg-Id")
 }
 
 /// A run id from the message itself, the same on every redelivery: the `Nats-Msg-Id`
@@ -456,4 +462,9 @@ pub(super) fn run_key(subject: &str) -> String {
         | ["aob", t, "handoff", run] => format!("{t}.{run}"),
         _ => subject.to_string(),
     }
+}
+
+/// A header's value, if the message has it.
+pub(super) fn header(headers: Option<&async_nats::HeaderMap>, name: &str) -> Option<String> {
+    headers?.get(name).map(|v| v.as_str().to_string())
 }

@@ -102,6 +102,19 @@ impl<S: RunStore> Engine<S> {
                 Some((state, rev, known, from_cache)) => (Some(state), rev, known, from_cache),
                 None => (None, 0, Instant::now(), false),
             };
+            // A message without a trace context of its own (a timer, a person's decision)
+            // belongs to its run's trace; the decision is a span of it.
+            if let Some(s) = &state {
+                aob_runtime::trace::adopt(s.trace.as_deref());
+            }
+            let mut span = aob_runtime::trace::start(
+                format!("engine {}", event.id()),
+                opentelemetry::trace::SpanKind::Internal,
+                vec![
+                    opentelemetry::KeyValue::new("aob.tenant", tenant.to_string()),
+                    opentelemetry::KeyValue::new("aob.run_id", run_id.to_string()),
+                ],
+            );
             let def = match (&def, &state) {
                 (Some(d), _) => d.clone(),
                 (None, Some(s)) => self.definition_of(s).await?,
@@ -138,6 +151,7 @@ impl<S: RunStore> Engine<S> {
                     machine::Transition::Unchanged(unchanged) => {
                         // Stale or duplicate: keep the state cached as it was, its
                         // outbox cleared if this pass dealt with it.
+                        span.set("aob.unchanged", true);
                         let Some(mut state) = unchanged else {
                             return Ok(false);
                         };
@@ -174,6 +188,12 @@ impl<S: RunStore> Engine<S> {
                     machine::Transition::Ahead(_) if from_cache => continue,
                     machine::Transition::Ahead(_) => return Err(ahead(&key, &event)),
                 };
+            span.set("aob.workflow", next.workflow.clone());
+            span.set("aob.run_status", format!("{:?}", next.status));
+            // The run's trace: the one its start came with (or began here).
+            if next.trace.is_none() {
+                next.trace = aob_runtime::trace::current();
+            }
             // Tasks go out now, while the state is written (see the module docs).
             let early = if rules::send_tasks_early(known.elapsed(), self.dedup_within) {
                 Some(self.send_tasks(&effects).await?)
