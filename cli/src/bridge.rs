@@ -78,6 +78,37 @@ pub async fn cmd_http(ctx: &Ctx, routes: &[String]) -> Result<ExitCode> {
     serve(ctx, invokers).await
 }
 
+/// `aob bridge http --broker`.
+pub async fn cmd_broker(
+    ctx: &Ctx,
+    broker: &str,
+    listen: &str,
+    types: &[String],
+) -> Result<ExitCode> {
+    let all: Vec<String> = aob_model::nodes::names()
+        .into_iter()
+        .filter(|n| !aob_model::nodes::ENGINE_TYPES.contains(n))
+        .map(str::to_string)
+        .collect();
+    let types = if types.is_empty() {
+        all
+    } else {
+        let items: Vec<String> = types.iter().map(|t| format!("{t}={broker}")).collect();
+        pairs("type", &items)?.into_iter().map(|(t, _)| t).collect()
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen {listen}"))?;
+    let client = ctx.connect().await?;
+    let payloads = ctx.payloads()?;
+    let shutdown = aob_runtime::shutdown_on_signal();
+    aob_runtime::telemetry::serve_from_env(&client, None, shutdown.clone()).await?;
+    aob_runtime::remote::serve_broker(client.clone(), payloads, types, broker, listener, shutdown)
+        .await?;
+    client.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `aob bridge lambda`.
 pub async fn cmd_lambda(
     ctx: &Ctx,

@@ -775,15 +775,39 @@ pub enum BridgeCommand {
             handed to the engine, and only then the task acknowledged. A function that cannot be \
             reached, answers an error or is throttled (429, Retry-After honoured) gets the task \
             again later; an aborted run's task is dropped. AOB_HTTP_ADDR serves /healthz, \
-            /readyz and /metrics.",
+            /readyz and /metrics.\n\n\
+            With --broker instead of routes, each task goes to a Knative broker (its ingress \
+            URL) with the extension attribute aobnodetype, and is acknowledged once the broker \
+            took it; the broker's triggers deliver it to the function and bring the reply \
+            event back to POST /replies on --listen, where it is settled (answered 200 once \
+            stored, else 503 so the broker sends it again). Tasks the broker gives up on come \
+            to POST /dead-letters and are dead-lettered (see `aob dlq`). infra/knative has \
+            both set-ups.",
         after_help = "EXAMPLES:\n  \
             aob bridge http --route transform=http://aob-transform.aob.svc.cluster.local \\\n    \
-              --route llm=http://aob-llm.aob.svc.cluster.local"
+              --route llm=http://aob-llm.aob.svc.cluster.local\n  \
+            aob bridge http --broker http://broker-ingress.knative-eventing.svc.cluster.local/aob/aob \\\n    \
+              --listen 0.0.0.0:8081"
     )]
     Http {
         /// A node type and its function's URL (repeat for each type).
-        #[arg(long = "route", value_name = "TYPE=URL", required = true)]
+        #[arg(
+            long = "route",
+            value_name = "TYPE=URL",
+            required_unless_present = "broker",
+            conflicts_with = "broker"
+        )]
         routes: Vec<String>,
+        /// Send every task to this Knative broker ingress instead (needs --listen).
+        #[arg(long, value_name = "URL", requires = "listen")]
+        broker: Option<String>,
+        /// Where the broker's triggers deliver replies (POST /replies) and undeliverable
+        /// tasks (POST /dead-letters).
+        #[arg(long, value_name = "ADDR", requires = "broker")]
+        listen: Option<String>,
+        /// With --broker: the node types to forward (repeat; default: every function type).
+        #[arg(long = "type", value_name = "TYPE", requires = "broker")]
+        types: Vec<String>,
     },
     /// Invoke a Lambda function for each task of the mapped node types.
     #[command(

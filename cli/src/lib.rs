@@ -113,7 +113,17 @@ pub async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dlq(DlqCommand::Ls { json }) => dlq::cmd_ls(&ctx, json).await,
         Command::Dlq(DlqCommand::Replay { seqs, all }) => dlq::cmd_replay(&ctx, &seqs, all).await,
-        Command::Bridge(BridgeCommand::Http { routes }) => bridge::cmd_http(&ctx, &routes).await,
+        Command::Bridge(BridgeCommand::Http {
+            routes: _,
+            broker: Some(broker),
+            listen,
+            types,
+        }) => {
+            bridge::cmd_broker(&ctx, &broker, listen.as_deref().unwrap_or_default(), &types).await
+        }
+        Command::Bridge(BridgeCommand::Http { routes, .. }) => {
+            bridge::cmd_http(&ctx, &routes).await
+        }
         Command::Bridge(BridgeCommand::Lambda {
             functions,
             endpoint_url,

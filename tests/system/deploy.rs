@@ -587,3 +587,164 @@ async fn one_run_is_one_trace_at_the_otlp_receiver() {
         );
     }
 }
+
+/// One request as a broker's ingress took it.
+type Taken = (axum::http::HeaderMap, bytes::Bytes);
+
+/// The broker variant, hop by hop. The bridge hands each task to the broker's ingress (here
+/// a listener that keeps what it is sent and answers 202, as an ingress does) and acks it;
+/// the test then does what the broker's triggers do: it delivers each event to the
+/// function named by its `aobnodetype` and sends the reply event to the bridge's
+/// `/replies`, which settles it. The chain example completes with one record per step. An
+/// event the broker gave up on, sent to `/dead-letters`, lands in the dead-letter stream
+/// with the task and the broker's reason; garbage is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() {
+    let mut s = aob_tests::Stack::bare().await.unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    let (tp, vp, lp) = (port(), port(), port());
+    let http = |p: u16| {
+        vec![
+            ("AOB_TRANSPORT", "http".to_string()),
+            ("PORT", p.to_string()),
+        ]
+    };
+    let _transform = spawn(&s, "aob-transform", &[], &http(tp));
+    let _validate = spawn(&s, "aob-validate", &[], &http(vp));
+    let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel::<Taken>();
+    let ingress = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ingress_url = format!("http://{}", ingress.local_addr().unwrap());
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |h: axum::http::HeaderMap, b: bytes::Bytes| {
+                let tx = taken_tx.clone();
+                async move {
+                    let _ = tx.send((h, b));
+                    axum::http::StatusCode::ACCEPTED
+                }
+            }),
+        );
+        axum::serve(ingress, app).await.unwrap();
+    });
+    let listen = format!("127.0.0.1:{lp}");
+    let _bridge = spawn(
+        &s,
+        "aob",
+        &[
+            "bridge",
+            "http",
+            "--broker",
+            &ingress_url,
+            "--listen",
+            &listen,
+            "--type",
+            "transform",
+            "--type",
+            "validate",
+        ],
+        &[],
+    );
+    for i in 0.. {
+        if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            break;
+        }
+        assert!(i < 300, "the bridge never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_up(&format!("http://127.0.0.1:{tp}/readyz")).await;
+    until_up(&format!("http://127.0.0.1:{vp}/readyz")).await;
+
+    let wf = s.publish_example("acme", "chain").await.unwrap();
+    let run = s
+        .start_run("acme", &wf, json!({"name": "Ada"}))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut first: Option<Taken> = None;
+    // The chain has three steps: three tasks reach the ingress, one after the other.
+    for _ in 0..3 {
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(30), taken.recv())
+            .await
+            .expect("no task reached the broker")
+            .unwrap();
+        assert_eq!(headers["ce-type"], "dev.aob.task");
+        let target = match headers["ce-aobnodetype"].to_str().unwrap() {
+            "transform" => tp,
+            "validate" => vp,
+            other => panic!("a task for {other}"),
+        };
+        first.get_or_insert_with(|| (headers.clone(), body.clone()));
+        // The trigger's delivery to the function.
+        let reply = http
+            .post(format!("http://127.0.0.1:{target}/"))
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let (rh, rb) = (reply.headers().clone(), reply.bytes().await.unwrap());
+        // The replies trigger's delivery to the bridge.
+        let settled = http
+            .post(format!("http://{listen}/replies"))
+            .headers(rh)
+            .body(rb)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(settled.status(), 200, "{}", settled.text().await.unwrap());
+    }
+    let (state, _) = tokio::time::timeout(Duration::from_secs(30), s.wait_run("acme", &run))
+        .await
+        .expect("the run did not finish")
+        .unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+    assert_eq!(
+        output(&s, &run).await,
+        json!({"greeting": "Hello, Ada!", "checked": true})
+    );
+    // Nothing waits in the tasks' consumers: the bridge acked each once the broker took it.
+    s.drained(aob_streams::TASKS, "fn-transform", Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // An event the broker could not deliver: dead-lettered with its task and the reason.
+    let (mut headers, body) = first.unwrap();
+    headers.insert("ce-knativeerrorcode", "503".parse().unwrap());
+    let r = http
+        .post(format!("http://{listen}/dead-letters"))
+        .headers(headers)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let letters = s
+        .messages(
+            aob_streams::DLQ,
+            &aob_streams::subjects::dlq_of_tenant("acme"),
+        )
+        .await
+        .unwrap();
+    let letter = letters
+        .iter()
+        .find(|l| l["component"] == json!("fn.transform"))
+        .unwrap_or_else(|| panic!("{letters:?}"));
+    assert!(
+        letter["reason"].as_str().unwrap().contains("answered 503"),
+        "{letter}"
+    );
+    assert_eq!(letter["subject"], json!("aob.acme.task.transform"));
+    let original: Value = serde_json::from_str(letter["original"].as_str().unwrap()).unwrap();
+    assert_eq!(original, serde_json::from_slice::<Value>(&body).unwrap());
+    // What is not a reply event is refused.
+    let r = http
+        .post(format!("http://{listen}/replies"))
+        .body("garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

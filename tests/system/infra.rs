@@ -884,7 +884,10 @@ fn the_knative_manifests_and_the_sam_template_pass_their_checks() {
         let help = help(mode);
         for line in text.lines() {
             let item = line.trim().trim_start_matches("- ").trim();
-            if let Some(flag) = item.strip_prefix("--") {
+            if let Some(flag) = item
+                .strip_prefix("--")
+                .filter(|f| f.starts_with(|c: char| c.is_ascii_lowercase()))
+            {
                 let flag = flag.split([' ', '=']).next().unwrap_or_default();
                 assert!(
                     help.contains(&format!("--{flag}")),

@@ -80,6 +80,9 @@ pub enum Delivered {
     Refused(String),
     /// The result or its record could not be stored; the task comes back later.
     Retried(String),
+    /// Handed to a store that delivers it on (a Knative broker), whose reply is settled
+    /// when it comes; the task was acknowledged.
+    Forwarded,
 }
 
 /// What running one task came to, wherever it ran.
@@ -96,6 +99,9 @@ pub enum Ran {
     Aborted,
     /// The task cannot be used, for this reason.
     Refused(String),
+    /// Handed over to something that keeps it and delivers it on (a Knative broker backed
+    /// by JetStream); the reply is settled when it comes back, elsewhere.
+    Forwarded,
     /// Running it failed before a result existed (a remote function that did not answer,
     /// or was throttled): deliver the task again after `delay`.
     Failed {
@@ -168,6 +174,7 @@ pub async fn deliver<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Contr
         Delivered::Aborted => "aborted",
         Delivered::Refused(_) => "refused",
         Delivered::Retried(_) => "retried",
+        Delivered::Forwarded => "forwarded",
     };
     crate::telemetry::record_task(runner.node_type(), outcome, began.elapsed());
     delivered
@@ -234,6 +241,7 @@ async fn deliver_once<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Cont
             }
             Ran::Failed { reason, delay } => retry(d, reason, delay).await,
             Ran::Aborted => Delivered::Aborted,
+            Ran::Forwarded => Delivered::Forwarded,
             Ran::Refused(reason) => {
                 d.refuse(&reason).await;
                 Delivered::Refused(reason)
@@ -253,9 +261,13 @@ async fn deliver_once<R: Runner, D: Delivery>(runner: &R, d: &D, contract: &Cont
         }
         Delivered::Retried(reason) | Delivered::Refused(reason) => span.fail(reason.clone()),
         Delivered::Aborted => span.set("aob.aborted", true),
+        Delivered::Forwarded => span.set("aob.forwarded", true),
     }
-    // Settled, or aborted (nobody waits for the result): done with the task.
-    if matches!(delivered, Delivered::Settled(_) | Delivered::Aborted) {
+    // Settled, forwarded, or aborted (nobody waits for the result): done with the task.
+    if matches!(
+        delivered,
+        Delivered::Settled(_) | Delivered::Aborted | Delivered::Forwarded
+    ) {
         d.ack().await;
     }
     delivered

@@ -131,8 +131,9 @@ pub async fn answer<H: Handler>(
             refused: Some(reason),
             ..Reply::default()
         },
-        // Nothing cancels a remote task here, and keeping results in memory cannot fail.
-        Delivered::Aborted | Delivered::Retried(_) => Reply::default(),
+        // Nothing cancels or forwards a remote task here, and keeping results in memory
+        // cannot fail.
+        Delivered::Aborted | Delivered::Retried(_) | Delivered::Forwarded => Reply::default(),
     }
 }
 
@@ -177,6 +178,7 @@ pub async fn serve_http<H: Handler>(
         let reply = answer(&**handler, body, traceparent, contract).await;
         let mut out = EventBuilderV10::new()
             .id(format!("{}.reply", event.id()))
+            .subject(event.subject().unwrap_or_default())
             .source(format!("aob-{}", handler.node_type()))
             .ty(REPLY_EVENT)
             .extension(NODE_TYPE_EXT, handler.node_type())
@@ -416,6 +418,55 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+impl HttpInvoke {
+    /// POSTs one task as a CloudEvent in binary mode; `Err` when nothing answered or the
+    /// answer is not a success.
+    async fn post(
+        &self,
+        task: &Task,
+        body: &[u8],
+        traceparent: Option<&str>,
+    ) -> std::result::Result<reqwest::Response, Unanswered> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("{}.{}", task.run_id, task.at.token()))
+            .header("ce-source", format!("aob/{}", task.tenant))
+            .header("ce-type", TASK_EVENT)
+            .header(
+                "ce-subject",
+                aob_streams::subjects::task(&task.tenant, &self.node_type),
+            )
+            .header(format!("ce-{NODE_TYPE_EXT}"), &self.node_type)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+        if let Some(tp) = traceparent {
+            req = req.header(format!("ce-{TRACEPARENT_EXT}"), tp);
+        }
+        if let Some(d) = task.deadline_ms {
+            // A little past the step's deadline: the function reports the timeout itself.
+            let left = d.saturating_sub(crate::now_ms()) + 5_000;
+            req = req.timeout(Duration::from_millis(left));
+        }
+        let resp = req.send().await.map_err(|e| Unanswered {
+            reason: format!("POST {}: {e}", self.url),
+            retry_after: None,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = retry_after(resp.headers());
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+        Err(Unanswered {
+            reason: format!("{} answered {status}: {}", self.url, text.trim()),
+            retry_after,
+        })
+    }
+}
+
 impl Invoke for HttpInvoke {
     fn target(&self) -> String {
         self.url.clone()
@@ -431,67 +482,229 @@ impl Invoke for HttpInvoke {
                 reason,
                 retry_after: None,
             };
-            let mut req = self
-                .http
-                .post(&self.url)
-                .header("ce-specversion", "1.0")
-                .header("ce-id", format!("{}.{}", task.run_id, task.at.token()))
-                .header("ce-source", format!("aob/{}", task.tenant))
-                .header("ce-type", TASK_EVENT)
-                .header(
-                    "ce-subject",
-                    aob_streams::subjects::task(&task.tenant, &self.node_type),
-                )
-                .header(format!("ce-{NODE_TYPE_EXT}"), &self.node_type)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_vec());
-            if let Some(tp) = traceparent {
-                req = req.header(format!("ce-{TRACEPARENT_EXT}"), tp);
-            }
-            if let Some(d) = task.deadline_ms {
-                // A little past the step's deadline: the function reports the timeout itself.
-                let left = d.saturating_sub(crate::now_ms()) + 5_000;
-                req = req.timeout(Duration::from_millis(left));
-            }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| unanswered(format!("POST {}: {e}", self.url)))?;
-            let status = resp.status();
+            let resp = self.post(task, body, traceparent).await?;
             let headers = resp.headers().clone();
             let bytes = resp
                 .bytes()
                 .await
                 .map_err(|e| unanswered(format!("reading the reply from {}: {e}", self.url)))?;
-            if !status.is_success() {
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
-                return Err(Unanswered {
-                    reason: format!("{} answered {status}: {}", self.url, text.trim()),
-                    retry_after: retry_after(&headers),
-                });
-            }
-            let event = cloudevents::binding::http::to_event(&headers, bytes.to_vec())
-                .map_err(|e| unanswered(format!("{} replied with no CloudEvent: {e}", self.url)))?;
-            if event.ty() != REPLY_EVENT {
-                return Err(unanswered(format!(
-                    "{} replied with an event of type `{}`, not `{REPLY_EVENT}`",
-                    self.url,
-                    event.ty()
-                )));
-            }
-            let reply = match event.data() {
-                Some(cloudevents::Data::Json(v)) => {
-                    serde_json::from_value::<Reply>(v.clone()).map_err(|e| e.to_string())
-                }
-                Some(cloudevents::Data::Binary(b)) => {
-                    serde_json::from_slice::<Reply>(b).map_err(|e| e.to_string())
-                }
-                Some(cloudevents::Data::String(s)) => {
-                    serde_json::from_str::<Reply>(s).map_err(|e| e.to_string())
-                }
-                None => Err("no data".into()),
-            };
-            reply.map_err(|e| unanswered(format!("{}: unreadable reply: {e}", self.url)))
+            let reply = parse_reply(&headers, &bytes)
+                .map_err(|e| unanswered(format!("{}: {e}", self.url)))?;
+            Ok(reply)
         })
     }
+}
+
+/// The [`Reply`] in a reply event (binary or structured mode).
+fn parse_reply(headers: &axum::http::HeaderMap, body: &[u8]) -> std::result::Result<Reply, String> {
+    let event = cloudevents::binding::http::to_event(headers, body.to_vec())
+        .map_err(|e| format!("not a CloudEvent: {e}"))?;
+    if event.ty() != REPLY_EVENT {
+        return Err(format!(
+            "an event of type `{}`, not `{REPLY_EVENT}`",
+            event.ty()
+        ));
+    }
+    let reply = match event.data() {
+        Some(cloudevents::Data::Json(v)) => serde_json::from_value::<Reply>(v.clone()),
+        Some(cloudevents::Data::Binary(b)) => serde_json::from_slice::<Reply>(b),
+        Some(cloudevents::Data::String(s)) => serde_json::from_str::<Reply>(s),
+        None => return Err("a reply event without data".into()),
+    };
+    reply.map_err(|e| format!("unreadable reply: {e}"))
+}
+
+/// Hands tasks to a Knative broker (its ingress URL) instead of a function: the broker,
+/// backed by JetStream, delivers each to its function through a trigger, and the reply
+/// event comes back to [`serve_replies`]. The task is acknowledged once the broker took it.
+pub struct Forward {
+    node_type: String,
+    broker: HttpInvoke,
+}
+
+impl Forward {
+    /// Tasks of `node_type` to the broker at `url`.
+    pub fn new(node_type: &str, url: &str) -> Result<Self> {
+        Ok(Forward {
+            node_type: node_type.to_string(),
+            broker: HttpInvoke::new(node_type, url)?,
+        })
+    }
+}
+
+impl Runner for Forward {
+    fn node_type(&self) -> &str {
+        &self.node_type
+    }
+    fn run<'a>(
+        &'a self,
+        task: Task,
+        body: &'a [u8],
+        cx: &'a Context,
+        _contract: &'a Contract,
+    ) -> BoxFuture<'a, Ran> {
+        Box::pin(async move {
+            let traceparent = cx.traceparent();
+            match self.broker.post(&task, body, traceparent.as_deref()).await {
+                Ok(_) => Ran::Forwarded,
+                Err(u) => {
+                    tracing::warn!(broker = %self.broker.url, "the broker did not take a task: {}", u.reason);
+                    Ran::Failed {
+                        reason: u.reason,
+                        delay: u.retry_after.unwrap_or(UNREACHABLE_DELAY),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Serves the node types of `types` by handing their tasks to the broker at `broker`
+/// ([`Forward`]), and the broker's deliveries back on `listener` ([`serve_replies`]),
+/// until `shutdown`.
+pub async fn serve_broker(
+    client: async_nats::Client,
+    payloads: PayloadStore,
+    types: Vec<String>,
+    broker: &str,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let mut all = tokio::task::JoinSet::new();
+    all.spawn(serve_replies(
+        async_nats::jetstream::new(client.clone()),
+        listener,
+        shutdown.clone(),
+    ));
+    for node_type in types {
+        let runner = Arc::new(Forward::new(&node_type, broker)?);
+        tracing::info!(node_type, broker, "forwarding to the broker");
+        all.spawn(crate::nats::serve(
+            runner,
+            client.clone(),
+            payloads.clone(),
+            crate::nats::ServeConfig::default(),
+            shutdown.clone(),
+        ));
+    }
+    let mut first_error = None;
+    while let Some(done) = all.join_next().await {
+        let r = done.map_err(|e| Error::Config(format!("a bridge loop stopped: {e}")))?;
+        if let Err(e) = r {
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Takes what a broker's triggers deliver to the bridge, on `listener`, until `shutdown`:
+///
+/// - `POST /replies`: a function's reply event. Its audit records are stored and its
+///   result handed to the engine, and only then is it answered 200; a failure is a 503, so
+///   the broker delivers it again. A refusal is dead-lettered.
+/// - `POST /dead-letters`: a task the broker could not deliver to its function. It is
+///   dead-lettered on its task subject, from where `aob dlq replay` can send it again.
+pub async fn serve_replies(
+    js: async_nats::jetstream::Context,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+
+    type Answer = (StatusCode, String);
+    async fn replies(
+        State(js): State<async_nats::jetstream::Context>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Answer {
+        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+            Ok(e) => e,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CloudEvent: {e}")),
+        };
+        let reply = match parse_reply(&headers, &body) {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::BAD_REQUEST, e),
+        };
+        let subject = event.subject().unwrap_or_default().to_string();
+        let traceparent = event.extension(TRACEPARENT_EXT).map(|t| t.to_string());
+        let component = format!(
+            "fn.{}",
+            event
+                .extension(NODE_TYPE_EXT)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        );
+        let Some(result) = reply.result else {
+            let reason = reply.refused.unwrap_or_else(|| {
+                "the function replied with neither a result nor a refusal".into()
+            });
+            crate::bus::dead_letter(&js, &component, &subject, &body, &reason).await;
+            return (StatusCode::OK, "dead-lettered\n".into());
+        };
+        let settle = async {
+            for r in &reply.records {
+                crate::bus::publish_record(&js, r)
+                    .await?
+                    .await
+                    .map_err(|e| Error::Nats(format!("an audit record not acknowledged: {e}")))?;
+            }
+            crate::nats::deliver_result(&js, &result, crate::nats::ServeConfig::default().handoff)
+                .await
+        };
+        match crate::trace::scope(traceparent.as_deref(), settle).await {
+            Ok(()) => (StatusCode::OK, "settled\n".into()),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not stored, send it again: {e}\n"),
+            ),
+        }
+    }
+    async fn dead_letters(
+        State(js): State<async_nats::jetstream::Context>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Answer {
+        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+            Ok(e) => e,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CloudEvent: {e}")),
+        };
+        let task = match event.data() {
+            Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
+            Some(cloudevents::Data::Binary(b)) => b.clone(),
+            Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
+            None => Vec::new(),
+        };
+        let node_type = event
+            .extension(NODE_TYPE_EXT)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let ext = |k: &str| event.extension(k).map(|v| v.to_string());
+        let mut reason =
+            format!("the broker could not deliver this {node_type} task to its function");
+        if let Some(code) = ext("knativeerrorcode") {
+            reason.push_str(&format!(" (it answered {code})"));
+        }
+        if let Some(dest) = ext("knativeerrordest") {
+            reason.push_str(&format!(" at {dest}"));
+        }
+        let subject = event.subject().unwrap_or_default().to_string();
+        crate::bus::dead_letter(&js, &format!("fn.{node_type}"), &subject, &task, &reason).await;
+        (StatusCode::OK, "dead-lettered\n".into())
+    }
+
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let app = axum::Router::new()
+        .route("/replies", axum::routing::post(replies))
+        .route("/dead-letters", axum::routing::post(dead_letters))
+        .with_state(js);
+    tracing::info!(%addr, "taking reply events on /replies and undelivered tasks on /dead-letters");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Config(format!("serving {addr}: {e}")))
 }
