@@ -1,6 +1,8 @@
 //! The same function binaries on other transports: CloudEvents over HTTP behind `aob bridge
 //! http`, and AWS Lambda (the Runtime API of `cargo lambda watch`) behind `aob bridge
 //! lambda`; an example workflow runs end to end on each.
+// The helpers below serve tests only: a failure is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

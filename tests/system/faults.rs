@@ -53,6 +53,8 @@ const WATCHED: [&str; 6] = [
 struct Proc {
     name: &'static str,
     node: usize,
+    /// Where it serves `/metrics` (`AOB_HTTP_ADDR`).
+    http_port: u16,
     child: Child,
     log: PathBuf,
 }
@@ -79,6 +81,7 @@ impl Proc {
         Ok(Proc {
             name,
             node,
+            http_port: 0,
             child,
             log,
         })
@@ -249,6 +252,94 @@ async fn history(js: &jetstream::Context) -> Result<Vec<HistoryEvent>> {
     Ok(out)
 }
 
+/// What the consumers hold, where the unfinished runs are and what the processes count:
+/// for a stall.
+async fn diagnose(suite: &Suite, js: &jetstream::Context, ids: &[String]) -> String {
+    let mut out = String::from("consumers (pending, ack pending, waiting pulls, redelivered):\n");
+    let consumers = [
+        (aob_streams::CMD, aob_streams::ENGINE_CMD.to_string()),
+        (aob_streams::RESULTS, aob_streams::ENGINE_RESULTS.to_string()),
+        (aob_streams::TASKS, aob_streams::function_consumer("transform")),
+        (aob_streams::TASKS, aob_streams::function_consumer("validate")),
+        (aob_streams::AUDIT, aob_streams::AUDIT_SINK.to_string()),
+    ];
+    for (stream, name) in consumers {
+        let info = async {
+            let mut c = js
+                .get_stream(stream)
+                .await?
+                .get_consumer::<jetstream::consumer::pull::Config>(&name)
+                .await?;
+            let i = c.info().await?.clone();
+            anyhow::Ok(format!(
+                "  {stream}/{name}: {} {} {} {} (delivered {}, ack floor {}, leader {:?})",
+                i.num_pending,
+                i.num_ack_pending,
+                i.num_waiting,
+                i.num_redelivered,
+                i.delivered.stream_sequence,
+                i.ack_floor.stream_sequence,
+                i.cluster.and_then(|c| c.leader)
+            ))
+        };
+        match tokio::time::timeout(Duration::from_secs(10), info).await {
+            Ok(Ok(line)) => out.push_str(&line),
+            Ok(Err(e)) => out.push_str(&format!("  {stream}/{name}: {e}")),
+            Err(_) => out.push_str(&format!("  {stream}/{name}: no answer in 10 s")),
+        }
+        out.push('\n');
+    }
+    // The unfinished runs, by where their steps are.
+    let mut shapes: BTreeMap<String, usize> = BTreeMap::new();
+    if let Ok(kv) = js.get_key_value(aob_streams::RUNS).await {
+        for id in ids {
+            let shape = match kv.get(RunState::key(T, id)).await {
+                Ok(Some(b)) => {
+                    let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                    if v["status"] == "COMPLETED" {
+                        continue;
+                    }
+                    let steps = ["compose", "check", "shape"]
+                        .iter()
+                        .map(|s| {
+                            let st = &v["steps"][s];
+                            format!(
+                                "{s}:{}#{}",
+                                st["status"].as_str().unwrap_or("-"),
+                                st["attempt"]
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let outbox = v["outbox"].as_array().map_or(0, Vec::len);
+                    format!("{} {steps} outbox {outbox}", v["status"])
+                }
+                Ok(None) => "no state".to_string(),
+                Err(e) => format!("unreadable: {e}"),
+            };
+            *shapes.entry(shape).or_default() += 1;
+        }
+    }
+    out.push_str("unfinished runs, by their steps:\n");
+    for (shape, n) in shapes {
+        out.push_str(&format!("  {n:>5}  {shape}\n"));
+    }
+    for p in &suite.procs {
+        let url = format!("http://127.0.0.1:{}/metrics", p.http_port);
+        let text = match tokio::time::timeout(Duration::from_secs(5), reqwest::get(&url)).await {
+            Ok(Ok(r)) => r.text().await.unwrap_or_default(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".into(),
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("_bucket{"))
+            .collect();
+        out.push_str(&format!("{} /metrics:\n  {}\n", p.name, lines.join("\n  ")));
+    }
+    out
+}
+
 /// `AOB_FAULT_RUNS`, default 1,000.
 fn runs_wanted() -> usize {
     std::env::var("AOB_FAULT_RUNS")
@@ -345,8 +436,11 @@ async fn kill_the_leader_under_load(
         };
         let mut env = common.clone();
         env.extend(extra);
+        let http_port = aob_tests::audit::free_port()?;
+        env.push(("AOB_HTTP_ADDR", format!("127.0.0.1:{http_port}")));
         let url = suite.cluster.url(node);
-        let p = Proc::spawn(name, node, &url, &env, suite.data.path())?;
+        let mut p = Proc::spawn(name, node, &url, &env, suite.data.path())?;
+        p.http_port = http_port;
         suite.procs.push(p);
     }
     suite.say(format!(
@@ -438,6 +532,7 @@ async fn kill_the_leader_under_load(
     // Kill the leader of the target stream once a third of the starts are acknowledged and
     // runs are completing.
     let mut victim = None;
+    let mut diagnosed = false;
     let mut killed_at = None;
     let mut last_report = Instant::now();
     let mut last_count = 0;
@@ -511,9 +606,17 @@ async fn kill_the_leader_under_load(
         }
         if Instant::now() >= deadline {
             bail!(
-                "{n} of {runs} runs completed (as seen live) within 5 minutes; {} started",
-                published.load(Ordering::Relaxed)
+                "{n} of {runs} runs completed (as seen live) within 5 minutes; {} started\n{}",
+                published.load(Ordering::Relaxed),
+                diagnose(suite, &js, &ids).await
             );
+        }
+        if !diagnosed && victim.is_some() && last_progress.elapsed() > Duration::from_secs(45) {
+            diagnosed = true;
+            suite.say(format!(
+                "no run completed for 45 s:\n{}",
+                diagnose(suite, &js, &ids).await
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -86,6 +86,8 @@ pub enum Delivered {
 }
 
 /// What running one task came to, wherever it ran.
+// Made once per task and taken apart at once: boxing the result would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ran {
     /// The result, with the attempt's audit records (the attempt's own last).
