@@ -96,6 +96,13 @@ pub async fn cmd_broker(
         let items: Vec<String> = types.iter().map(|t| format!("{t}={broker}")).collect();
         pairs("type", &items)?.into_iter().map(|(t, _)| t).collect()
     };
+    let key = std::env::var(aob_runtime::remote::BRIDGE_KEY_VAR).unwrap_or_default();
+    if key.trim().len() < 16 {
+        bail!(
+            "--broker needs {} (at least 16 characters, the same for every replica of the bridge): it vouches for the replies the broker delivers",
+            aob_runtime::remote::BRIDGE_KEY_VAR
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("--listen {listen}"))?;
@@ -103,8 +110,16 @@ pub async fn cmd_broker(
     let payloads = ctx.payloads()?;
     let shutdown = aob_runtime::shutdown_on_signal();
     aob_runtime::telemetry::serve_from_env(&client, None, shutdown.clone()).await?;
-    aob_runtime::remote::serve_broker(client.clone(), payloads, types, broker, listener, shutdown)
-        .await?;
+    aob_runtime::remote::serve_broker(
+        client.clone(),
+        payloads,
+        types,
+        broker,
+        key.trim().as_bytes(),
+        listener,
+        shutdown,
+    )
+    .await?;
     client.flush().await?;
     Ok(ExitCode::SUCCESS)
 }

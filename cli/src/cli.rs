@@ -781,8 +781,11 @@ pub enum BridgeCommand {
             took it; the broker's triggers deliver it to the function and bring the reply \
             event back to POST /replies on --listen, where it is settled (answered 200 once \
             stored, else 503 so the broker sends it again). Tasks the broker gives up on come \
-            to POST /dead-letters and are dead-lettered (see `aob dlq`). infra/knative has \
-            both set-ups.",
+            to POST /dead-letters and are dead-lettered (see `aob dlq`). Each task carries a \
+            token (extension aobtoken, an HMAC under AOB_BRIDGE_KEY, which every replica of \
+            the bridge shares) that the function copies to its reply: what arrives without \
+            the right one is refused with 401, so nothing but the bridge's own tasks can \
+            settle a step. infra/knative has both set-ups.",
         after_help = "EXAMPLES:\n  \
             aob bridge http --route transform=http://aob-transform.aob.svc.cluster.local \\\n    \
               --route llm=http://aob-llm.aob.svc.cluster.local\n  \

@@ -597,9 +597,10 @@ type Taken = (axum::http::HeaderMap, bytes::Bytes);
 /// a listener that keeps what it is sent and answers 202, as an ingress does) and acks it;
 /// the test then does what the broker's triggers do: it delivers each event to the
 /// function named by its `aobnodetype` and sends the reply event to the bridge's
-/// `/replies`, which settles it. The chain example completes with one record per step. An
-/// event the broker gave up on, sent to `/dead-letters`, lands in the dead-letter stream
-/// with the task and the broker's reason; garbage is refused.
+/// `/replies`, which settles it. The chain example completes. Every task carries a token
+/// the function copies to its reply: a reply without it, or with another task's, is
+/// refused (401). An event the broker gave up on, sent to `/dead-letters`, lands in the
+/// dead-letter stream with the task and the broker's reason; garbage is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() {
     let mut s = aob_tests::Stack::bare().await.unwrap();
@@ -646,7 +647,7 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
             "--type",
             "validate",
         ],
-        &[],
+        &[("AOB_BRIDGE_KEY", "a key of the bridge's own".to_string())],
     );
     for i in 0.. {
         if tokio::net::TcpStream::connect(&listen).await.is_ok() {
@@ -677,6 +678,7 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
             "validate" => vp,
             other => panic!("a task for {other}"),
         };
+        assert!(headers.contains_key("ce-aobtoken"), "{headers:?}");
         first.get_or_insert_with(|| (headers.clone(), body.clone()));
         // The trigger's delivery to the function.
         let reply = http
@@ -688,6 +690,34 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
             .unwrap();
         assert_eq!(reply.status(), 200);
         let (rh, rb) = (reply.headers().clone(), reply.bytes().await.unwrap());
+        assert!(
+            rh.contains_key("ce-aobtoken"),
+            "the reply carries the task's token"
+        );
+        // Without the token, or with another task's, the same reply is refused.
+        let mut forged = rh.clone();
+        forged.remove("ce-aobtoken");
+        let r = http
+            .post(format!("http://{listen}/replies"))
+            .headers(forged.clone())
+            .body(rb.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        if let Some((first_headers, _)) = &first
+            && first_headers["ce-aobtoken"] != rh["ce-aobtoken"]
+        {
+            forged.insert("ce-aobtoken", first_headers["ce-aobtoken"].clone());
+            let r = http
+                .post(format!("http://{listen}/replies"))
+                .headers(forged)
+                .body(rb.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "another task's token settles nothing");
+        }
         // The replies trigger's delivery to the bridge.
         let settled = http
             .post(format!("http://{listen}/replies"))
@@ -741,6 +771,25 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
     assert_eq!(letter["subject"], json!("aob.acme.task.transform"));
     let original: Value = serde_json::from_str(letter["original"].as_str().unwrap()).unwrap();
     assert_eq!(original, serde_json::from_slice::<Value>(&body).unwrap());
+    // A dead letter without the token is refused.
+    let mut headers = axum::http::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "run.x"),
+        ("ce-source", "test"),
+        ("ce-type", "dev.aob.task"),
+        ("content-type", "application/json"),
+    ] {
+        headers.insert(k, v.parse().unwrap());
+    }
+    let r = http
+        .post(format!("http://{listen}/dead-letters"))
+        .headers(headers)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     // What is not a reply event is refused.
     let r = http
         .post(format!("http://{listen}/replies"))

@@ -42,6 +42,52 @@ pub const TASK_EVENT: &str = "dev.aob.task";
 pub const REPLY_EVENT: &str = "dev.aob.task.reply";
 /// CloudEvents extension attribute naming the node type (for brokers' triggers).
 pub const NODE_TYPE_EXT: &str = "aobnodetype";
+/// CloudEvents extension attribute vouching that the bridge sent a task: a reply or a
+/// dead letter delivered to the bridge must carry it back (see [`serve_replies`]).
+pub const TOKEN_EXT: &str = "aobtoken";
+/// The variable holding the broker variant's key, shared by the bridge's replicas only.
+pub const BRIDGE_KEY_VAR: &str = "AOB_BRIDGE_KEY";
+
+/// The token of the task `run_id`/`attempt` (a [`aob_model::wire::StepRef::token`]):
+/// HMAC-SHA256 under the bridge's key, hex.
+pub fn task_token(key: &[u8], run_id: &str, attempt: &str) -> String {
+    use hmac::Mac as _;
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key) else {
+        return String::new();
+    };
+    mac.update(run_id.as_bytes());
+    mac.update(b"\n");
+    mac.update(attempt.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `token` is the token of that task (in constant time).
+fn token_ok(key: &[u8], run_id: &str, attempt: &str, token: &str) -> bool {
+    use hmac::Mac as _;
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key) else {
+        return false;
+    };
+    mac.update(run_id.as_bytes());
+    mac.update(b"\n");
+    mac.update(attempt.as_bytes());
+    let Some(bytes) = (0..token.len())
+        .step_by(2)
+        .map(|i| {
+            token
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    mac.verify_slice(&bytes).is_ok()
+}
+
 /// CloudEvents extension attribute (and Lambda client-context key) carrying the W3C trace
 /// context.
 pub const TRACEPARENT_EXT: &str = crate::trace::HEADER;
@@ -186,8 +232,10 @@ pub async fn serve_http<H: Handler>(
                 "application/json",
                 serde_json::to_value(&reply).unwrap_or_default(),
             );
-        if let Some(tp) = event.extension(TRACEPARENT_EXT) {
-            out = out.extension(TRACEPARENT_EXT, tp.to_string());
+        for ext in [TRACEPARENT_EXT, TOKEN_EXT] {
+            if let Some(v) = event.extension(ext) {
+                out = out.extension(ext, v.to_string());
+            }
         }
         match out.build() {
             Ok(e) => e.into_response(),
@@ -381,6 +429,8 @@ pub struct HttpInvoke {
     url: String,
     node_type: String,
     http: reqwest::Client,
+    /// With a key, each task carries its token ([`TOKEN_EXT`]).
+    key: Option<Vec<u8>>,
 }
 
 impl HttpInvoke {
@@ -402,6 +452,7 @@ impl HttpInvoke {
             url: url.to_string(),
             node_type: node_type.to_string(),
             http,
+            key: None,
         })
     }
 }
@@ -443,6 +494,10 @@ impl HttpInvoke {
             .body(body.to_vec());
         if let Some(tp) = traceparent {
             req = req.header(format!("ce-{TRACEPARENT_EXT}"), tp);
+        }
+        if let Some(key) = &self.key {
+            let token = task_token(key, &task.run_id, &task.at.token());
+            req = req.header(format!("ce-{TOKEN_EXT}"), token);
         }
         if let Some(d) = task.deadline_ms {
             // A little past the step's deadline: the function reports the timeout itself.
@@ -523,11 +578,13 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Tasks of `node_type` to the broker at `url`.
-    pub fn new(node_type: &str, url: &str) -> Result<Self> {
+    /// Tasks of `node_type` to the broker at `url`, each with its token under `key`.
+    pub fn new(node_type: &str, url: &str, key: &[u8]) -> Result<Self> {
+        let mut broker = HttpInvoke::new(node_type, url)?;
+        broker.key = Some(key.to_vec());
         Ok(Forward {
             node_type: node_type.to_string(),
-            broker: HttpInvoke::new(node_type, url)?,
+            broker,
         })
     }
 }
@@ -561,23 +618,30 @@ impl Runner for Forward {
 
 /// Serves the node types of `types` by handing their tasks to the broker at `broker`
 /// ([`Forward`]), and the broker's deliveries back on `listener` ([`serve_replies`]),
-/// until `shutdown`.
+/// until `shutdown`. `key` signs the tasks and checks what comes back.
 pub async fn serve_broker(
     client: async_nats::Client,
     payloads: PayloadStore,
     types: Vec<String>,
     broker: &str,
+    key: &[u8],
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
+    if key.len() < 16 {
+        return Err(Error::Config(format!(
+            "{BRIDGE_KEY_VAR} must hold at least 16 bytes: it vouches for the replies the broker delivers"
+        )));
+    }
     let mut all = tokio::task::JoinSet::new();
     all.spawn(serve_replies(
         async_nats::jetstream::new(client.clone()),
+        key.to_vec(),
         listener,
         shutdown.clone(),
     ));
     for node_type in types {
-        let runner = Arc::new(Forward::new(&node_type, broker)?);
+        let runner = Arc::new(Forward::new(&node_type, broker, key)?);
         tracing::info!(node_type, broker, "forwarding to the broker");
         all.spawn(crate::nats::serve(
             runner,
@@ -598,7 +662,9 @@ pub async fn serve_broker(
     first_error.map_or(Ok(()), Err)
 }
 
-/// Takes what a broker's triggers deliver to the bridge, on `listener`, until `shutdown`:
+/// Takes what a broker's triggers deliver to the bridge, on `listener`, until `shutdown`.
+/// Everything must carry the token ([`TOKEN_EXT`]) of the task it is about, made with
+/// `key`: anything else is refused with 401, so only what the bridge sent can settle a step.
 ///
 /// - `POST /replies`: a function's reply event. Its audit records are stored and its
 ///   result handed to the engine, and only then is it answered 200; a failure is a 503, so
@@ -607,6 +673,7 @@ pub async fn serve_broker(
 ///   dead-lettered on its task subject, from where `aob dlq replay` can send it again.
 pub async fn serve_replies(
     js: async_nats::jetstream::Context,
+    key: Vec<u8>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
@@ -614,8 +681,15 @@ pub async fn serve_replies(
     use axum::http::{HeaderMap, StatusCode};
 
     type Answer = (StatusCode, String);
+    type Shared = Arc<(async_nats::jetstream::Context, Vec<u8>)>;
+    fn unvouched() -> Answer {
+        (
+            StatusCode::UNAUTHORIZED,
+            format!("no valid `{TOKEN_EXT}`: this bridge did not send that task\n"),
+        )
+    }
     async fn replies(
-        State(js): State<async_nats::jetstream::Context>,
+        State(shared): State<Shared>,
         headers: HeaderMap,
         body: axum::body::Bytes,
     ) -> Answer {
@@ -627,6 +701,23 @@ pub async fn serve_replies(
             Ok(r) => r,
             Err(e) => return (StatusCode::BAD_REQUEST, e),
         };
+        let (js, key) = (&shared.0, &shared.1);
+        // The reply's id is `<task id>.reply`, the task's id `<run>.<attempt token>`.
+        let token = event
+            .extension(TOKEN_EXT)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let vouched = match &reply.result {
+            Some(r) => token_ok(key, &r.run_id, &r.at.token(), &token),
+            None => event
+                .id()
+                .strip_suffix(".reply")
+                .and_then(|id| id.split_once('.'))
+                .is_some_and(|(run, attempt)| token_ok(key, run, attempt, &token)),
+        };
+        if !vouched {
+            return unvouched();
+        }
         let subject = event.subject().unwrap_or_default().to_string();
         let traceparent = event.extension(TRACEPARENT_EXT).map(|t| t.to_string());
         let component = format!(
@@ -640,17 +731,17 @@ pub async fn serve_replies(
             let reason = reply.refused.unwrap_or_else(|| {
                 "the function replied with neither a result nor a refusal".into()
             });
-            crate::bus::dead_letter(&js, &component, &subject, &body, &reason).await;
+            crate::bus::dead_letter(js, &component, &subject, &body, &reason).await;
             return (StatusCode::OK, "dead-lettered\n".into());
         };
         let settle = async {
             for r in &reply.records {
-                crate::bus::publish_record(&js, r)
+                crate::bus::publish_record(js, r)
                     .await?
                     .await
                     .map_err(|e| Error::Nats(format!("an audit record not acknowledged: {e}")))?;
             }
-            crate::nats::deliver_result(&js, &result, crate::nats::ServeConfig::default().handoff)
+            crate::nats::deliver_result(js, &result, crate::nats::ServeConfig::default().handoff)
                 .await
         };
         match crate::trace::scope(traceparent.as_deref(), settle).await {
@@ -662,7 +753,7 @@ pub async fn serve_replies(
         }
     }
     async fn dead_letters(
-        State(js): State<async_nats::jetstream::Context>,
+        State(shared): State<Shared>,
         headers: HeaderMap,
         body: axum::body::Bytes,
     ) -> Answer {
@@ -670,6 +761,18 @@ pub async fn serve_replies(
             Ok(e) => e,
             Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CloudEvent: {e}")),
         };
+        let (js, key) = (&shared.0, &shared.1);
+        let token = event
+            .extension(TOKEN_EXT)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let vouched = event
+            .id()
+            .split_once('.')
+            .is_some_and(|(run, attempt)| token_ok(key, run, attempt, &token));
+        if !vouched {
+            return unvouched();
+        }
         let task = match event.data() {
             Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
             Some(cloudevents::Data::Binary(b)) => b.clone(),
@@ -690,7 +793,7 @@ pub async fn serve_replies(
             reason.push_str(&format!(" at {dest}"));
         }
         let subject = event.subject().unwrap_or_default().to_string();
-        crate::bus::dead_letter(&js, &format!("fn.{node_type}"), &subject, &task, &reason).await;
+        crate::bus::dead_letter(js, &format!("fn.{node_type}"), &subject, &task, &reason).await;
         (StatusCode::OK, "dead-lettered\n".into())
     }
 
@@ -701,7 +804,7 @@ pub async fn serve_replies(
     let app = axum::Router::new()
         .route("/replies", axum::routing::post(replies))
         .route("/dead-letters", axum::routing::post(dead_letters))
-        .with_state(js);
+        .with_state::<()>(Arc::new((js, key)) as Shared);
     tracing::info!(%addr, "taking reply events on /replies and undelivered tasks on /dead-letters");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
