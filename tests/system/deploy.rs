@@ -33,6 +33,22 @@ fn log(s: &aob_tests::Stack, name: &str) -> std::fs::File {
         .unwrap()
 }
 
+/// A stack with the engine running in process.
+async fn stack_with_engine() -> aob_tests::Stack {
+    let mut s = aob_tests::Stack::bare().await.unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    s
+}
+
+/// The variables of a function served as CloudEvents over HTTP on port `p`.
+fn over_http(p: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AOB_TRANSPORT", "http".to_string()),
+        ("PORT", p.to_string()),
+    ]
+}
+
 /// A binary with the stack's NATS and payload store, and more variables.
 fn spawn(s: &aob_tests::Stack, bin: &str, args: &[&str], env: &[(&str, String)]) -> Child {
     let mut c = Command::new(aob_tests::binary(bin).unwrap());
@@ -116,17 +132,9 @@ async fn output(s: &aob_tests::Stack, run: &str) -> Value {
 /// answers a structured-mode event too, and refuses what is not a task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
-    let mut s = aob_tests::Stack::bare().await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine);
+    let s = stack_with_engine().await;
     let (tp, vp, bp) = (port(), port(), port());
-    let http = |p: u16| {
-        vec![
-            ("AOB_TRANSPORT", "http".to_string()),
-            ("PORT", p.to_string()),
-        ]
-    };
-    let _transform = spawn(&s, "aob-transform", &[], &http(tp));
+    let _transform = spawn(&s, "aob-transform", &[], &over_http(tp));
     let transform_url = format!("http://127.0.0.1:{tp}");
     let validate_url = format!("http://127.0.0.1:{vp}");
     let _bridge = spawn(
@@ -164,7 +172,7 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     assert!(retried, "the bridge never tried the validate function");
     let state = s.run_state("acme", &early).await.unwrap().unwrap();
     assert_eq!(state.status, RunStatus::Running);
-    let _validate = spawn(&s, "aob-validate", &[], &http(vp));
+    let _validate = spawn(&s, "aob-validate", &[], &over_http(vp));
     let (state, _) = tokio::time::timeout(Duration::from_secs(60), s.wait_run("acme", &early))
         .await
         .expect("the waiting task was never run")
@@ -286,9 +294,7 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
 /// invokes them through the AWS SDK with an endpoint override.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_example_runs_on_lambda_functions_behind_the_lambda_bridge() {
-    let mut s = aob_tests::Stack::bare().await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine);
+    let s = stack_with_engine().await;
     let lp = port();
     let root = aob_tests::examples_dir().join("..");
     let _watch = Child(
@@ -447,15 +453,7 @@ async fn one_run_is_one_trace_at_the_otlp_receiver() {
     };
     let _engine = spawn(&s, "aob-engine", &[], &otel);
     let _transform = spawn(&s, "aob-transform", &[], &otel);
-    let _validate = spawn(
-        &s,
-        "aob-validate",
-        &[],
-        &with(&[
-            ("AOB_TRANSPORT", "http".to_string()),
-            ("PORT", vp.to_string()),
-        ]),
-    );
+    let _validate = spawn(&s, "aob-validate", &[], &with(&over_http(vp)));
     let validate_url = format!("http://127.0.0.1:{vp}");
     let _bridge = spawn(
         &s,
@@ -603,18 +601,10 @@ type Taken = (axum::http::HeaderMap, bytes::Bytes);
 /// dead-letter stream with the task and the broker's reason; garbage is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() {
-    let mut s = aob_tests::Stack::bare().await.unwrap();
-    let engine = s.engine().await.unwrap();
-    s.spawn_engine(engine);
+    let s = stack_with_engine().await;
     let (tp, vp, lp) = (port(), port(), port());
-    let http = |p: u16| {
-        vec![
-            ("AOB_TRANSPORT", "http".to_string()),
-            ("PORT", p.to_string()),
-        ]
-    };
-    let _transform = spawn(&s, "aob-transform", &[], &http(tp));
-    let _validate = spawn(&s, "aob-validate", &[], &http(vp));
+    let _transform = spawn(&s, "aob-transform", &[], &over_http(tp));
+    let _validate = spawn(&s, "aob-validate", &[], &over_http(vp));
     let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel::<Taken>();
     let ingress = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ingress_url = format!("http://{}", ingress.local_addr().unwrap());

@@ -400,10 +400,33 @@ pub async fn serve_bridge(
     routes: Vec<(String, Arc<dyn Invoke>)>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
-    let mut all = tokio::task::JoinSet::new();
-    for (node_type, invoke) in routes {
-        tracing::info!(node_type, target = %invoke.target(), "bridging");
-        let runner = Arc::new(Remote::new(&node_type, invoke));
+    let runners = routes
+        .into_iter()
+        .map(|(node_type, invoke)| {
+            tracing::info!(node_type, target = %invoke.target(), "bridging");
+            Arc::new(Remote::new(&node_type, invoke))
+        })
+        .collect();
+    serve_all(
+        client,
+        payloads,
+        runners,
+        tokio::task::JoinSet::new(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves each runner from its node type's durable consumer, beside what `all` runs
+/// already, until `shutdown`; one that fails (its consumer is missing) stops the others.
+async fn serve_all<R: Runner>(
+    client: async_nats::Client,
+    payloads: PayloadStore,
+    runners: Vec<Arc<R>>,
+    mut all: tokio::task::JoinSet<Result<()>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    for runner in runners {
         all.spawn(crate::nats::serve(
             runner,
             client.clone(),
@@ -416,7 +439,6 @@ pub async fn serve_bridge(
     while let Some(done) = all.join_next().await {
         let r = done.map_err(|e| Error::Config(format!("a bridge loop stopped: {e}")))?;
         if let Err(e) = r {
-            // One node type's consumer is missing: stop the others too.
             shutdown.cancel();
             first_error.get_or_insert(e);
         }
@@ -640,26 +662,12 @@ pub async fn serve_broker(
         listener,
         shutdown.clone(),
     ));
+    let mut runners = Vec::new();
     for node_type in types {
-        let runner = Arc::new(Forward::new(&node_type, broker, key)?);
         tracing::info!(node_type, broker, "forwarding to the broker");
-        all.spawn(crate::nats::serve(
-            runner,
-            client.clone(),
-            payloads.clone(),
-            crate::nats::ServeConfig::default(),
-            shutdown.clone(),
-        ));
+        runners.push(Arc::new(Forward::new(&node_type, broker, key)?));
     }
-    let mut first_error = None;
-    while let Some(done) = all.join_next().await {
-        let r = done.map_err(|e| Error::Config(format!("a bridge loop stopped: {e}")))?;
-        if let Err(e) = r {
-            shutdown.cancel();
-            first_error.get_or_insert(e);
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    serve_all(client, payloads, runners, all, shutdown).await
 }
 
 /// Takes what a broker's triggers deliver to the bridge, on `listener`, until `shutdown`.
