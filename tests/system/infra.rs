@@ -584,7 +584,7 @@ async fn until_status(url: &str, status: u16) -> String {
 async fn health_and_metrics_answer_over_http() {
     let mut s = aob_tests::Stack::bare().await.unwrap();
     let port = |_: ()| aob_tests::audit::free_port().unwrap();
-    let (engine_port, fn_port) = (port(()), port(()));
+    let (engine_port, fn_port, sink_port) = (port(()), port(()), port(()));
     let spawn = |bin: &str, p: u16| {
         Child(
             std::process::Command::new(aob_tests::binary(bin).unwrap())
@@ -599,6 +599,20 @@ async fn health_and_metrics_answer_over_http() {
     };
     let _engine = spawn("aob-engine", engine_port);
     let _transform = spawn("aob-transform", fn_port);
+    let _sink = Child(
+        std::process::Command::new(aob_tests::binary("aob-audit").unwrap())
+            .env("NATS_URL", s.server.url())
+            .env(
+                "AOB_AUDIT_URL",
+                format!("file://{}", s.data.path().join("audit").display()),
+            )
+            .env("AOB_AUDIT_MAX_AGE", "300ms")
+            .env("AOB_HTTP_ADDR", format!("127.0.0.1:{sink_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let base = |p: u16| format!("http://127.0.0.1:{p}");
     until_status(&format!("{}/healthz", base(fn_port)), 200).await;
     until_status(&format!("{}/readyz", base(engine_port)), 200).await;
@@ -641,6 +655,22 @@ async fn health_and_metrics_answer_over_http() {
         .unwrap_or(0);
     assert!(events >= 3, "start and two results: {engine}");
     assert!(engine.contains("consumer=\"engine-cmd\""), "{engine}");
+    // The audit sink counts the batches it wrote: the run's records, in one or more.
+    let mut sink = String::new();
+    for _ in 0..200 {
+        sink = until_status(&format!("{}/metrics", base(sink_port)), 200).await;
+        let rows: u64 = sink
+            .lines()
+            .find_map(|l| l.strip_prefix("aob_audit_rows_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if rows >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!sink.contains("aob_audit_batches_total 0\n"), "{sink}");
+    assert!(sink.contains("consumer=\"audit-sink\""), "{sink}");
 
     // Readiness follows the connection: down with the server, up again after it.
     s.server.stop();

@@ -24,11 +24,12 @@ async fn main() -> anyhow::Result<()> {
     let lag: aob_runtime::telemetry::Extra = std::sync::Arc::new(move || {
         let js = js.clone();
         Box::pin(async move {
-            aob_runtime::telemetry::consumer_lag(
+            let lag = aob_runtime::telemetry::consumer_lag(
                 &js,
                 &[(aob_streams::AUDIT, aob_streams::AUDIT_SINK)],
             )
-            .await
+            .await;
+            lag + &aob_audit::sink::metrics()
         })
     });
     aob_runtime::telemetry::serve_from_env(&client, Some(lag), shutdown.clone()).await?;

@@ -415,6 +415,42 @@ pub fn parse_record(subject: &str, body: &[u8]) -> std::result::Result<DecisionR
     Ok(record)
 }
 
+/// What the sink of this process has written since it started, for `/metrics`.
+static WRITTEN: [std::sync::atomic::AtomicU64; 5] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 5];
+const BATCHES: usize = 0;
+const ROWS: usize = 1;
+const BYTES: usize = 2;
+const REFUSED: usize = 3;
+const MICROS: usize = 4;
+
+fn count(what: usize, n: u64) {
+    WRITTEN[what].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The sink's counters as Prometheus text: batches written, rows, bytes, records refused
+/// (dead-lettered) and the time spent writing batches.
+pub fn metrics() -> String {
+    let get = |i: usize| WRITTEN[i].load(std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "# HELP aob_audit_batches_total Audit batches written to object storage and acknowledged.\n\
+         # TYPE aob_audit_batches_total counter\naob_audit_batches_total {}\n\
+         # HELP aob_audit_rows_total Rows written in those batches.\n\
+         # TYPE aob_audit_rows_total counter\naob_audit_rows_total {}\n\
+         # HELP aob_audit_bytes_total Bytes of Parquet written.\n\
+         # TYPE aob_audit_bytes_total counter\naob_audit_bytes_total {}\n\
+         # HELP aob_audit_refused_total Records that were not DecisionRecords, dead-lettered.\n\
+         # TYPE aob_audit_refused_total counter\naob_audit_refused_total {}\n\
+         # HELP aob_audit_batch_seconds_total Time spent writing and acknowledging batches.\n\
+         # TYPE aob_audit_batch_seconds_total counter\naob_audit_batch_seconds_total {}\n",
+        get(BATCHES),
+        get(ROWS),
+        get(BYTES),
+        get(REFUSED),
+        get(MICROS) as f64 / 1e6,
+    )
+}
+
 /// What one flush wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlushReport {
@@ -1200,6 +1236,11 @@ impl Writer {
         }
         let (first, last) = cut.seqs.bounds().unwrap_or_default();
         report.pending = self.complete(&report, cut.seqs, shutdown).await?;
+        count(BATCHES, 1);
+        count(ROWS, report.rows as u64);
+        count(BYTES, bytes);
+        count(REFUSED, refused.len() as u64);
+        count(MICROS, started.elapsed().as_micros() as u64);
         tracing::info!(
             files = report.files.len(),
             rows = report.rows,
