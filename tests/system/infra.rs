@@ -890,6 +890,14 @@ fn the_knative_manifests_and_the_sam_template_pass_their_checks() {
         );
         assert!(named("Trigger", &format!("aob-{t}")), "no Trigger for {t}");
     }
+    // Functions are reached through the bridge, never from outside the cluster.
+    let services = std::fs::read_to_string(root.join("infra/knative/services.yaml")).unwrap();
+    assert_eq!(
+        services
+            .matches("networking.knative.dev/visibility: cluster-local")
+            .count(),
+        types.len()
+    );
     let template = std::fs::read_to_string(root.join("infra/lambda/template.yaml")).unwrap();
     for t in &types {
         assert!(
