@@ -63,7 +63,7 @@ pub async fn connect(url: &str, source: &str) -> Result<async_nats::Client> {
     aob_runtime::nats_options()?
         .name("aob-cli")
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(aob_runtime::server_addrs(url)?)
         .await
         .map_err(|e| {
             let hint = if source == DEV_URL_FILE {

@@ -7,9 +7,9 @@
 //! As in the engine bench, the engine and the functions run in this process, each on its
 //! own connection to the (first) server; in the cluster the streams' leaders are spread
 //! over the three nodes, so most writes cross a route. The two set-ups are measured in
-//! alternating rounds (`AOB_BENCH_ROUNDS`, default 3) after a warm-up, so both see the
+//! alternating rounds (`AOB_BENCH_ROUNDS`, default 5) after a warm-up, so both see the
 //! machine in the same state; the figures are the medians of the rounds. Each round starts
-//! `AOB_BENCH_SCALE` x 1,000 runs, 64 starts in flight at a time.
+//! `AOB_BENCH_SCALE` x 2,000 runs, 64 starts in flight at a time.
 
 // The allocator of the `aob` binary, which runs all of this in one process (`aob dev`).
 #[global_allocator]
@@ -142,9 +142,9 @@ async fn main() -> Result<()> {
     let rounds: usize = std::env::var("AOB_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(5)
         .max(1);
-    let runs = aob_tests::bench_scale(1000, 10);
+    let runs = aob_tests::bench_scale(2000, 10);
     let one = single().await?;
     let (three, _cluster) = three().await?;
     // Warm-up: connections, the workflow in the engine's cache, the stores' first blocks.

@@ -1282,3 +1282,41 @@ async fn the_held_result_path_on_the_memory_store() {
         1
     );
 }
+
+/// A start whose first delivery wrote its run but could not publish the run's first task
+/// (the tasks stream had no leader; here, no stream at all) is redelivered, and the
+/// redelivery sends the task from the stored outbox: the run completes. Found by the
+/// node-kill suite, where such runs stayed RUNNING for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_first_task_could_not_be_published_still_runs() {
+    let mut s = Stack::bare().await.unwrap();
+    let engine = s.engine().await.unwrap();
+    s.spawn_engine(engine);
+    s.publish(
+        T,
+        "name: one\nsteps:\n  - {id: a, type: transform, output: 1}\n",
+    )
+    .await
+    .unwrap();
+    s.js.delete_stream(aob_streams::TASKS).await.unwrap();
+    let run = s.start_run(T, "one", json!({})).await.unwrap();
+    // The run is written with its task in the outbox; the task went nowhere.
+    let mut written = false;
+    for _ in 0..200 {
+        if let Some(state) = s.run_state(T, &run).await.unwrap() {
+            assert!(!state.outbox.is_empty(), "{state:?}");
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(written, "the start was never applied");
+    // The stream comes back (a leader is elected); the start's redelivery sends the task.
+    s.topology.apply(&s.js).await.unwrap();
+    s.spawn_functions(Fns::AllButHttp).await.unwrap();
+    let (state, _) = tokio::time::timeout(Duration::from_secs(30), s.wait_run(T, &run))
+        .await
+        .expect("the run's first task was never sent")
+        .unwrap();
+    assert_eq!(state.status, RunStatus::Completed);
+}

@@ -10,7 +10,8 @@
 //! has completed exactly once, its history has no gap and no repeat, its state says
 //! COMPLETED, the Parquet audit trail holds every published record once (each run's
 //! `run_completed` among them), and the killed node, started again, catches up.
-//! `AOB_FAULT_KEEP=1` keeps the processes' and servers' logs and says where.
+//! `AOB_FAULT_KEEP=1` keeps the processes' and servers' logs and says where;
+//! `AOB_FAULT_BIN_DIR` runs the binaries of another build (default: this build's).
 //!
 //! Each process gets one `NATS_URL`: `aob_runtime::Env::connect` passes it to async-nats
 //! as one address (a comma-separated list is refused as an invalid URL). A client learns
@@ -69,7 +70,12 @@ impl Proc {
     ) -> Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(aob_tests::binary(name)?);
+        // `AOB_FAULT_BIN_DIR`: the binaries of another build (a release build, say).
+        let bin = match std::env::var_os("AOB_FAULT_BIN_DIR") {
+            Some(dir) => PathBuf::from(dir).join(name),
+            None => aob_tests::binary(name)?,
+        };
+        let mut cmd = Command::new(bin);
         cmd.env("NATS_URL", nats_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -258,9 +264,18 @@ async fn diagnose(suite: &Suite, js: &jetstream::Context, ids: &[String]) -> Str
     let mut out = String::from("consumers (pending, ack pending, waiting pulls, redelivered):\n");
     let consumers = [
         (aob_streams::CMD, aob_streams::ENGINE_CMD.to_string()),
-        (aob_streams::RESULTS, aob_streams::ENGINE_RESULTS.to_string()),
-        (aob_streams::TASKS, aob_streams::function_consumer("transform")),
-        (aob_streams::TASKS, aob_streams::function_consumer("validate")),
+        (
+            aob_streams::RESULTS,
+            aob_streams::ENGINE_RESULTS.to_string(),
+        ),
+        (
+            aob_streams::TASKS,
+            aob_streams::function_consumer("transform"),
+        ),
+        (
+            aob_streams::TASKS,
+            aob_streams::function_consumer("validate"),
+        ),
         (aob_streams::AUDIT, aob_streams::AUDIT_SINK.to_string()),
     ];
     for (stream, name) in consumers {
@@ -269,7 +284,8 @@ async fn diagnose(suite: &Suite, js: &jetstream::Context, ids: &[String]) -> Str
                 .get_stream(stream)
                 .await?
                 .get_consumer::<jetstream::consumer::pull::Config>(&name)
-                .await?;
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let i = c.info().await?.clone();
             anyhow::Ok(format!(
                 "  {stream}/{name}: {} {} {} {} (delivered {}, ack floor {}, leader {:?})",
@@ -369,12 +385,16 @@ async fn killing_the_tasks_leader_under_load_loses_and_doubles_nothing() {
 /// Runs the suite killing the leader of `target`; the components named in `on_victim`
 /// connect to that node, the others to the two that survive.
 async fn suite(target: &'static str, on_victim: &[&str]) {
-    let mut suite = Suite {
-        cluster: Cluster::start(3).unwrap(),
-        procs: Vec::new(),
-        data: tempfile::tempdir().unwrap(),
-        begun: Instant::now(),
-    };
+    let begun = Instant::now();
+    let started = Cluster::start(3).and_then(|cluster| {
+        Ok(Suite {
+            cluster,
+            procs: Vec::new(),
+            data: tempfile::tempdir()?,
+            begun,
+        })
+    });
+    let mut suite = started.unwrap_or_else(|e| panic!("starting the cluster: {e:#}"));
     let outcome = kill_the_leader_under_load(&mut suite, target, on_victim).await;
     suite.keep_logs_if_asked();
     if let Err(e) = outcome {
@@ -475,13 +495,12 @@ async fn kill_the_leader_under_load(
     // The stream's count too, every half second, off the loop below: it stalls while the
     // cluster elects, and the live view misses what is published while its client
     // reconnects.
-    let completed_filter = format!("aob.{T}.run.*.completed");
     let stored = Arc::new(AtomicUsize::new(0));
     let counter = {
         let (js, stored, filter) = (
             jetstream::new(observer.clone()),
             stored.clone(),
-            completed_filter.clone(),
+            format!("aob.{T}.run.*.completed"),
         );
         tokio::spawn(async move {
             loop {
@@ -633,11 +652,47 @@ async fn kill_the_leader_under_load(
         longest_stall.as_secs_f64()
     ));
 
+    watcher.abort();
+    counter.abort();
+    let events = check_history(suite, &js, &ids).await?;
+    check_states(suite, &js, &ids).await?;
+    check_audit(suite, &client, &js, &audit_dir, runs, events).await?;
+
+    // The killed node back: it catches up with what was written without it.
+    suite.cluster.restart(victim)?;
+    suite
+        .cluster
+        .caught_up(victim, &js, &WATCHED, Duration::from_secs(120))
+        .await?;
+    suite.say(format!(
+        "{} restarted and caught up on {}",
+        suite.cluster.nodes[victim].name,
+        WATCHED.join(", ")
+    ));
+    suite.all_alive()?;
+    suite.say(format!(
+        "done: {runs} runs, wall time of the suite {:.1} s",
+        suite.begun.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Every run completed once, as the history stream tells: one stored `completed` event
+/// per run, no run failed, cancelled or rejected, and each run's history numbered 1, 2,
+/// 3, ... with no gap and no repeat, each step completed once and `completed` last.
+/// Returns the number of history events.
+async fn check_history(suite: &Suite, js: &jetstream::Context, ids: &[String]) -> Result<usize> {
+    let runs = ids.len();
     // The live view can miss an event published while the test's own client reconnected:
     // the stream decides. Each run's `completed` event is stored once.
     let guard = Instant::now() + Duration::from_secs(120);
     let completions = loop {
-        let got = subject_counts(&js, aob_streams::HISTORY, &completed_filter).await;
+        let got = subject_counts(
+            js,
+            aob_streams::HISTORY,
+            &format!("aob.{T}.run.*.completed"),
+        )
+        .await;
         match got {
             Ok(c) if c.len() >= runs => break c,
             Ok(c) if Instant::now() >= guard => {
@@ -647,18 +702,16 @@ async fn kill_the_leader_under_load(
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     };
-    watcher.abort();
-    counter.abort();
     let doubled: Vec<_> = completions.iter().filter(|(_, n)| **n != 1).collect();
     ensure!(doubled.is_empty(), "completed more than once: {doubled:?}");
     for end in ["failed", "cancelled", "rejected"] {
-        let c = subject_counts(&js, aob_streams::HISTORY, &format!("aob.{T}.run.*.{end}")).await?;
+        let c = subject_counts(js, aob_streams::HISTORY, &format!("aob.{T}.run.*.{end}")).await?;
         ensure!(c.is_empty(), "runs {end}: {c:?}");
     }
 
     // Every run's history: 1, 2, 3, ... with no gap and no repeat, each step completed
     // once, one `completed` event, last.
-    let events = history(&js).await?;
+    let events = history(js).await?;
     let mut by_run: HashMap<&str, Vec<&HistoryEvent>> = HashMap::new();
     for e in &events {
         by_run.entry(e.run_id.as_str()).or_default().push(e);
@@ -669,7 +722,7 @@ async fn kill_the_leader_under_load(
         by_run.len()
     );
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
-    for id in &ids {
+    for id in ids {
         let evs = by_run
             .get(id.as_str())
             .with_context(|| format!("run {id} has no history"))?;
@@ -698,7 +751,12 @@ async fn kill_the_leader_under_load(
         events.len()
     ));
 
-    // Every run's state says COMPLETED.
+    Ok(events.len())
+}
+
+/// Every run's state says COMPLETED.
+async fn check_states(suite: &Suite, js: &jetstream::Context, ids: &[String]) -> Result<()> {
+    let runs = ids.len();
     let kv = js.get_key_value(aob_streams::RUNS).await?;
     let states: Vec<Result<(String, Option<RunStatus>)>> = futures::stream::iter(ids.iter())
         .map(|id| {
@@ -724,14 +782,26 @@ async fn kill_the_leader_under_load(
     }
     suite.say(format!("every run's state is COMPLETED ({runs} read)"));
 
-    // The audit trail: every record published (the stream keeps one per record id) is
-    // one row of the Parquet files, and each run's end is there once.
-    let published_records: usize = subject_counts(&js, aob_streams::AUDIT, &subjects::audit(T))
+    Ok(())
+}
+
+/// Every audit record published (the stream keeps one per record id) is one row of the
+/// Parquet files, once; each run's `run_completed` is there once; the engine wrote one
+/// record per history event (`events` of them), and every step has its task record.
+async fn check_audit(
+    suite: &Suite,
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    audit_dir: &Path,
+    runs: usize,
+    events: usize,
+) -> Result<()> {
+    let published_records: usize = subject_counts(js, aob_streams::AUDIT, &subjects::audit(T))
         .await?
         .values()
         .sum();
-    aob_tests::audit::drain(&client, Duration::from_secs(120)).await?;
-    let trail = aob_tests::audit::trail(&audit_dir);
+    aob_tests::audit::drain(client, Duration::from_secs(120)).await?;
+    let trail = aob_tests::audit::trail(audit_dir);
     let guard = Instant::now() + Duration::from_secs(120);
     let rows = loop {
         // The sink's report of nothing pending is approximate: wait for the rows.
@@ -742,7 +812,7 @@ async fn kill_the_leader_under_load(
         if n >= published_records || Instant::now() >= guard {
             break rows;
         }
-        aob_tests::audit::drain(&client, Duration::from_secs(30)).await?;
+        aob_tests::audit::drain(client, Duration::from_secs(30)).await?;
     };
     let (n_rows, n_ids) = (
         rows[0][0].as_u64().unwrap_or(0) as usize,
@@ -769,10 +839,10 @@ async fn kill_the_leader_under_load(
         "SELECT count(*) FROM {trail} WHERE actor = 'engine' AND tenant = '{T}'"
     ))?;
     ensure!(
-        engine[0][0] == json!(events.len()),
+        engine[0][0] == json!(events),
         "{} engine records for {} history events",
         engine[0][0],
-        events.len()
+        events
     );
     let tasks = aob_tests::audit::duckdb(&format!(
         "SELECT count(*), count(DISTINCT (run_id, step_id)), max(attempt) FROM {trail} WHERE event_kind = 'task_executed'"
@@ -788,21 +858,5 @@ async fn kill_the_leader_under_load(
         Value::Array(tasks[0].clone())
     ));
 
-    // The killed node back: it catches up with what was written without it.
-    suite.cluster.restart(victim)?;
-    suite
-        .cluster
-        .caught_up(victim, &js, &WATCHED, Duration::from_secs(120))
-        .await?;
-    suite.say(format!(
-        "{} restarted and caught up on {}",
-        suite.cluster.nodes[victim].name,
-        WATCHED.join(", ")
-    ));
-    suite.all_alive()?;
-    suite.say(format!(
-        "done: {runs} runs, wall time of the suite {:.1} s",
-        suite.begun.elapsed().as_secs_f64()
-    ));
     Ok(())
 }

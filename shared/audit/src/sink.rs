@@ -721,6 +721,8 @@ pub async fn serve(
         .consumer
         .stream()
         .max_messages_per_batch(1000)
+        .expires(aob_runtime::nats::PULL_EXPIRES)
+        .heartbeat(aob_runtime::nats::PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| Error::Nats(format!("consuming {}: {e}", aob_streams::AUDIT_SINK)))?;

@@ -350,14 +350,29 @@ impl std::fmt::Debug for Env {
     }
 }
 
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
+/// The servers of a NATS URL list (`nats://a:4222,nats://b:4222`): a client that knows
+/// several can start while one of them is down.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::Config(format!("NATS URL `{}`: {e}", redact(u))))
+        })
+        .collect()
+}
+
+/// A NATS URL (or list of them) without its credentials, for messages.
+pub fn redact(urls: &str) -> String {
+    let one = |url: &str| match url.rsplit_once('@') {
         Some((scheme_user, host)) => {
             let scheme = scheme_user.split("://").next().unwrap_or("nats");
             format!("{scheme}://***@{host}")
         }
         None => url.to_string(),
-    }
+    };
+    urls.split(',').map(one).collect::<Vec<_>>().join(",")
 }
 
 impl Env {
@@ -396,7 +411,7 @@ impl Env {
         init_tls();
         nats_options()?
             .name("aob")
-            .connect(&self.nats_url)
+            .connect(server_addrs(&self.nats_url)?)
             .await
             .map_err(|e| Error::Nats(format!("connecting to {}: {e}", redact(&self.nats_url))))
     }
@@ -614,5 +629,15 @@ mod tests {
     #[test]
     fn credentials_are_redacted() {
         assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
+        assert_eq!(
+            redact("nats://u:p@a:4222,tls://u:q@b:4222"),
+            "nats://***@a:4222,tls://***@b:4222"
+        );
+        let addrs = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223").unwrap();
+        assert_eq!(addrs.len(), 2);
+        let e = server_addrs("nats://u:secret@host:x")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secret"), "{e}");
     }
 }

@@ -57,6 +57,14 @@ impl Default for ServeConfig {
     }
 }
 
+/// How long a pull request of a durable consumer waits for messages. Short, because a
+/// pull that failed (the consumer's leader moved: "no responders") is sent again only once
+/// the last one expired: with the client's default of 30 s, a function sat idle that long
+/// after a node of the cluster died.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Idle heartbeat of a pull request, well under [`PULL_EXPIRES`].
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// Binds to a durable consumer made by `aob streams apply`.
 pub async fn bind(js: &jetstream::Context, stream: &str, consumer: &str) -> Result<PullConsumer> {
     let s = js
@@ -93,6 +101,8 @@ pub async fn serve<R: Runner>(
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(cfg.concurrency.max(1))
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| Error::Nats(format!("consuming tasks of {node_type}: {e}")))?;

@@ -108,14 +108,37 @@ impl<S: RunStore> Engine<S> {
         msg: Option<&Message>,
     ) -> Result<bool> {
         let key = RunState::key(tenant, run_id);
-        if let Some((bytes, _)) = self.store.get(&key).await? {
-            let run = runs::decode(&key, &bytes)?;
+        if let Some((bytes, rev)) = self.store.get(&key).await? {
+            let mut run = runs::decode(&key, &bytes)?;
             if run.workflow == cmd.workflow
                 && cmd.version.is_none_or(|v| v == run.version)
                 && self.payloads.hydrate(run.input.clone()).await?
                     == self.payloads.hydrate(cmd.input.clone()).await?
             {
-                // The same start again (outside the duplicate window): nothing to do.
+                // The same start again. When its first delivery wrote the run but could not
+                // publish what it produced (a stream without a leader, say), the start was
+                // not acked and this is its redelivery: the outbox still holds the first
+                // tasks, and nothing else would ever send them. They go out now, as any
+                // redelivered cause's would, and the outbox is cleared.
+                if !run.outbox.is_empty() {
+                    let def = self.definition_of(&run).await?;
+                    let event = Event::Start {
+                        tenant: tenant.to_string(),
+                        run_id: run_id.to_string(),
+                        cmd,
+                    };
+                    let lookup =
+                        |p: &str| self.resolved.lock().ok().and_then(|m| m.get(p).cloned());
+                    self.recover_outbox(&key, &run, &event, &def, &lookup)
+                        .await?;
+                    run.outbox.clear();
+                    run.outbox_cause = None;
+                    if let Ok(mut m) = self.runs.lock() {
+                        m.remove(&key);
+                    }
+                    // A conflict means a newer state was written, with its own outbox.
+                    let _ = self.write(&key, &run, Some(rev)).await?;
+                }
                 return Ok(false);
             }
             let reason = format!(

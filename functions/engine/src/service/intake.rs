@@ -17,12 +17,16 @@ impl<S: RunStore> Engine<S> {
         let cmd_msgs = cmd
             .stream()
             .max_messages_per_batch(batch)
+            .expires(aob_runtime::nats::PULL_EXPIRES)
+            .heartbeat(aob_runtime::nats::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| aob_runtime::Error::Nats(format!("consuming commands: {e}")))?;
         let res_msgs = res
             .stream()
             .max_messages_per_batch(batch)
+            .expires(aob_runtime::nats::PULL_EXPIRES)
+            .heartbeat(aob_runtime::nats::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| aob_runtime::Error::Nats(format!("consuming results: {e}")))?;
