@@ -157,7 +157,12 @@ pub enum Command {
     Infra(InfraCommand),
     /// Take tasks from NATS and run them on functions served elsewhere: Lambda, or
     /// CloudEvents over HTTP (Knative, Cloud Run).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  \
+            aob bridge http --route transform=http://aob-transform.aob.svc.cluster.local\n  \
+            aob bridge lambda --function transform=aob-transform --function llm=aob-llm"
+    )]
     Bridge(BridgeCommand),
     /// Push Rego policies to the bucket, list them, and try them locally.
     #[command(
