@@ -49,6 +49,21 @@ fn over_http(p: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The headers of a binary-mode CloudEvent with JSON data.
+fn event_headers(id: &str, ty: &str) -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "test"),
+        ("ce-type", ty),
+        ("content-type", "application/json"),
+    ] {
+        h.insert(k, v.parse().unwrap());
+    }
+    h
+}
+
 /// A binary with the stack's NATS and payload store, and more variables.
 fn spawn(s: &aob_tests::Stack, bin: &str, args: &[&str], env: &[(&str, String)]) -> Child {
     let mut c = Command::new(aob_tests::binary(bin).unwrap());
@@ -254,11 +269,7 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     assert!(resp.text().await.unwrap().contains("not a CloudEvent"));
     let resp = http
         .post(&transform_url)
-        .header("ce-specversion", "1.0")
-        .header("ce-id", "x")
-        .header("ce-source", "test")
-        .header("ce-type", "com.example.other")
-        .header("content-type", "application/json")
+        .headers(event_headers("x", "com.example.other"))
         .body("{}")
         .send()
         .await
@@ -269,11 +280,7 @@ async fn an_example_runs_on_cloudevents_functions_behind_the_http_bridge() {
     // dead-letters it), not an error.
     let resp = http
         .post(&transform_url)
-        .header("ce-specversion", "1.0")
-        .header("ce-id", "y")
-        .header("ce-source", "test")
-        .header("ce-type", "dev.aob.task")
-        .header("content-type", "application/json")
+        .headers(event_headers("y", "dev.aob.task"))
         .body("{\"nope\": 1}")
         .send()
         .await
@@ -762,19 +769,9 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
     let original: Value = serde_json::from_str(letter["original"].as_str().unwrap()).unwrap();
     assert_eq!(original, serde_json::from_slice::<Value>(&body).unwrap());
     // A dead letter without the token is refused.
-    let mut headers = axum::http::HeaderMap::new();
-    for (k, v) in [
-        ("ce-specversion", "1.0"),
-        ("ce-id", "run.x"),
-        ("ce-source", "test"),
-        ("ce-type", "dev.aob.task"),
-        ("content-type", "application/json"),
-    ] {
-        headers.insert(k, v.parse().unwrap());
-    }
     let r = http
         .post(format!("http://{listen}/dead-letters"))
-        .headers(headers)
+        .headers(event_headers("run.x", "dev.aob.task"))
         .body("{}")
         .send()
         .await

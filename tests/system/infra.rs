@@ -418,6 +418,18 @@ fn the_dockerfile_passes_hadolint() {
     );
 }
 
+/// Runs a Python check and reads the one JSON object it prints.
+#[allow(clippy::unwrap_used)]
+fn python_json(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// What the chart test's Python side prints: lint findings and, per rendered object, its
 /// kind, name, command and validation result.
 const CHART_CHECK: &str = r#"
@@ -471,18 +483,12 @@ fn the_helm_chart_lints_and_renders_valid_manifests() {
         "env": {"AWS_REGION": "eu-west-1"},
         "embeddingModel": {"persistentVolumeClaim": "minilm"},
     });
-    let out = std::process::Command::new(python)
-        .args(["-c", CHART_CHECK])
-        .arg(&chart)
-        .arg(values.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = python_json(
+        std::process::Command::new(python)
+            .args(["-c", CHART_CHECK])
+            .arg(&chart)
+            .arg(values.to_string()),
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let lint = &got["lint"];
     assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
     let serious: Vec<&serde_json::Value> = lint["messages"]
@@ -858,17 +864,11 @@ async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
 fn the_knative_manifests_and_the_sam_template_pass_their_checks() {
     let python = aob_tests::audit::venv_bin("python").unwrap();
     let root = aob_tests::examples_dir().join("..");
-    let out = std::process::Command::new(python)
-        .arg(root.join("infra/check.py"))
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = python_json(
+        std::process::Command::new(python)
+            .arg(root.join("infra/check.py"))
+            .arg(&root),
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["sam"]["findings"], serde_json::json!([]), "{got}");
     let objects = got["knative"].as_array().unwrap();
     for o in objects {
