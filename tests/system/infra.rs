@@ -787,40 +787,17 @@ fn a_server_that_verifies_clients_takes_only_signed_certificates() {
 /// a run's state written through one node is read through another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
-    let routes: Vec<u16> = (0..3)
-        .map(|_| aob_tests::audit::free_port().unwrap())
-        .collect();
-    let node = |i: usize| {
-        let others: Vec<String> = routes
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
-            .collect();
-        aob_testkit::NatsServer::start_with_config(&format!(
-            "server_name: aob-{i}\ncluster {{\n  name: aob\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
-            routes[i],
-            others.join(", ")
-        ))
-        .unwrap()
-    };
-    let (n0, n1, n2) = (node(0), node(1), node(2));
+    let mut nodes = aob_tests::cluster::Cluster::start(3).unwrap();
     let topology = aob_streams::Topology {
         replicas: 3,
         ..aob_tests::test_topology()
     };
     // The cluster elects its JetStream leader within seconds of forming.
-    let client = n0.connect().await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut applied = false;
-    for _ in 0..100 {
-        if topology.apply(&js).await.is_ok() {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(applied, "the topology was not applied to the cluster");
+    let js = async_nats::jetstream::new(nodes.connect_to(0).await.unwrap());
+    nodes
+        .apply(&js, &topology, Duration::from_secs(20))
+        .await
+        .unwrap();
     let mut tasks = js.get_stream(aob_streams::TASKS).await.unwrap();
     let info = tasks.info().await.unwrap();
     assert_eq!(info.config.num_replicas, 3);
@@ -831,7 +808,9 @@ async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
         "a leader and two replicas: {cluster:?}"
     );
 
-    let mut s = Stack::bare_on(n0, topology).await.unwrap();
+    let mut s = Stack::bare_on(nodes.nodes.remove(0).server, topology)
+        .await
+        .unwrap();
     let engine = s.engine().await.unwrap();
     s.spawn_engine(engine);
     s.spawn_functions(aob_tests::Fns::AllButHttp).await.unwrap();
@@ -843,7 +822,7 @@ async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
     let (state, _) = s.wait_run("acme", &run).await.unwrap();
     assert_eq!(state.status, aob_model::state::RunStatus::Completed);
     // The run's state, read through another node, is the same.
-    let other = async_nats::jetstream::new(n2.connect().await.unwrap());
+    let other = async_nats::jetstream::new(nodes.connect_to(1).await.unwrap());
     let kv = other.get_key_value(aob_streams::RUNS).await.unwrap();
     let stored: aob_model::state::RunState = serde_json::from_slice(
         &kv.get(aob_model::state::RunState::key("acme", &run))
@@ -853,7 +832,6 @@ async fn a_three_node_cluster_runs_workflows_on_r3_streams() {
     )
     .unwrap();
     assert_eq!(stored.status, aob_model::state::RunStatus::Completed);
-    drop(n1);
 }
 
 /// The Knative manifests validate against the Knative and Kubernetes schemas, the SAM

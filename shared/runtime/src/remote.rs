@@ -52,28 +52,33 @@ pub const BRIDGE_KEY_VAR: &str = "AOB_BRIDGE_KEY";
 /// HMAC-SHA256 under the bridge's key, hex.
 pub fn task_token(key: &[u8], run_id: &str, attempt: &str) -> String {
     use hmac::Mac as _;
-    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key) else {
-        return String::new();
-    };
+    task_mac(key, run_id, attempt)
+        .map(|mac| {
+            mac.finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The MAC of the task `run_id`/`attempt` under `key`, fed and not yet finalized.
+fn task_mac(key: &[u8], run_id: &str, attempt: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
     mac.update(run_id.as_bytes());
     mac.update(b"\n");
     mac.update(attempt.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Some(mac)
 }
 
 /// Whether `token` is the token of that task (in constant time).
 fn token_ok(key: &[u8], run_id: &str, attempt: &str, token: &str) -> bool {
     use hmac::Mac as _;
-    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key) else {
+    let Some(mac) = task_mac(key, run_id, attempt) else {
         return false;
     };
-    mac.update(run_id.as_bytes());
-    mac.update(b"\n");
-    mac.update(attempt.as_bytes());
     let Some(bytes) = (0..token.len())
         .step_by(2)
         .map(|i| {
@@ -204,9 +209,9 @@ pub async fn serve_http<H: Handler>(
     ) -> Response {
         let (handler, contract) = &*state;
         let bad = |m: String| (StatusCode::BAD_REQUEST, m).into_response();
-        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+        let event = match event_of(&headers, &body) {
             Ok(e) => e,
-            Err(e) => return bad(format!("not a CloudEvent: {e}")),
+            Err(e) => return bad(e),
         };
         if event.ty() != TASK_EVENT {
             return bad(format!(
@@ -214,11 +219,8 @@ pub async fn serve_http<H: Handler>(
                 event.ty()
             ));
         }
-        let body = match event.data() {
-            Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
-            Some(cloudevents::Data::Binary(b)) => b.clone(),
-            Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
-            None => return bad("the event has no data: a task was expected".into()),
+        let Some(body) = data_of(&event) else {
+            return bad("the event has no data: a task was expected".into());
         };
         let traceparent = event.extension(TRACEPARENT_EXT).map(|tp| tp.to_string());
         let reply = answer(&**handler, body, traceparent, contract).await;
@@ -565,30 +567,41 @@ impl Invoke for HttpInvoke {
                 .bytes()
                 .await
                 .map_err(|e| unanswered(format!("reading the reply from {}: {e}", self.url)))?;
-            let reply = parse_reply(&headers, &bytes)
-                .map_err(|e| unanswered(format!("{}: {e}", self.url)))?;
-            Ok(reply)
+            event_of(&headers, &bytes)
+                .and_then(|event| reply_of(&event))
+                .map_err(|e| unanswered(format!("{}: {e}", self.url)))
         })
     }
 }
 
-/// The [`Reply`] in a reply event (binary or structured mode).
-fn parse_reply(headers: &axum::http::HeaderMap, body: &[u8]) -> std::result::Result<Reply, String> {
-    let event = cloudevents::binding::http::to_event(headers, body.to_vec())
-        .map_err(|e| format!("not a CloudEvent: {e}"))?;
+/// The CloudEvent of an HTTP message (binary or structured mode).
+fn event_of(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> std::result::Result<cloudevents::Event, String> {
+    cloudevents::binding::http::to_event(headers, body.to_vec())
+        .map_err(|e| format!("not a CloudEvent: {e}"))
+}
+
+/// An event's data as bytes (JSON, a string or binary), if it has any.
+fn data_of(event: &cloudevents::Event) -> Option<Vec<u8>> {
+    match event.data()? {
+        cloudevents::Data::Json(v) => serde_json::to_vec(v).ok(),
+        cloudevents::Data::Binary(b) => Some(b.clone()),
+        cloudevents::Data::String(s) => Some(s.clone().into_bytes()),
+    }
+}
+
+/// The [`Reply`] in a reply event.
+fn reply_of(event: &cloudevents::Event) -> std::result::Result<Reply, String> {
     if event.ty() != REPLY_EVENT {
         return Err(format!(
             "an event of type `{}`, not `{REPLY_EVENT}`",
             event.ty()
         ));
     }
-    let reply = match event.data() {
-        Some(cloudevents::Data::Json(v)) => serde_json::from_value::<Reply>(v.clone()),
-        Some(cloudevents::Data::Binary(b)) => serde_json::from_slice::<Reply>(b),
-        Some(cloudevents::Data::String(s)) => serde_json::from_str::<Reply>(s),
-        None => return Err("a reply event without data".into()),
-    };
-    reply.map_err(|e| format!("unreadable reply: {e}"))
+    let data = data_of(event).ok_or("a reply event without data")?;
+    serde_json::from_slice(&data).map_err(|e| format!("unreadable reply: {e}"))
 }
 
 /// Hands tasks to a Knative broker (its ingress URL) instead of a function: the broker,
@@ -701,11 +714,11 @@ pub async fn serve_replies(
         headers: HeaderMap,
         body: axum::body::Bytes,
     ) -> Answer {
-        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+        let event = match event_of(&headers, &body) {
             Ok(e) => e,
-            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CloudEvent: {e}")),
+            Err(e) => return (StatusCode::BAD_REQUEST, e),
         };
-        let reply = match parse_reply(&headers, &body) {
+        let reply = match reply_of(&event) {
             Ok(r) => r,
             Err(e) => return (StatusCode::BAD_REQUEST, e),
         };
@@ -765,9 +778,9 @@ pub async fn serve_replies(
         headers: HeaderMap,
         body: axum::body::Bytes,
     ) -> Answer {
-        let event = match cloudevents::binding::http::to_event(&headers, body.to_vec()) {
+        let event = match event_of(&headers, &body) {
             Ok(e) => e,
-            Err(e) => return (StatusCode::BAD_REQUEST, format!("not a CloudEvent: {e}")),
+            Err(e) => return (StatusCode::BAD_REQUEST, e),
         };
         let (js, key) = (&shared.0, &shared.1);
         let token = event
@@ -781,12 +794,7 @@ pub async fn serve_replies(
         if !vouched {
             return unvouched();
         }
-        let task = match event.data() {
-            Some(cloudevents::Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
-            Some(cloudevents::Data::Binary(b)) => b.clone(),
-            Some(cloudevents::Data::String(s)) => s.clone().into_bytes(),
-            None => Vec::new(),
-        };
+        let task = data_of(&event).unwrap_or_default();
         let node_type = event
             .extension(NODE_TYPE_EXT)
             .map(|t| t.to_string())
