@@ -786,3 +786,34 @@ async fn the_broker_variant_forwards_tasks_and_settles_the_replies_it_is_sent() 
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// Configuration mistakes of the transports are said at once, naming the variable, before
+/// anything connects: an unknown `AOB_TRANSPORT`, a broker bridge without its key.
+#[test]
+fn a_bad_transport_or_a_broker_bridge_without_a_key_is_refused_at_once() {
+    let nowhere = format!("nats://127.0.0.1:{}", port());
+    let out = Command::new(aob_tests::binary("aob-transform").unwrap())
+        .env("NATS_URL", &nowhere)
+        .env("AOB_TRANSPORT", "knative")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AOB_TRANSPORT=`knative`"), "{err}");
+    let out = Command::new(aob_tests::binary("aob").unwrap())
+        .args([
+            "bridge",
+            "http",
+            "--broker",
+            "http://127.0.0.1:1/",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("NATS_URL", &nowhere)
+        .env_remove("AOB_BRIDGE_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AOB_BRIDGE_KEY"), "{err}");
+}

@@ -494,6 +494,8 @@ where
     init_logging();
     trace::init(&name)?;
     let env = Env::from_env()?;
+    // Checked before connecting: a misspelled transport is said at once.
+    let transport = remote::Transport::from_env()?;
     let client = env.connect().await?;
     let payloads = env.payloads()?;
     let handler = build(client.clone())
@@ -508,7 +510,7 @@ where
         emitter: nats::emitter(&client),
         secrets: secrets::Secrets::from_env(),
     };
-    match remote::Transport::from_env()? {
+    match transport {
         remote::Transport::Nats => {
             // Health and metrics, with how far behind this function's consumer is.
             let js = async_nats::jetstream::new(client.clone());
